@@ -1,0 +1,96 @@
+"`cerebrium-ft check-dataset` on a folder holding each kind of bad file, run as a user would run it"
+import hashlib, json, shutil
+from pathlib import Path
+import numpy as np
+import pytest
+from PIL import Image
+from cerebrium_ft.testing import make_subject_images
+
+EXPECTED = {  # file -> the one finding it must give
+    'truncated.png': 'corrupt', 'not-a-photo.jpg': 'unreadable', 'zero.jpg': 'empty', 'sideways.jpg': 'orientation',
+    'cmyk.jpg': 'cmyk', 'sixteen-bit.png': '16-bit', 'animated.gif': 'format', 'photo-copy.jpg': 'duplicate', 'huge.png': 'bomb'}
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    "8 good photos, and one file of each kind of problem, each made from a photo of its own"
+    src = tmp_path/'src'
+    photos = make_subject_images(src, n=14)
+    d = tmp_path/'photos'; d.mkdir()
+    for p in photos[:8]: shutil.copy(p, d/p.name)
+    (d/'truncated.png').write_bytes(_png_bytes(photos[8])[:20_000])
+    (d/'not-a-photo.jpg').write_text('these are my notes, not a photo\n')
+    (d/'zero.jpg').write_bytes(b'')
+    exif = Image.Exif(); exif[0x0112] = 6
+    Image.open(photos[9]).transpose(Image.Transpose.ROTATE_90).save(d/'sideways.jpg', exif=exif)
+    Image.open(photos[10]).convert('CMYK').save(d/'cmyk.jpg')
+    Image.fromarray(np.asarray(Image.open(photos[11]).convert('L'), dtype=np.uint16) * 257).save(d/'sixteen-bit.png')
+    Image.open(photos[12]).convert('P').save(d/'animated.gif')
+    shutil.copy(photos[13], d/'photo.jpg'); shutil.copy(photos[13], d/'photo-copy.jpg')
+    Image.new('1', (10_000, 10_000)).save(d/'huge.png')  # 100 megapixels in a small file
+    assert (d/'huge.png').stat().st_size < 2_000_000
+    return d
+
+def _png_bytes(p):
+    im = Image.open(p); out = p.with_suffix('.png'); im.save(out); return out.read_bytes()
+
+def _digest(folder): return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+def test_one_finding_per_problem_and_exit_1(bad_folder, cli):
+    r = cli('check-dataset', bad_folder, '--json')
+    assert r.returncode == 1, r.stderr
+    assert 'Traceback' not in r.stdout + r.stderr
+    report = json.loads(r.stdout)
+    assert sorted((f['file'], f['code']) for f in report['findings']) == sorted(EXPECTED.items())
+    assert all(f['fix'] for f in report['findings'])
+    assert report['ok'] is False
+
+def test_table_names_every_bad_file(bad_folder, cli):
+    r = cli('check-dataset', bad_folder)
+    assert r.returncode == 1 and 'Traceback' not in r.stdout + r.stderr
+    assert 'WHAT TO DO' in r.stdout
+    for name in EXPECTED: assert name in r.stdout
+
+def test_fix_writes_a_folder_that_passes(bad_folder, tmp_path, cli):
+    before = _digest(bad_folder)
+    out = tmp_path/'clean'
+    r = cli('check-dataset', bad_folder, '--fix', out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert _digest(bad_folder) == before, "the source folder was changed"
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(['animated.png', 'cmyk.png', 'photo.png', 'sideways.png', 'sixteen-bit.png'] + [f"robot_{i:02d}.png" for i in range(8)])
+    for p in out.iterdir():
+        with Image.open(p) as im: assert (im.size, im.mode, len(im.getexif())) == ((512, 512), 'RGB', 0)
+    again = cli('check-dataset', out, '--json')
+    assert again.returncode == 0
+    assert json.loads(again.stdout)['findings'] == []
+    assert cli('check-dataset', bad_folder, '--fix', out).returncode == 2, "an existing non-empty folder must not be written into"
+
+def test_sideways_photo_comes_out_upright(bad_folder, tmp_path, cli):
+    cli('check-dataset', bad_folder, '--fix', tmp_path/'clean')
+    got = np.asarray(Image.open(tmp_path/'clean'/'sideways.png'), dtype=float)
+    want = np.asarray(Image.open(tmp_path/'src'/'robot_09.jpg').convert('RGB'), dtype=float)
+    assert np.abs(got - want).mean() < 8
+
+def test_style_mode_and_manifest(tmp_path, cli):
+    photos = make_subject_images(tmp_path/'p', n=10)
+    manifest = tmp_path/'data.json'
+    manifest.write_text(json.dumps([{"path": f"p/{p.name}", "caption": "a photo of sks robot"} for p in photos] + ["p/missing.jpg"]))
+    r = cli('check-dataset', manifest, '--mode', 'style', '--json')
+    report = json.loads(r.stdout)
+    assert r.returncode == 1
+    assert [(f['file'], f['code']) for f in report['findings'] if f['severity'] == 'error'] == [('p/missing.jpg', 'missing')]
+    assert {f['code'] for f in report['findings']} <= {'missing', 'colour'}  # random backgrounds are no consistent style
+    assert report['images'][0]['caption'] == 'a photo of sks robot'
+
+@pytest.mark.parametrize('args,status,message', [
+    (['--mode', 'portrait'], 2, "--mode must be 'object' or 'style'"),
+    (['--size', 'big'], 2, "invalid int value"),
+])
+def test_bad_arguments(tmp_path, cli, args, status, message):
+    make_subject_images(tmp_path/'p', n=2, size=64)
+    r = cli('check-dataset', tmp_path/'p', *args)
+    assert r.returncode == status and message in r.stderr and 'Traceback' not in r.stderr
+
+def test_missing_path(tmp_path, cli):
+    r = cli('check-dataset', tmp_path/'nowhere')
+    assert r.returncode == 1 and 'does not exist' in r.stdout and 'Traceback' not in r.stderr

@@ -1,0 +1,46 @@
+"The repository's own contract: library generated from the notebooks, notebooks clean, README from index.ipynb, CI wired to the README"
+import filecmp, shutil, subprocess, sys
+from pathlib import Path
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+def _copy(tmp):
+    for p in ['pyproject.toml', 'README.md']: shutil.copy(ROOT/p, tmp/p)
+    shutil.copytree(ROOT/'nbs', tmp/'nbs', ignore=shutil.ignore_patterns('.ipynb_checkpoints'))
+    shutil.copytree(ROOT/'cerebrium_ft', tmp/'cerebrium_ft', ignore=shutil.ignore_patterns('__pycache__'))
+    return tmp
+
+def _same_tree(a, b, pattern):
+    fa, fb = sorted(p.relative_to(a) for p in a.rglob(pattern)), sorted(p.relative_to(b) for p in b.rglob(pattern))
+    assert fa == fb
+    return [str(f) for f in fa if not filecmp.cmp(a/f, b/f, shallow=False)]
+
+def test_library_is_exported_from_notebooks(tmp_path):
+    t = _copy(tmp_path)
+    subprocess.run([BIN/'nbdev-export'], cwd=t, check=True, capture_output=True)
+    assert _same_tree(ROOT/'cerebrium_ft', t/'cerebrium_ft', '*.py') == [], "run nbdev-export: cerebrium_ft/ differs from the notebooks"
+
+def test_notebooks_are_clean(tmp_path):
+    t = _copy(tmp_path)
+    subprocess.run([BIN/'nbdev-clean'], cwd=t, check=True, capture_output=True)
+    assert _same_tree(ROOT/'nbs', t/'nbs', '*.ipynb') == [], "run nbdev-clean"
+
+def test_readme_is_generated_from_index():
+    r = subprocess.run([sys.executable, ROOT/'tools'/'make_readme.py', '--check'], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT/'README.md').read_text()
+    first_block = readme.split('```bash\n', 1)[1].split('```', 1)[0].splitlines()
+    commands = [l.split('#')[0].strip() for l in first_block]
+    assert commands == ['bash tools/demo.sh', 'bash tools/test.sh']
+    assert readme.index('```bash') < readme.index('##'), "the commands come before the first section"
+    ci = [l for l in (ROOT/'.ci'/'run').read_text().splitlines() if l.strip() and not l.startswith(('#', 'set ', 'cd '))]
+    assert ci == ['bash tools/test.sh']
+
+def test_quarto_config_is_valid_yaml():
+    q = yaml.safe_load((ROOT/'nbs'/'_quarto.yml').read_text())
+    assert q['project']['type'] == 'website'
+    assert yaml.safe_load((ROOT/'nbs'/'nbdev.yml').read_text())['website']['title'] == 'cerebrium-ft'
