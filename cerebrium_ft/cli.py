@@ -14,7 +14,8 @@ from .config import SettingsError
 from .dataset import check_dataset, prepare_dataset
 
 # %% auto #0
-__all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'check_dataset_cmd', 'tiny_model_cmd', 'sample_dataset_cmd', 'demo']
+__all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'quiet_libraries', 'check_dataset_cmd', 'tiny_model_cmd',
+           'sample_dataset_cmd', 'demo']
 
 # %% ../nbs/08_cli.ipynb #5c68ea9f
 COMMANDS = {}
@@ -53,6 +54,16 @@ def main(argv:list|None=None) -> int:
     return res if isinstance(res, int) else 0
 
 # %% ../nbs/08_cli.ipynb #005f7990
+def quiet_libraries():
+    "Silence the warnings and progress bars that bitsandbytes, transformers and diffusers print about themselves"
+    import logging
+    logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
+    from transformers.utils import logging as tlog
+    tlog.set_verbosity_error(); tlog.disable_progress_bar()
+    from diffusers.utils import logging as dlog
+    dlog.set_verbosity_error(); dlog.disable_progress_bar()
+
+# %% ../nbs/08_cli.ipynb #0253a3f6
 def _print_json(obj): print(jsonlib.dumps(obj, indent=2))
 
 @command('check-dataset')
@@ -64,8 +75,8 @@ def check_dataset_cmd(
     json:bool=False, # Print one JSON object instead of tables
 ) -> int:
     "Check a training dataset: exit status 0 when no finding is an error, 1 when one is"
-    if mode not in ('object', 'style'): raise CliError(f"--mode must be 'object' or 'style', got {mode!r}")
-    report = check_dataset(path, mode=mode, size=size)
+    try: report = check_dataset(path, mode=mode, size=size)
+    except ValueError as e: raise CliError(f"--{e}") from None
     if fix is None:
         _print_json(report.to_dict()) if json else print(report)
         return 0 if report.ok else 1
@@ -81,13 +92,14 @@ def check_dataset_cmd(
         print('', fixed, sep='\n')
     return 0 if fixed.ok else 1
 
-# %% ../nbs/08_cli.ipynb #357d2d74
+# %% ../nbs/08_cli.ipynb #9074dd78
 @command('tiny-model')
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
 ):
     "Build a tiny Stable-Diffusion-1.5-shaped pipeline with random weights (64 px, about 4 MB), offline"
+    quiet_libraries()
     from cerebrium_ft.testing import build_tiny_pipeline
     if Path(dst).exists() and any(Path(dst).iterdir()): raise CliError(f"{dst} already exists and is not empty: give a new folder")
     print(build_tiny_pipeline(dst, seed=seed))
@@ -106,7 +118,7 @@ def sample_dataset_cmd(
     paths = make_subject_images(dst, n=n, size=size, seed=seed)
     print(f"Wrote {len(paths)} images to {dst}")
 
-# %% ../nbs/08_cli.ipynb #e6d4b437
+# %% ../nbs/08_cli.ipynb #ddacd557
 DEMO_PROMPT = "a photo of sks robot"
 
 def _grid(images, cols:int=4):
@@ -124,6 +136,7 @@ def demo(
     steps:int=20, # Denoising steps per image
 ):
     "Run the main flow offline on the embedded default model: model and dataset built, dataset checked, images generated"
+    quiet_libraries()
     import torch
     from diffusers import StableDiffusionPipeline
     from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses, difflib, functools, json, math, re, typing
 from dataclasses import dataclass, field, fields, asdict
 from typing import Optional
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MOVED_MODELS', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
@@ -148,7 +149,8 @@ def _closest(key, valid):
 
 def setting_names(): return [f.name for f in fields(TrainingSettings)]
 
-def _from_dict(cls, d:dict):
+@patch(cls_method=True)
+def from_dict(cls:TrainingSettings, d:dict):
     "Build `TrainingSettings` from a user dict: aliases resolved, unknown keys refused with the closest valid key"
     if not isinstance(d, dict): raise SettingsError(f"expected a JSON object of settings, got {type(d).__name__}: {d!r}")
     names, kw, problems = setting_names(), {}, []
@@ -160,8 +162,8 @@ def _from_dict(cls, d:dict):
     if problems: raise SettingsError(problems)
     return cls(**kw)
 
-TrainingSettings.from_dict = classmethod(_from_dict)
-TrainingSettings.to_dict = lambda self: asdict(self)
+@patch
+def to_dict(self:TrainingSettings) -> dict: return asdict(self)
 
 # %% ../nbs/00_config.ipynb #426f85b1
 def parse_training_args(text:str|None) -> TrainingSettings:
@@ -247,9 +249,14 @@ def _spec_problems(s:JobSpec) -> list:
     return p
 
 # %% ../nbs/00_config.ipynb #96f02258
-def _spec_to_dict(self) -> dict: return {**asdict(self), 'training_args': self.training_args.to_dict()}
+@patch
+def to_dict(self:JobSpec) -> dict: return {**asdict(self), 'training_args': self.training_args.to_dict()}
 
-def _spec_from_dict(cls, d:dict) -> JobSpec:
+@patch
+def to_json(self:JobSpec, indent:int=2) -> str: return json.dumps(self.to_dict(), indent=indent)
+
+@patch(cls_method=True)
+def from_dict(cls:JobSpec, d:dict) -> JobSpec:
     "Build a `JobSpec` from a user dict, refusing unknown keys with the closest valid one"
     if not isinstance(d, dict): raise SettingsError(f"expected a JSON object, got {type(d).__name__}", 'job spec')
     names = [f.name for f in fields(cls)]
@@ -259,13 +266,9 @@ def _spec_from_dict(cls, d:dict) -> JobSpec:
     if problems: raise SettingsError(problems, 'job spec')
     return cls(**d)
 
-def _spec_from_json(cls, text:str) -> JobSpec:
+@patch(cls_method=True)
+def from_json(cls:JobSpec, text:str) -> JobSpec:
     "Parse a job spec from JSON text"
     try: d = json.loads(text)
     except json.JSONDecodeError as e: raise SettingsError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", 'job spec') from None
     return cls.from_dict(d)
-
-JobSpec.to_dict = _spec_to_dict
-JobSpec.from_dict = classmethod(_spec_from_dict)
-JobSpec.to_json = lambda self, indent=2: json.dumps(self.to_dict(), indent=indent)
-JobSpec.from_json = classmethod(_spec_from_json)

@@ -179,7 +179,10 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
     if path.stat().st_size == 0: return E('empty', 'is an empty file (0 bytes)', 'copy the photo again, or delete this file')
     try: im = _open(path)
     except Image.DecompressionBombError as e: return E('bomb', f"is refused as a decompression bomb: {e}", f"downscale it below {MAX_PIXELS/1e6:.0f} megapixels")
-    except Image.UnidentifiedImageError: return E('unreadable', 'is not an image: its contents are not JPEG, PNG, WEBP or any format Pillow knows', 'replace it with a JPEG, PNG or WEBP photo, or delete it')
+    except Image.UnidentifiedImageError:
+        if path.suffix.lower() in ('.heic', '.heif', '.avif'):
+            return E('unreadable', f"is {path.suffix[1:].upper()}, which Pillow cannot read", 'export it as JPEG (on an iPhone: Settings > Camera > Formats > Most Compatible)')
+        return E('unreadable', 'is not an image: its contents are not JPEG, PNG, WEBP or any format Pillow knows', 'replace it with a JPEG, PNG or WEBP photo, or delete it')
     except Exception as e: return E('unreadable', f"is not an image Pillow can read ({type(e).__name__}: {e})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')
     findings = []
     with im:
@@ -280,6 +283,7 @@ def _count_findings(infos:list[ImageInfo]) -> list[Finding]:
 def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
     "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'"
     if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
+    if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
     entries, findings = read_dataset(path)
     infos = []
     for e in entries:
