@@ -198,8 +198,8 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
         elif (m := _mode_finding(im, path, name)): findings.append(m)
         try: im.load()
         except Exception as e:
-            return info, findings + [Finding('error', 'corrupt', name, f"cannot be decoded ({type(e).__name__}: {e}); the file is truncated or damaged",
-                                             'copy or export the photo again, or delete it')]
+            return info, findings + [Finding('error', 'corrupt', name, f"cannot be decoded: {e}",
+                                             'the file is truncated or damaged: copy or export the photo again, or delete it')]
         info.decoded = True
         info.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         up = _upright_rgb(im)
@@ -243,15 +243,15 @@ def _thumbnail(im:Image.Image, size:int=96) -> bytes:
 DUPLICATE_BITS = 6 # perceptual hashes this close are near-duplicates
 
 def _duplicate_findings(infos:list[ImageInfo]) -> list[Finding]:
-    "Mark and report each image that repeats another, keeping the one with the shortest name (`IMG_1.jpg` over `IMG_1 copy.jpg`)"
+    "Mark and report each image that repeats another, keeping the larger, then the one with the shorter name (`IMG_1.jpg` over `IMG_1 copy.jpg`)"
     out, seen = [], []
-    for info in sorted((i for i in infos if i.decoded), key=lambda i: (len(Path(i.name).stem), i.name)):
+    for info in sorted((i for i in infos if i.decoded), key=lambda i: (-min(i.size), len(Path(i.name).stem), i.name)):
         for prev in seen:
             if info.sha256 == prev.sha256: how = 'is an exact copy of'
             elif hamming(info.phash, prev.phash) <= DUPLICATE_BITS: how = 'is a near-duplicate of'
             else: continue
             info.duplicate_of = prev.name
-            out.append(Finding('warning', 'duplicate', info.name, f"{how} {prev.name}", 'delete one: each photo should add new information (angle, pose, background); --fix keeps the one with the shorter name'))
+            out.append(Finding('warning', 'duplicate', info.name, f"{how} {prev.name}", 'delete one: each photo should add new information (angle, pose, background); --fix keeps the larger, or the one with the shorter name'))
             break
         else: seen.append(info)
     return out
@@ -299,6 +299,8 @@ def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
     return DatasetReport(str(path), mode, size, infos, findings)
 
 # %% ../nbs/01_dataset.ipynb #fbaeabe4
+def _n(k:int, noun:str) -> str: return f"{k} {noun}{'s' * (k != 1)}"
+
 @dataclass
 class DatasetReport:
     "The findings of `check_dataset`"
@@ -314,8 +316,8 @@ class DatasetReport:
     def usable(self): return [i for i in self.images if i.usable]
     def summary(self):
         n = len(self.usable)
-        return (f"{self.source} ({self.mode}): {n} usable image{'s'*(n != 1)} of {len(self.images)} file{'s'*(len(self.images) != 1)}; "
-                f"{self.count('error')} errors, {self.count('warning')} warnings, {self.count('info')} notes")
+        return (f"{self.source} ({self.mode}): {_n(n, 'usable image')} of {_n(len(self.images), 'file')}; "
+                f"{_n(self.count('error'), 'error')}, {_n(self.count('warning'), 'warning')}, {_n(self.count('info'), 'note')}")
     def to_dict(self):
         return dict(source=self.source, mode=self.mode, size=self.size, ok=self.ok, summary=self.summary(),
                     counts={s: self.count(s) for s in SEVERITIES},
@@ -350,22 +352,23 @@ def _text_table(r:DatasetReport, width:int|None=None) -> str:
 _COLOURS = dict(error='#c62828', warning='#b26a00', info='#1565c0')
 
 def _html_report(r:DatasetReport) -> str:
-    "The report as HTML: one row per file with a thumbnail, then the dataset's findings"
+    "The report as HTML: the dataset's findings, then one row per file with a thumbnail, the worst first"
     esc = html.escape
     by_file = {}
     for f in r.findings: by_file.setdefault(f.file, []).append(f)
     def cell(fs): return '<br>'.join(f"<b style='color:{_COLOURS[f.severity]}'>{f.severity}</b> {esc(f.message)}<br><i>{esc(f.fix)}</i>" for f in fs) or '✓'
-    rows = []
-    for i in r.images:
+    rows = [f"<tr><td></td><td>(dataset)</td><td></td><td style='text-align:left'>{cell(by_file.pop(None))}</td></tr>"] if None in by_file else []
+    worst = lambda i: min((SEVERITIES.index(f.severity) for f in by_file.get(i.name, [])), default=len(SEVERITIES))
+    for i in sorted(r.images, key=worst):
         img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(i.thumbnail).decode()}' style='max-height:64px'>" if i.thumbnail else '')
         size = f"{i.size[0]}x{i.size[1]}" if i.size else ''
         rows.append(f"<tr><td>{img}</td><td>{esc(i.name)}</td><td>{size}</td><td style='text-align:left'>{cell(by_file.pop(i.name, []))}</td></tr>")
-    for file, fs in by_file.items():
-        rows.append(f"<tr><td></td><td>{esc(file or '(dataset)')}</td><td></td><td style='text-align:left'>{cell(fs)}</td></tr>")
+    for file, fs in by_file.items():  # files that are not images: ignored sidecars, manifests
+        rows.append(f"<tr><td></td><td>{esc(file)}</td><td></td><td style='text-align:left'>{cell(fs)}</td></tr>")
     return (f"<div><p><b>Dataset check</b>: {esc(r.summary())}</p><table><thead><tr><th></th><th>file</th><th>size</th><th>findings</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
-# %% ../nbs/01_dataset.ipynb #3d5edbe1
+# %% ../nbs/01_dataset.ipynb #adece1ce
 @dataclass
 class Prepared:
     "What `prepare_dataset` wrote and skipped"
