@@ -14,8 +14,8 @@ from .config import SettingsError
 from .dataset import check_dataset, prepare_dataset
 
 # %% auto #0
-__all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'quiet_libraries', 'check_dataset_cmd', 'tiny_model_cmd',
-           'sample_dataset_cmd', 'demo']
+__all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'quiet_libraries', 'check_dataset_cmd', 'train_cmd', 'generate',
+           'tiny_model_cmd', 'sample_dataset_cmd', 'demo']
 
 # %% ../nbs/08_cli.ipynb #5c68ea9f
 COMMANDS = {}
@@ -93,6 +93,73 @@ def check_dataset_cmd(
     return 0 if fixed.ok else 1
 
 # %% ../nbs/08_cli.ipynb #9074dd78
+@command('train')
+def train_cmd(
+    name:str, # A unique name for this fine-tuning
+    hf_model_path:str, # Hugging Face model id, or a local diffusers pipeline folder
+    dataset_path:str, # A folder of 10-15 images, or a JSON manifest
+    training_prompt:str, # The prompt that names the subject, e.g. "a photo of sks dog"
+    output:str=None, # The results folder (default: ./NAME); run again with the same one to resume
+    prior_class_image_dir:str=None, # Folder of class images made beforehand
+    prior_class_prompt:str=None, # Prompt for the class, e.g. "a photo of a dog"
+    num_prior_class_images:int=0, # Class images to use; the missing ones are generated
+    training_args:str=None, # JSON training kwargs, e.g. '{"num_train_epochs": 5, "learning_rate": 1e-4}'
+    revision:str='main', # Hugging Face revision of the model
+    log_level:str='INFO', # DEBUG or INFO
+    device:str=None, # cuda, cpu, ... (default: cuda if there is one)
+) -> int:
+    "Train a DreamBooth LoRA on this machine and write the results folder"
+    from cerebrium_ft.config import JobSpec, parse_training_args
+    spec = JobSpec(name=name, hf_model_path=hf_model_path, dataset=dataset_path, training_prompt=training_prompt, revision=revision,
+                   prior_class_prompt=prior_class_prompt, prior_class_image_dir=prior_class_image_dir,
+                   num_prior_class_images=num_prior_class_images, training_args=parse_training_args(training_args), log_level=log_level)
+    quiet_libraries()
+    from cerebrium_ft.train import TrainingError, train
+    try: out = train(spec, output or name, device=device)
+    except TrainingError as e:
+        print(f"cerebrium-ft train: {e}", file=sys.stderr)
+        return 1
+    print(f"Results in {out}: load them with pipeline.load_lora_weights('{Path(out)/'checkpoints/final/attn_procs'}')")
+
+# %% ../nbs/08_cli.ipynb #faa82d62
+@command()
+def generate(
+    results:str, # A results folder or zip
+    prompt:str, # What to draw, e.g. "a photo of sks dog on a beach"
+    N:int=4, # Number of images
+    seed:int=42, # Seed of the first image; image i uses seed+i
+    steps:int=25, # Denoising steps
+    guidance:float=7.5, # Classifier-free guidance scale
+    output:str='grid.png', # Where to write the grid of images
+    model:str=None, # Base model (default: the one the results were trained on)
+    device:str=None, # cuda, cpu, ... (default: cuda if there is one)
+):
+    "Render images with a trained LoRA loaded into its base model"
+    quiet_libraries()
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from cerebrium_ft.results import ResultsError, load_results, unzip_results, verify_results
+    import tempfile
+    res = Path(results)
+    try: folder = unzip_results(res, tempfile.mkdtemp(prefix='cerebrium-ft-')) if res.is_file() else res
+    except ResultsError as e: raise CliError(str(e)) from None
+    try: base = verify_results(folder)['base_model']
+    except ResultsError as e: raise CliError(str(e)) from None
+    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    dtype = torch.float16 if dev.type == 'cuda' else torch.float32
+    src = model or base['path']
+    kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision', 'main'))
+    try: pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw)
+    except (OSError, ValueError) as e: raise CliError(f"could not load the base model {src}: {e}; give --model PATH if it moved") from None
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
+    load_results(pipe, folder)
+    gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
+    images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+    _grid(images).save(output)
+    print(f"Wrote {N} images of {prompt!r} to {output}")
+
+# %% ../nbs/08_cli.ipynb #5b6aceb4
 @command('tiny-model')
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
@@ -118,7 +185,7 @@ def sample_dataset_cmd(
     paths = make_subject_images(dst, n=n, size=size, seed=seed)
     print(f"Wrote {len(paths)} images to {dst}")
 
-# %% ../nbs/08_cli.ipynb #ddacd557
+# %% ../nbs/08_cli.ipynb #7cd97203
 DEMO_PROMPT = "a photo of sks robot"
 
 def _grid(images, cols:int=4):

@@ -15,8 +15,8 @@ from PIL import Image, ImageCms, ImageOps
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'perceptual_hash',
-           'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'check_dataset', 'DatasetReport',
-           'Prepared', 'prepare_dataset']
+           'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb', 'check_dataset',
+           'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -202,7 +202,7 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
                                              'the file is truncated or damaged: copy or export the photo again, or delete it')]
         info.decoded = True
         info.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        up = _upright_rgb(im)
+        up = to_upright_rgb(im)
     info.size = up.size
     if info.orientation != 1:
         findings.append(Finding('warning', 'orientation', name, f"is stored {_ROTATIONS.get(info.orientation, 'rotated')} (EXIF orientation {info.orientation}); tools that ignore EXIF train on it that way",
@@ -215,7 +215,7 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
     return info, findings
 
 # %% ../nbs/01_dataset.ipynb #e0e0f175
-def _upright_rgb(im:Image.Image) -> Image.Image:
+def to_upright_rgb(im:Image.Image) -> Image.Image:
     "`im` rotated upright and converted to 8-bit RGB"
     im = ImageOps.exif_transpose(im)
     if im.mode.startswith('I') or im.mode == 'F':
@@ -376,11 +376,11 @@ class Prepared:
     written:list # paths written
     skipped:list # (name, reason) pairs
 
-def _square(im:Image.Image, size:int) -> Image.Image:
-    "Centre crop `im` to a square and resize it to `size` with Lanczos"
+def crop_square(im:Image.Image, size:int, rng:np.random.Generator|None=None) -> Image.Image:
+    "Crop `im` to a square, centred (or at a random place drawn from `rng`), and resize it to `size` with Lanczos"
     w, h = im.size; s = min(w, h)
-    box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-    return im.resize((size, size), Image.Resampling.LANCZOS, box=box, reducing_gap=3.0)
+    x, y = ((w - s) / 2, (h - s) / 2) if rng is None else (float(rng.uniform(0, w - s)), float(rng.uniform(0, h - s)))
+    return im.resize((size, size), Image.Resampling.LANCZOS, box=(x, y, x + s, y + s), reducing_gap=3.0)
 
 def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
     "Write the usable images of dataset `src` to new folder `dst` as upright RGB `size`x`size` PNGs without metadata"
@@ -402,7 +402,7 @@ def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
         k = 1
         while out.name in names: out, k = dst/f"{stem}-{k}.png", k + 1
         names.add(out.name)
-        with _open(info.entry.path) as im: clean = _square(_upright_rgb(im), size)
+        with _open(info.entry.path) as im: clean = crop_square(to_upright_rgb(im), size)
         Image.fromarray(np.asarray(clean)).save(out, 'PNG', optimize=False)
         written.append(out)
         if info.entry.caption: captions.append(dict(path=out.name, caption=info.entry.caption))

@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
-.venv/bin/nbdev-test --n-workers 2
+OMP_NUM_THREADS=1 .venv/bin/nbdev-test --n-workers 2   # one thread per notebook: two workers share the two cores
 .venv/bin/python -m pytest tests

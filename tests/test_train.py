@@ -1,0 +1,174 @@
+"Training on the tiny pipeline: the results contract, loading, learning, prior preservation, and every seed kwarg's effect"
+import csv, json, logging, math
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from cerebrium_ft import train as T
+from cerebrium_ft.config import JobSpec, SettingsError
+from cerebrium_ft.results import load_results
+from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
+
+@pytest.fixture(scope='module')
+def model(tmp_path_factory): return str(build_tiny_pipeline(tmp_path_factory.mktemp('m')/'tiny-sd'))
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('d')/'robot'
+    make_subject_images(d, n=6, size=64)
+    return d
+
+def spec(model, data, **kw):
+    ta = {'resolution': 64, 'num_validation_images': 0, **kw.pop('training_args', {})}
+    return JobSpec(**{**dict(name='robot', hf_model_path=model, dataset=str(data), training_prompt='a photo of sks robot'), **kw}, training_args=ta)
+
+def rows(out): return list(csv.DictReader(open(Path(out)/'metrics.csv')))
+def col(out, k): return [float(r[k]) for r in rows(out)]
+def manifest(out): return json.loads((Path(out)/'manifest.json').read_text())
+
+def render(pipe, seed=0):
+    return np.asarray(pipe('a photo of sks robot', num_inference_steps=3, generator=torch.Generator().manual_seed(seed)).images[0], dtype=float)
+
+def tiny_pipe(model):
+    p = StableDiffusionPipeline.from_pretrained(model); p.set_progress_bar_config(disable=True); return p
+
+# --- the results, loading, learning ----------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def trained(model, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp('r')/'run'
+    T.train(spec(model, data, training_args=dict(max_train_steps=40, learning_rate=1e-2, rank=4, lora_alpha=8, num_validation_images=2,
+                                                validation_epochs=5)), out, progress=False)
+    return out
+
+def test_run_writes_the_results_contract(trained):
+    for f in ['manifest.json', 'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors', 'metrics.csv', 'loss.png', 'logs.txt',
+              'lora_kohya.safetensors', 'validation/epoch_0005/00.png', 'validation/epoch_0014/01.png']:
+        assert (trained/f).is_file(), f
+    m = manifest(trained)
+    assert m['lora'] == dict(rank=4, alpha=8, targets=['to_q', 'to_k', 'to_v', 'to_out.0'], format='diffusers',
+                             weights='checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    assert set(m['versions']) >= {'diffusers', 'peft', 'torch'} and m['steps'] == 40
+    assert set(m['sha256']) == {'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors', 'lora_kohya.safetensors'}
+    assert json.loads((trained/'progress.json').read_text())['phase'] == 'done'
+
+def test_lora_loads_in_diffusers_and_changes_the_output(trained, model):
+    pipe = tiny_pipe(model)
+    before = render(pipe)
+    pipe.load_lora_weights(str(trained/'checkpoints/final/attn_procs'))
+    after = render(pipe)
+    assert np.abs(after - before).mean() > 1.0
+
+def test_kohya_file_loads_to_the_same_model(trained, model):
+    "The kohya layout carries alpha explicitly; equal outputs also show the diffusers file kept alpha=8 != rank=4"
+    a, b = tiny_pipe(model), tiny_pipe(model)
+    a.load_lora_weights(str(trained/'checkpoints/final/attn_procs'))
+    b.load_lora_weights(str(trained), weight_name='lora_kohya.safetensors')
+    assert np.abs(render(a) - render(b)).max() <= 1.0
+
+def test_denoising_loss_on_the_instance_images_goes_down(trained, model, data):
+    pipe = tiny_pipe(model)
+    pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pix).latent_dist.mean * pipe.vae.config.scaling_factor
+        emb = T.encode_prompts(pipe.tokenizer, pipe.text_encoder, ['a photo of sks robot'], 'cpu', torch.float32).expand(len(pix), -1, -1)
+        def loss(): return T.denoising_loss(pipe.unet, pipe.scheduler.__class__.from_config(pipe.scheduler.config), latents, emb,
+                                            torch.Generator().manual_seed(123))[0].item()
+        base = loss()
+        load_results(pipe, trained)
+        tuned = loss()
+    assert tuned < base * 0.9, (base, tuned)
+
+# --- prior preservation ------------------------------------------------------------------------------------
+
+def test_prior_preservation_pairs_every_batch_and_logs_the_prior_loss(model, data, tmp_path, monkeypatch):
+    seen, real = [], T.denoising_loss
+    def spy(unet, sched, latents, emb, gen, n_prior=0, w=1.0):
+        seen.append((latents.shape[0], n_prior)); return real(unet, sched, latents, emb, gen, n_prior, w)
+    monkeypatch.setattr(T, 'denoising_loss', spy)
+    out = tmp_path/'run'
+    T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=4,
+                 training_args=dict(num_train_epochs=2, prior_loss_weight=0.5)), out, cache=tmp_path/'cache', progress=False)
+    assert seen and all(n > 0 and n * 2 == b for b, n in seen), seen  # half of every batch is class examples
+    r = rows(out)
+    assert len(r) == 6 and all(x['prior_loss'] and x['instance_loss'] for x in r)
+    for x in r: assert math.isclose(float(x['loss']), float(x['instance_loss']) + 0.5 * float(x['prior_loss']), rel_tol=1e-4)
+    assert manifest(out)['class_images'] == 4
+    assert len(list((tmp_path/'cache').rglob('class_*.png'))) == 4
+    assert '(4 generated now)' in (out/'logs.txt').read_text()
+
+# --- each seed kwarg, observed -----------------------------------------------------------------------------
+
+def run(model, data, tmp_path, name='run', **ta):
+    out = tmp_path/name
+    T.train(spec(model, data, training_args=ta), out, progress=False)
+    return out
+
+@pytest.mark.parametrize('schedule,check', [
+    ('constant', lambda lr: all(math.isclose(x, 1e-3) for x in lr)),
+    ('constant_with_warmup', lambda lr: lr[:3] == [0.0, 0.5e-3, 1e-3] and all(math.isclose(x, 1e-3) for x in lr[2:])),
+    ('linear', lambda lr: lr[2] == 1e-3 and all(a > b for a, b in zip(lr[2:], lr[3:])) and lr[-1] < 2.5e-4),
+    ('cosine', lambda lr: lr[2] == 1e-3 and all(a > b for a, b in zip(lr[2:], lr[3:])) and math.isclose(lr[5], 1e-3 * (1 + math.cos(math.pi * 3 / 6)) / 2)),
+    ('cosine_with_restarts', lambda lr: lr[2:8] == [1e-3, 0.75e-3, 0.25e-3] * 2),  # 2 cycles of 3 steps after warmup
+    ('polynomial', lambda lr: lr[2] == 1e-3 and all(a > b for a, b in zip(lr[2:], lr[3:]))),
+])
+def test_lr_schedule_and_warmup(model, data, tmp_path, schedule, check):
+    out = run(model, data, tmp_path, lr_schedule=schedule, warmup_steps=2, max_train_steps=8, learning_rate=1e-3, lr_num_cycles=2)
+    lr = col(out, 'lr')
+    assert len(lr) == 8 and check(lr), lr
+    if schedule != 'constant': assert lr[0] == 0.0  # warmup starts from zero
+
+def test_lr_scheduler_alias_and_scale_lr(model, data, tmp_path):
+    out = tmp_path/'a'
+    T.train(JobSpec.from_dict({**spec(model, data).to_dict(), 'training_args': dict(
+        resolution=64, num_validation_images=0, lr_scheduler='linear', lr_warmup_steps=1, max_train_steps=3)}), out, progress=False)
+    assert col(out, 'lr')[0] == 0.0 and col(out, 'lr')[1] == 5e-4  # the seed's default learning rate
+    out = run(model, data, tmp_path, 'b', scale_lr=True, learning_rate=1e-4, gradient_accumulation_steps=3, train_batch_size=2, max_train_steps=2)
+    assert all(math.isclose(x, 1e-4 * 3 * 2) for x in col(out, 'lr'))
+
+def test_epochs_batch_size_accumulation_and_max_steps(model, data, tmp_path):
+    assert len(rows(run(model, data, tmp_path, 'e', num_train_epochs=2))) == 6           # 6 images, batch 2: 3 steps an epoch
+    assert len(rows(run(model, data, tmp_path, 'b', num_train_epochs=2, train_batch_size=3))) == 4
+    acc = run(model, data, tmp_path, 'g', num_train_epochs=2, gradient_accumulation_steps=2)  # 3 batches: steps after 2, and after the 3rd
+    assert [int(r['epoch']) for r in rows(acc)] == [1, 1, 2, 2]
+    m = run(model, data, tmp_path, 'm', num_train_epochs=30, max_train_steps=5)
+    assert len(rows(m)) == 5 and manifest(m)['plan']['epochs'] == 2
+
+def test_validation_epochs(model, data, tmp_path):
+    out = run(model, data, tmp_path, num_train_epochs=5, validation_epochs=2, num_validation_images=1)
+    assert sorted(p.name for p in (out/'validation').iterdir()) == ['epoch_0002', 'epoch_0004', 'epoch_0005']
+
+def test_use_8bit_adam_and_its_fallback(model, data, tmp_path, monkeypatch):
+    assert manifest(run(model, data, tmp_path, 'a', max_train_steps=2))['optimizer'] == 'AdamW8bit'
+    assert manifest(run(model, data, tmp_path, 'b', max_train_steps=2, use_8bit_adam=False))['optimizer'] == 'AdamW'
+    monkeypatch.setattr(T, '_adamw8bit', lambda device: 'RuntimeError: no 8-bit kernels for this CPU')
+    out = run(model, data, tmp_path, 'c', max_train_steps=2)
+    assert manifest(out)['optimizer'] == 'AdamW'
+    assert 'use_8bit_adam: bitsandbytes cannot run on cpu here (RuntimeError: no 8-bit kernels' in (out/'logs.txt').read_text()
+
+def test_rank(model, data, tmp_path):
+    from safetensors.torch import load_file
+    out = run(model, data, tmp_path, rank=8, max_train_steps=1)
+    w = load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    assert {v.shape[0] for k, v in w.items() if k.endswith('lora.down.weight')} == {8}
+
+# --- errors before any model is loaded ---------------------------------------------------------------------
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def boom(*a, **k): raise AssertionError('a model was loaded')
+    monkeypatch.setattr(T, 'load_models', boom); monkeypatch.setattr(T, 'class_images', boom)
+
+def test_no_images(model, tmp_path, no_loading):
+    (tmp_path/'empty').mkdir()
+    with pytest.raises(T.TrainingError, match='no usable images'): T.train(spec(model, tmp_path/'empty'), tmp_path/'o')
+    assert not (tmp_path/'o').exists()
+
+def test_unreadable_model_path(data, tmp_path, no_loading):
+    with pytest.raises(T.TrainingError, match='does not exist'): T.train(spec(str(tmp_path/'nope'), data), tmp_path/'o')
+    (tmp_path/'junk').mkdir()
+    with pytest.raises(T.TrainingError, match='no model_index.json'): T.train(spec(str(tmp_path/'junk'), data), tmp_path/'o')
+
+def test_class_prompt_without_number(model, data, no_loading):
+    with pytest.raises(SettingsError, match='add --num-prior-class-images'): spec(model, data, prior_class_prompt='a photo of a robot')
