@@ -199,26 +199,35 @@ def _grid(images, cols:int=4):
 
 @command()
 def demo(
-    workdir:str='demo-output', # Folder for the tiny model, the sample dataset and the image grid; reused if present
-    steps:int=20, # Denoising steps per image
+    workdir:str='demo-output', # Folder for the tiny model, the sample dataset, the results and the image grid; reused if present
+    steps:int=60, # Training steps
 ):
-    "Run the main flow offline on the embedded default model: model and dataset built, dataset checked, images generated"
+    "Run the main job offline on the embedded default model: dataset checked, LoRA trained, loaded and sampled"
     quiet_libraries()
     import torch
     from diffusers import StableDiffusionPipeline
+    from cerebrium_ft.config import JobSpec
+    from cerebrium_ft.results import load_results
     from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
+    from cerebrium_ft.train import train
     work = Path(workdir)
-    model, data = work/'tiny-sd', work/'sample-dataset'
-    print(f"1/4 model: {model}" + (' (reused)' if (model/'model_index.json').exists() else ''))
+    model, data, results = work/'tiny-sd', work/'sample-dataset', work/'robot-lora'
+    print(f"1/5 model: {model}" + (' (reused)' if (model/'model_index.json').exists() else ''))
     if not (model/'model_index.json').exists(): build_tiny_pipeline(model)
-    print(f"2/4 dataset: {data}" + (' (reused)' if data.exists() else ''))
+    print(f"2/5 dataset: {data}" + (' (reused)' if data.exists() else ''))
     if not data.exists(): make_subject_images(data, size=64)
     report = check_dataset(data, size=64)
-    print('3/4', report)
+    print('3/5', report)
     if not report.ok: raise CliError(f"the dataset in {data} has errors; delete it to draw it again")
+    spec = JobSpec('robot', str(model), str(data), DEMO_PROMPT, training_args=dict(resolution=64, max_train_steps=steps, learning_rate=1e-3,
+                                                                                   validation_epochs=5, num_validation_images=2))
+    print(f"4/5 training {steps} steps into {results}")
+    train(spec, results, progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    images = pipe(DEMO_PROMPT, num_images_per_prompt=4, num_inference_steps=steps, generator=torch.Generator().manual_seed(42)).images
+    sample = lambda: pipe(DEMO_PROMPT, num_images_per_prompt=4, num_inference_steps=20, generator=torch.Generator().manual_seed(42)).images
+    before = sample()
+    load_results(pipe, results)
     out = work/'samples.png'
-    _grid(images).save(out)
-    print(f"4/4 images: {out} ({len(images)} images from {DEMO_PROMPT!r}; the tiny model's weights are random, so they are noise)")
+    _grid(before + sample()).save(out)
+    print(f"5/5 images: {out} (top row: the base model; bottom row: with the LoRA loaded; the tiny model's weights are random, so both are noise)")

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['write_byte_tokenizer', 'build_tiny_pipeline', 'make_subject_images']
+__all__ = ['SD15_PROPORTIONED', 'write_byte_tokenizer', 'build_tiny_pipeline', 'make_subject_images']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -67,7 +67,11 @@ def build_tiny_pipeline(dst, seed:int=0, unet_channels=(32, 64), layers_per_bloc
     (dst/'_tokenizer_src').rmdir()
     return dst
 
-# %% ../nbs/02_testing.ipynb #c14e8f75
+# %% ../nbs/02_testing.ipynb #0105343b
+SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),
+                         text_width=192, text_layers=12, text_heads=3, image_size=256)
+
+# %% ../nbs/02_testing.ipynb #3a12391d
 def _robot(scale:float, rng) -> Image.Image:
     "The subject: a teal robot with yellow stripes, drawn on a transparent layer"
     s = int(256 * scale)

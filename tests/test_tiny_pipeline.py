@@ -22,7 +22,8 @@ def test_tiny_model_generates(tiny_model):
     assert not np.array_equal(np.asarray(a), np.asarray(b)), "the prompt must reach the UNet through cross-attention"
 
 def test_demo_end_to_end(tmp_path, cli):
-    r = cli('demo', '--workdir', tmp_path/'demo', '--steps', '3')
+    r = cli('demo', '--workdir', tmp_path/'demo', '--steps', '10')
     assert r.returncode == 0, r.stdout + r.stderr
-    assert '4/4 images' in r.stdout
-    assert Image.open(tmp_path/'demo'/'samples.png').size == (256, 64)
+    assert '5/5 images' in r.stdout and 'Traceback' not in r.stderr
+    assert Image.open(tmp_path/'demo'/'samples.png').size == (256, 128)
+    assert (tmp_path/'demo'/'robot-lora'/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors').exists()

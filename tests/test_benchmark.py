@@ -1,0 +1,10 @@
+"The benchmark script runs and prints its figures (the figures themselves are reported, never asserted)"
+import subprocess, sys
+from pathlib import Path
+
+def test_benchmark_prints_figures():
+    script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
+    r = subprocess.run([sys.executable, script, '--models', 'tiny', '--steps', '8'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    line = next(l for l in r.stdout.splitlines() if l.startswith('tiny'))
+    assert 'AdamW8bit' in line and len(line.split()) >= 10, r.stdout
