@@ -182,7 +182,7 @@ def denoising_loss(unet, noise_scheduler, latents, embeds, gen, n_prior:int=0, p
     inst, prior = F.mse_loss(pred[:k], target[:k].float()), F.mse_loss(pred[k:], target[k:].float())
     return inst + prior_loss_weight * prior, inst, prior
 
-# %% ../nbs/04_train.ipynb #7d2bd87c
+# %% ../nbs/04_train.ipynb #ff36da86
 def _adamw8bit(device):
     "bitsandbytes' AdamW8bit class if it can step a tensor on `device`, else the reason it cannot"
     import torch
@@ -205,7 +205,7 @@ def make_optimizer(params, s:TrainingSettings, lr:float, device):
         else: cls = found
     return cls(params, lr=lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
 
-# %% ../nbs/04_train.ipynb #ff36da86
+# %% ../nbs/04_train.ipynb #07075efc
 def save_checkpoint(run:RunDir, step:int, unet, optimizer, lr_scheduler, gen):
     "Write checkpoint `step` atomically and drop all but the newest `KEEP_CHECKPOINTS`"
     import torch
@@ -231,7 +231,7 @@ def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
     return state['step']
 
-# %% ../nbs/04_train.ipynb #07075efc
+# %% ../nbs/04_train.ipynb #cbb0be2b
 METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s']
 
 class MetricsLog:
@@ -260,7 +260,7 @@ class MetricsLog:
                 w.writerow([step, epoch, f"{l:.6g}", f"{i:.6g}", '' if p is None else f"{pv:.6g}", f"{lr:.6g}", f"{el:.2f}"])
         self.last = vals[-1][0]; self.pending = []
 
-# %% ../nbs/04_train.ipynb #cbb0be2b
+# %% ../nbs/04_train.ipynb #87778596
 def validate(run:RunDir, epoch:int, m:dict, cond, uncond, s:TrainingSettings, device, weight_dtype) -> list[Path]:
     "Write the validation images of `epoch`"
     import torch
@@ -283,7 +283,7 @@ def validate(run:RunDir, epoch:int, m:dict, cond, uncond, s:TrainingSettings, de
     if device.type != 'cpu': vae.to('cpu')
     return paths
 
-# %% ../nbs/04_train.ipynb #87778596
+# %% ../nbs/04_train.ipynb #4eeb405e
 def to_kohya(lora:dict, alpha:float) -> dict:
     "A diffusers-format UNet LoRA state dict (`<module>.lora.down.weight`) in the kohya layout"
     import torch
@@ -340,7 +340,7 @@ def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict):
                     sha256={str(f.relative_to(run.root)): file_sha256(f) for f in files}, **extra)
     _write_atomic(run.manifest, json.dumps(manifest, indent=2, default=str))
 
-# %% ../nbs/04_train.ipynb #4eeb405e
+# %% ../nbs/04_train.ipynb #817feaed
 def _log_to(run:RunDir, level:str):
     "Send the package's log to logs.txt (appending, so a resumed run's log continues) and to stderr"
     handler = logging.FileHandler(run.logs, encoding='utf-8')
@@ -366,7 +366,7 @@ def train(spec:JobSpec, output_dir, device:str|None=None, cache=None, progress:b
     finally:
         log.removeHandler(handler); handler.close()
 
-# %% ../nbs/04_train.ipynb #16d2abe4
+# %% ../nbs/04_train.ipynb #e676bfd1
 def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
     import torch
     from accelerate import Accelerator
