@@ -65,8 +65,9 @@ def main(argv:list|None=None) -> int:
 # %% ../nbs/10_cli.ipynb #ce55e67f
 def quiet_libraries():
     "Silence the warnings and progress bars that bitsandbytes, transformers and diffusers print about themselves"
-    import logging
+    import logging, warnings
     logging.getLogger('bitsandbytes').setLevel(logging.ERROR)
+    warnings.filterwarnings('ignore', message='.*torch_dtype.*deprecated', category=FutureWarning)
     from transformers.utils import logging as tlog
     tlog.set_verbosity_error(); tlog.disable_progress_bar()
     from diffusers.utils import logging as dlog
@@ -272,7 +273,7 @@ def serve(
     print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)})", flush=True)
     uvicorn.run(create_app(d, workers=workers, max_request_mb=max_request_mb), host=host, port=port, log_level='warning')
 
-@command()
+@command(pos=['name'])
 def projects(
     action:str, # 'create' or 'list'
     name:str=None, # Name of the project to create
@@ -332,10 +333,8 @@ def login(
 ):
     "Save an API key (and URL) for the other commands, readable by you only"
     c = Client(url, api_key)
-    try: c.jobs(c.api_key and 'check', 1)
-    except ApiError as e:
-        if e.status == 401: raise
-    print(f"saved to {save_login(api_key, c.url)}")
+    pid = c.me()['project_id']  # a wrong key or an unreachable server stops here, before anything is saved
+    print(f"key for project {pid} saved to {save_login(api_key, c.url)}")
 
 def _client(url, api_key): return Client(url, api_key)
 
@@ -386,7 +385,7 @@ def train_diffuser(
     if not follow:
         _print_json(job) if json else print(job['id'])
         return 0
-    if not json: print(f"job {job['id']} submitted; following it (Ctrl-C stops following, not the job)", file=sys.stderr)
+    if not json: print(f"job {job['id']} submitted; following it (Ctrl-C stops following, not the job)", flush=True)
     steps = _bar(None, 'training', unit='step')
     def show(j, text):
         if j['total']: steps.total = j['total']; steps.n = j['step']; steps.set_postfix_str(f"{j['phase']} loss {j['loss'] or 0:.4f}"); steps.refresh()

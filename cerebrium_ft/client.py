@@ -93,6 +93,7 @@ class Client:
             time.sleep(self.backoff * 2 ** attempt)
 
     def health(self) -> dict: return self._request('GET', '/v1/health').json()
+    def me(self) -> dict: return self._request('GET', '/v1/me').json()
     def job(self, job_id:str) -> dict: return self._request('GET', f"/v1/jobs/{job_id}").json()
     def logs(self, job_id:str, offset:int=0) -> dict: return self._request('GET', f"/v1/jobs/{job_id}/logs", params=dict(offset=offset)).json()
     def jobs(self, project_id:str, limit:int=10) -> list: return self._request('GET', f"/v1/projects/{project_id}/jobs", params=dict(limit=limit)).json()

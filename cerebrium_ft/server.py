@@ -212,6 +212,9 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
     @app.get('/v1/health')
     def health(): return dict(ok=True, version=__version__)
 
+    @app.get('/v1/me')
+    def me(pid:str=Depends(project)): return dict(project_id=pid)
+
     @app.post('/v1/jobs', status_code=201)
     def create_job(spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]), pid:str=Depends(project)):
         if len(images) + len(class_images) > MAX_FILES:

@@ -142,13 +142,14 @@ class Store:
         with self.session() as s, s.begin(): s.execute(update(Job).where(Job.id == job_id).values(**fields))
 
     def claim_next(self) -> dict|None:
-        "Move the oldest queued job to running (one attempt more) and return it"
-        with self.session() as s, s.begin():
-            j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
-            if j is None: return None
-            n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(
-                status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None)).rowcount
-        return self.job(j.id) if n else None
+        "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
+        while True:
+            with self.session() as s, s.begin():
+                j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
+                if j is None: return None
+                n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
+                    status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None)).rowcount
+            if n: return self.job(j.id)
 
     def spec_of(self, job_id:str) -> dict:
         with self.session() as s: return json.loads(s.get(Job, job_id).spec)

@@ -1,0 +1,203 @@
+"The job service as a user runs it: a real server process on loopback, real SQLite, the tiny model, the CLI as subprocesses"
+import json, os, signal, socket, subprocess, sys, threading, time
+from pathlib import Path
+import pytest
+import requests
+from diffusers import StableDiffusionPipeline
+from cerebrium_ft.results import load_results
+from cerebrium_ft.testing import make_subject_images
+from conftest import BIN, run_cli
+
+def free_port():
+    with socket.socket() as s: s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+class Server:
+    "`cerebrium-ft serve` in a process of its own"
+    def __init__(self, data_dir, port=None, workers=1):
+        self.data_dir, self.port, self.workers = Path(data_dir), port or free_port(), workers
+        self.url = f"http://127.0.0.1:{self.port}"
+    def start(self):
+        self.log = open(self.data_dir.parent/f"serve-{self.port}-{time.time_ns()}.log", 'w')
+        self.proc = subprocess.Popen([str(BIN/'cerebrium-ft'), 'serve', '--port', str(self.port), '--data-dir', str(self.data_dir),
+                                      '--workers', str(self.workers)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        for _ in range(300):
+            try:
+                if requests.get(self.url + '/v1/health', timeout=1).ok: return self
+            except requests.ConnectionError: time.sleep(0.1)
+        raise RuntimeError(Path(self.log.name).read_text())
+    def kill9(self): os.kill(self.proc.pid, signal.SIGKILL); self.proc.wait()
+    def stop(self):
+        if self.proc.poll() is None: self.proc.send_signal(signal.SIGINT); self.proc.wait(timeout=30)
+    def output(self): return Path(self.log.name).read_text()
+
+@pytest.fixture
+def server(tmp_path):
+    s = Server(tmp_path/'data').start()
+    out = s.output()
+    s.key = next(w for w in out.split() if w.startswith('cft_'))
+    s.project = next(w for w in out.replace('(', ' ').replace(')', ' ').split() if w.startswith('p_'))
+    yield s
+    s.stop()
+
+@pytest.fixture
+def data(tmp_path):
+    make_subject_images(tmp_path/'robot', n=6, size=64)
+    return tmp_path/'robot'
+
+def submit(server, model, data, key=None, steps=20, follow=False, extra=None):
+    ta = {**dict(resolution=64, max_train_steps=steps, num_validation_images=1, checkpointing_steps=10), **(extra or {})}
+    r = run_cli('train-diffuser', 'robot', key or server.key, model, data, 'a photo of sks robot', '--url', server.url,
+                '--training-args', json.dumps(ta), *(['--follow'] if follow else []), '--json')
+    return r
+
+def job(server, jid, key=None):
+    return requests.get(f"{server.url}/v1/jobs/{jid}", headers={'Authorization': f"Bearer {key or server.key}"}).json()
+
+def wait_for(server, jid, cond, timeout=180):
+    end = time.time() + timeout
+    while time.time() < end:
+        j = job(server, jid)
+        if cond(j): return j
+        time.sleep(0.1)
+    raise AssertionError(f"timed out: {j}")
+
+def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model, data, tmp_path):
+    r = submit(server, tiny_model, data, follow=True)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    assert j['status'] == 'succeeded' and j['step'] == j['total'] == 20
+    r = run_cli('check-job-status', j['id'], server.key, '--include-logs', 'True', '--url', server.url)
+    assert r.returncode == 0 and 'succeeded' in r.stdout and '--- log ---' in r.stdout and 'done: 20 steps' in r.stdout
+    r = run_cli('get-most-recent-jobs', server.project, server.key, '--url', server.url)
+    assert r.returncode == 0 and j['id'] in r.stdout and 'DURATION' in r.stdout
+    out = tmp_path/'robot.zip'
+    r = run_cli('download-model', j['id'], server.key, '--output', out, '--url', server.url)
+    assert r.returncode == 0 and out.exists() and not list(tmp_path.glob('.*.partial'))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
+    assert load_results(pipe, out)['steps'] == 20
+
+def test_keys_and_projects_are_isolated(server, tiny_model, data):
+    r = submit(server, tiny_model, data, steps=2)
+    jid = json.loads(r.stdout)['id']
+    r = run_cli('check-job-status', jid, 'cft_wrong_key', '--url', server.url)
+    assert r.returncode == 1 and '401' in r.stderr
+    k2 = run_cli('keys', 'create', server.project, '--data-dir', server.data_dir, '--json')
+    key2 = json.loads(k2.stdout)['api_key']
+    assert run_cli('check-job-status', jid, key2, '--url', server.url).returncode == 0
+    assert run_cli('keys', 'revoke', key2, '--data-dir', server.data_dir).returncode == 0
+    r = run_cli('check-job-status', jid, key2, '--url', server.url)
+    assert r.returncode == 1 and '401: invalid or revoked API key' in r.stderr
+    b = json.loads(run_cli('projects', 'create', 'other team', '--data-dir', server.data_dir, '--json').stdout)
+    for cmd in (['check-job-status', jid], ['download-model', jid], ['cancel-job', jid]):
+        r = run_cli(*cmd, b['api_key'], '--url', server.url)
+        assert r.returncode == 1 and f'404: no job {jid}' in r.stderr, (cmd, r.stderr)
+    logs = requests.get(f"{server.url}/v1/jobs/{jid}/logs", headers={'Authorization': f"Bearer {b['api_key']}"})
+    assert logs.status_code == 404
+    r = run_cli('get-most-recent-jobs', b['project_id'], b['api_key'], '--url', server.url, '--json')
+    assert json.loads(r.stdout)['jobs'] == []
+    assert run_cli('get-most-recent-jobs', server.project, b['api_key'], '--url', server.url).returncode == 1
+
+def test_bad_uploads_are_refused_and_nothing_is_stored(server, tiny_model, data, tmp_path):
+    from PIL import Image
+    import io
+    photos = sorted(data.glob('*.jpg'))
+    spec = json.dumps(dict(name='robot', hf_model_path=str(tiny_model), training_prompt='a photo of sks robot', training_args=dict(resolution=64)))
+    def post(files, **kw):
+        return requests.post(f"{server.url}/v1/jobs", data={'spec': spec}, files=[('images', f) for f in files],
+                             headers={'Authorization': f"Bearer {server.key}"}, **kw)
+    good = [(p.name, p.read_bytes()) for p in photos]
+    bomb = io.BytesIO(); Image.new('1', (10_000, 10_000)).save(bomb, 'PNG')
+    cases = {'truncated': (good[1:] + [('t.jpg', good[0][1][:2000])], 400), 'non-image': (good + [('x.jpg', b'hello')], 400),
+             'bomb': (good + [('b.png', bomb.getvalue())], 413), 'too many files': (good * 11, 413),
+             'oversized': ([('big.png', os.urandom(201 * 2**20))], 413)}
+    for name, (files, status) in cases.items():
+        r = post(files)
+        assert r.status_code == status, (name, r.status_code, r.text[:300])
+        assert r.json()['detail'], name
+    assert not (server.data_dir/'jobs').exists() or not any((server.data_dir/'jobs').iterdir())
+    assert not any((server.data_dir/'uploads').iterdir())
+    r = run_cli('get-most-recent-jobs', server.project, server.key, '--url', server.url, '--json')
+    assert json.loads(r.stdout)['jobs'] == []
+    # the CLI checks the dataset before uploading anything
+    (data/'broken.jpg').write_bytes(photos[0].read_bytes()[:1000])
+    r = submit(server, tiny_model, data)
+    assert r.returncode == 1 and 'nothing was uploaded' in r.stderr
+
+def _pid_gone(pid):
+    try: os.killpg(pid, 0)
+    except ProcessLookupError: return True
+    return False
+
+def test_kill9_of_the_job_process_fails_the_job_with_the_reason(server, tiny_model, data):
+    jid = json.loads(submit(server, tiny_model, data, steps=3000).stdout)['id']
+    wait_for(server, jid, lambda j: j['phase'] == 'training' and j['step'] > 0)
+    pid = int(subprocess.run(['pgrep', '-f', f'run-job .*{jid}'], capture_output=True, text=True).stdout.split()[0])
+    os.kill(pid, signal.SIGKILL)
+    j = wait_for(server, jid, lambda j: j['status'] != 'running', timeout=30)
+    assert j['status'] == 'failed' and 'killed by SIGKILL' in j['error']
+
+def test_kill9_of_the_server_then_restart_resumes_the_job(server, tiny_model, data):
+    jid = json.loads(submit(server, tiny_model, data, steps=400, extra=dict(checkpointing_steps=20)).stdout)['id']
+    wait_for(server, jid, lambda j: j['step'] >= 40)
+    server.kill9()
+    s2 = Server(server.data_dir, server.port).start()
+    s2.key = server.key
+    try:
+        j = wait_for(s2, jid, lambda j: j['status'] in ('succeeded', 'failed', 'cancelled'), timeout=300)
+        assert j['status'] == 'succeeded' and j['attempts'] == 2, j
+        log = requests.get(f"{s2.url}/v1/jobs/{jid}/logs", headers={'Authorization': f"Bearer {server.key}"}).json()['text']
+        assert 'resuming from step_' in log and '--- attempt 2' in log
+    finally: s2.stop()
+
+def test_cancel_ends_every_process_of_the_job(server, tiny_model, data):
+    jid = json.loads(submit(server, tiny_model, data, steps=3000).stdout)['id']
+    wait_for(server, jid, lambda j: j['phase'] == 'training')
+    pids = [int(p) for p in subprocess.run(['pgrep', '-f', f'run-job .*{jid}'], capture_output=True, text=True).stdout.split()]
+    assert pids
+    r = run_cli('cancel-job', jid, server.key, '--url', server.url, '--json')
+    assert r.returncode == 0 and json.loads(r.stdout)['status'] == 'cancelled'
+    time.sleep(0.5)
+    assert all(_pid_gone(p) for p in pids)
+    assert subprocess.run(['pgrep', '-f', f'run-job .*{jid}'], capture_output=True).returncode == 1
+    assert job(server, jid)['status'] == 'cancelled'
+
+def test_twenty_clients_polling_while_a_job_trains(server, tiny_model, data):
+    jid = json.loads(submit(server, tiny_model, data, steps=150).stdout)['id']
+    errors, counts = [], []
+    def poll():
+        n, s = 0, requests.Session()
+        end = time.time() + 8
+        while time.time() < end:
+            try:
+                r = s.get(f"{server.url}/v1/jobs/{jid}", headers={'Authorization': f"Bearer {server.key}"}, timeout=10)
+                if r.status_code != 200: errors.append(r.status_code)
+                n += 1
+            except Exception as e: errors.append(repr(e))
+            time.sleep(0.02)
+        counts.append(n)
+    threads = [threading.Thread(target=poll) for _ in range(20)]
+    for t in threads: t.start()
+    for t in threads: t.join()
+    assert errors == [] and len(counts) == 20 and min(counts) > 5
+    assert wait_for(server, jid, lambda j: j['status'] != 'running' and j['status'] != 'queued', timeout=180)['status'] == 'succeeded'
+
+def test_login_saves_a_checked_key_readable_by_its_owner_only(server, tmp_path):
+    env = {**os.environ, 'XDG_CONFIG_HOME': str(tmp_path/'cfg')}
+    r = run_cli('login', 'cft_wrong_key', '--url', server.url, env=env)
+    assert r.returncode == 1 and '401' in r.stderr and not (tmp_path/'cfg').exists()
+    r = run_cli('login', server.key, '--url', server.url, env=env)
+    f = tmp_path/'cfg'/'cerebrium-ft'/'login.json'
+    assert r.returncode == 0 and server.project in r.stdout and oct(f.stat().st_mode & 0o777) == '0o600'
+    r = run_cli('get-most-recent-jobs', server.project, env=env)  # key and URL from the login file
+    assert r.returncode == 0 and 'no jobs' in r.stdout
+    r = run_cli('get-most-recent-jobs', server.project, '--url', 'http://127.0.0.1:9', env=env)
+    assert r.returncode == 1 and 'cannot reach the job service' in r.stderr
+
+def test_readme_demo_runs_the_whole_product(tmp_path):
+    "The README's main command, less its install step: service, train-diffuser --follow, status, download, load, grid"
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, 'CEREBRIUM_FT_SKIP_SETUP': '1', 'CEREBRIUM_FT_DEMO_PORT': str(free_port())}
+    r = subprocess.run(['bash', root/'tools'/'demo.sh', tmp_path/'demo'], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert ': succeeded' in r.stdout and (tmp_path/'demo'/'samples.png').exists()
+    assert len(list((tmp_path/'demo').glob('j_*.zip'))) == 1
