@@ -29,6 +29,12 @@ def _alive(pid:int|None) -> bool:
     try: os.kill(pid, 0); return True
     except (ProcessLookupError, PermissionError): return False
 
+def _is_job_process(pid:int|None, job_dir:Path) -> bool:
+    "Whether `pid` is still the run-job process of `job_dir` (and not a process that reused its number)"
+    try: cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b'\0')
+    except OSError: return False
+    return b'run-job' in cmd and str(job_dir).encode() in cmd
+
 def _kill_group(pid:int, grace:float=KILL_GRACE_S):
     "End process group `pid`: SIGTERM, then SIGKILL after `grace` seconds"
     try: os.killpg(pid, signal.SIGTERM)
@@ -66,7 +72,7 @@ class Executor:
     def recover(self):
         "Settle the jobs a previous server left running: end their processes, then resume or fail them"
         for j in self.store.jobs_in('running'):
-            if _alive(j['pid']): _kill_group(j['pid'], grace=1.0)
+            if _alive(j['pid']) and _is_job_process(j['pid'], self.job_dir(j['id'])): _kill_group(j['pid'], grace=1.0)
             if j['cancel_requested']: self.store.update(j['id'], status='cancelled', finished=time.time(), pid=None)
             elif j['attempts'] >= MAX_ATTEMPTS:
                 self.store.update(j['id'], status='failed', finished=time.time(), pid=None,
@@ -143,7 +149,7 @@ class Executor:
                 self.store.update(jid, status='queued', pid=None, attempts=max(0, j['attempts'] - 1), phase='queued')
             self.children.clear()
 
-# %% ../nbs/07_server.ipynb #306300c4
+# %% ../nbs/07_server.ipynb #10fa12b3
 class BodyLimit:
     "ASGI middleware: 413 for a request body over `max_bytes`"
     def __init__(self, app, max_bytes:int): self.app, self.max_bytes = app, max_bytes
@@ -167,7 +173,7 @@ class BodyLimit:
 
 class _TooLarge(Exception): pass
 
-# %% ../nbs/07_server.ipynb #10fa12b3
+# %% ../nbs/07_server.ipynb #dd507586
 MAX_FILES = 64
 UPLOAD_SUFFIXES = {'.jpg': '.jpg', '.jpeg': '.jpg', '.png': '.png', '.webp': '.webp'}
 
@@ -276,7 +282,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
 
     return app
 
-# %% ../nbs/07_server.ipynb #dd507586
+# %% ../nbs/07_server.ipynb #9a09493a
 def run_job(job_dir) -> Path:
     "Train the job in `job_dir` (its spec.json) into job_dir/results and zip them to job_dir/results.zip"
     from cerebrium_ft.results import zip_results
