@@ -13,7 +13,7 @@ from . import __version__
 from .config import JobSpec, SettingsError
 from .dataset import check_dataset
 from .store import FINAL, Store
-from .train import RunDir, _model_problem
+from .train import RunDir, model_path_problem
 from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
 from fastapi.responses import FileResponse
 
@@ -235,7 +235,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
             try:
                 js = JobSpec.from_dict({**d, 'dataset': 'dataset', 'prior_class_image_dir': 'class_images' if class_images else None})
             except SettingsError as e: raise HTTPException(400, str(e)) from None
-            if (problem := _model_problem(js.hf_model_path)): raise HTTPException(400, f"on the server: {problem}")
+            if (problem := model_path_problem(js.hf_model_path)): raise HTTPException(400, f"on the server: {problem}")
             for sub in ['dataset'] + (['class_images'] if class_images else []):
                 report = check_dataset(tmp/sub, size=js.training_args.resolution)
                 if any(f.code == 'bomb' for f in report.findings):

@@ -19,9 +19,10 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'METRIC_FIELDS', 'TrainingError', 'RunDir', 'write_progress',
-           'plan_steps', 'epoch_batches', 'preflight', 'resolve_precision', 'load_models', 'load_pixels',
-           'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint',
-           'load_checkpoint', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256', 'plot_loss', 'save_results', 'train']
+           'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'resolve_precision', 'load_models',
+           'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer',
+           'save_checkpoint', 'load_checkpoint', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256', 'plot_loss',
+           'save_results', 'train']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -79,7 +80,7 @@ def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:i
 # %% ../nbs/04_train.ipynb #e7ac3a8a
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
-def _model_problem(model:str) -> str|None:
+def model_path_problem(model:str) -> str|None:
     "Why `model` is neither a diffusers folder nor a plausible hub id"
     p = Path(model).expanduser()
     if p.is_dir():
@@ -92,7 +93,7 @@ def _model_problem(model:str) -> str|None:
 def preflight(spec:JobSpec, output_dir) -> 'DatasetReport':
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
-    if (problem := _model_problem(spec.hf_model_path)): raise TrainingError(problem)
+    if (problem := model_path_problem(spec.hf_model_path)): raise TrainingError(problem)
     report = check_dataset(spec.dataset, size=s.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")

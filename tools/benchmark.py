@@ -28,21 +28,100 @@ def child(args):
     res = args.resolution or res or 512
     make_subject_images(root/'data', n=12, size=res)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    spec = JobSpec('bench', str(model), str(root/'data'), 'a photo of sks robot', training_args=dict(
+    prior = dict(prior_class_prompt='a photo of a robot', num_prior_class_images=args.prior) if args.prior else {}
+    spec = JobSpec('bench', str(model), str(root/'data'), 'a photo of sks robot', **prior, training_args=dict(
         resolution=res, train_batch_size=args.batch, max_train_steps=args.steps, num_validation_images=0, checkpointing_steps=10**6))
-    # 1. the whole job through train(): load, cache, train, save
+    # 1. the whole job through train(): load, class images, cache, train, save
     t0 = time.perf_counter()
-    T.train(spec, root/'run', device=str(device), progress=False)
+    T.train(spec, root/'run', device=str(device), cache=root/'cache', progress=False)
     wall = time.perf_counter() - t0
+    peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    peak_cuda = round(torch.cuda.max_memory_allocated() / 2**20) if device.type == 'cuda' else None
     rows = T.MetricsLog.read(root/'run'/'metrics.csv')
     el = [float(r['elapsed_s']) for r in rows]
     w = min(args.warmup, len(el) - 2)
     steady = (len(el) - 1 - w) / (el[-1] - el[w]) if el[-1] > el[w] else float('nan')
     # 2. where a step's time goes: the same pieces, timed one by one (synchronising, so slower than the real loop)
     parts = breakdown(T, spec, device, args)
-    out = dict(model=args.model, device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
-               steps_per_s=round(steady, 3), peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-               optimizer=json.loads((root/'run'/'manifest.json').read_text())['optimizer'], breakdown_ms=parts)
+    out = dict(model=args.model, trainer='ours', device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
+               steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=json.loads((root/'run'/'manifest.json').read_text())['optimizer'],
+               breakdown_ms=parts, class_images=args.prior)
+    if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
+    print(json.dumps(out))
+
+def reference(args):
+    """The diffusers DreamBooth-LoRA example's per-step work, as a baseline loop (the example script is not vendored here):
+    each step loads and resizes its images from disk, encodes them with the VAE, runs the text encoder, then the UNet
+    forward and backward with PEFT LoRA on to_q/to_k/to_v/to_out.0, AdamW with gradient clipping at 1.0 and a scheduler
+    step, and reads the loss back for its progress bar. Prior preservation first generates the class images with the
+    pipeline's own scheduler at its default step count, batch 4."""
+    import random
+    import numpy as np, torch, torch.nn.functional as F
+    from PIL import Image
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from transformers import AutoTokenizer, CLIPTextModel
+    from cerebrium_ft.testing import make_subject_images
+    root = Path(tempfile.mkdtemp(prefix='cft-ref-'))
+    model, res = _build(args.model, root)
+    res = args.resolution or res or 512
+    make_subject_images(root/'data', n=12, size=res)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    torch.manual_seed(0); random.seed(0)
+    t0 = time.perf_counter()
+    class_files = []
+    if args.prior:
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        (root/'class').mkdir()
+        for i in range(0, args.prior, 4):
+            for k, im in enumerate(pipe(['a photo of a robot'] * min(4, args.prior - i), height=res, width=res).images):
+                im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
+        del pipe
+    tok = AutoTokenizer.from_pretrained(model, subfolder='tokenizer')
+    te = CLIPTextModel.from_pretrained(model, subfolder='text_encoder').to(device)
+    vae = AutoencoderKL.from_pretrained(model, subfolder='vae').to(device)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder='unet').to(device)
+    sched = DDPMScheduler.from_pretrained(model, subfolder='scheduler')
+    for m in (te, vae, unet): m.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=['to_k', 'to_q', 'to_v', 'to_out.0']))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-4)
+    lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
+    inst = sorted((root/'data').glob('*.jpg'))
+    def pixels(path):
+        im = Image.open(path).convert('RGB'); w, h = im.size; s = min(w, h)
+        im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    stamps = []
+    for step in range(args.steps):
+        files = random.sample(inst, args.batch) + (random.sample(class_files, args.batch) if class_files else [])
+        prompts = ['a photo of sks robot'] * args.batch + ['a photo of a robot'] * (len(files) - args.batch)
+        px = torch.stack([pixels(f) for f in files]).to(device)
+        latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+        ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids.to(device)
+        emb = te(ids)[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(files),), device=device)
+        pred = unet(sched.add_noise(latents, noise, t), t, emb, return_dict=False)[0]
+        if class_files:
+            p, pp = pred.chunk(2); n, pn = noise.chunk(2)
+            loss = F.mse_loss(p.float(), n.float()) + F.mse_loss(pp.float(), pn.float())
+        else: loss = F.mse_loss(pred.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step(); lr_sched.step(); opt.zero_grad()
+        loss.detach().item()
+        stamps.append(time.perf_counter())
+    StableDiffusionPipeline.save_lora_weights(root/'out', unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+    wall = time.perf_counter() - t0
+    w = min(args.warmup, len(stamps) - 2)
+    out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps, wall_s=round(wall, 2),
+               steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=len(class_files))
     if device.type == 'cuda': out['peak_allocated_mb'] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
 
@@ -78,28 +157,40 @@ def breakdown(T, spec, device, args, n=None):
             for k, a, b in zip(times, t, t[1:]): times[k].append((b - a) * 1000)
     return {k: round(sum(v) / len(v), 2) for k, v in times.items()}
 
+def _run(name, trainer, args):
+    "One configuration in a fresh process; its figures"
+    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior') and v is not None), [])
+    r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
+    if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--models', default='tiny,sd15-cpu', help="comma-separated: tiny, sd15-cpu, or diffusers folders")
     ap.add_argument('--steps', type=int, default=40, help="training steps per run")
     ap.add_argument('--warmup', type=int, default=3, help="steps left out of the steady-state rate")
     ap.add_argument('--batch', type=int, default=2)
+    ap.add_argument('--prior', type=int, default=0, help="class images for prior preservation (generated fresh by both trainers)")
     ap.add_argument('--resolution', type=int, default=None, help="default: the model's own (64 tiny, 256 sd15-cpu)")
     ap.add_argument('--device', default=None)
+    ap.add_argument('--no-reference', action='store_true', help="only our trainer")
     ap.add_argument('--model', help=argparse.SUPPRESS)
+    ap.add_argument('--trainer', default='ours', help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model: return child(args)
-    print(f"cerebrium-ft training benchmark: {args.steps} steps, batch {args.batch}, {os.cpu_count()} CPUs")
-    head = f"{'model':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  step breakdown ms (sample / forward / backward / optimizer)"
+    if args.model: return (child if args.trainer == 'ours' else reference)(args)
+    print(f"cerebrium-ft training benchmark: {args.steps} steps, batch {args.batch}, {args.prior} class images, {os.cpu_count()} CPUs")
+    print("reference: a baseline loop doing the diffusers DreamBooth-LoRA example's per-step work (the example script is not vendored)")
+    head = f"{'model':10} {'trainer':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  notes"
     print(head); print('-' * len(head))
     for name in args.models.split(','):
-        cmd = [sys.executable, __file__, '--model', name, *sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k not in ('models', 'model') and v is not None), [])]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode: print(f"{name}: failed\n{r.stderr[-2000:]}"); continue
-        o = json.loads(r.stdout.strip().splitlines()[-1])
-        b = o['breakdown_ms']
-        print(f"{o['model']:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  "
-              f"{b['sample']:.1f} / {b['forward']:.1f} / {b['backward']:.1f} / {b['optimizer']:.1f}  ({o['optimizer']}"
-              + (f", peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '') + ")")
+        runs = [('ours', _run(name, 'ours', args))] + ([] if args.no_reference else [('reference', _run(name, 'reference', args))])
+        for trainer, o in runs:
+            note = o['optimizer'] + (f", peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '')
+            if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
+            print(f"{o['model']:10} {trainer:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  {note}")
+        if len(runs) == 2:
+            a, b = runs[0][1], runs[1][1]
+            print(f"{'':10} {'ours/ref':10} {'':6} {'':>4} {a['steps_per_s'] / b['steps_per_s']:>7.2f}x {a['wall_s'] / b['wall_s']:>6.2f}x "
+                  f"{a['peak_rss_mb'] / b['peak_rss_mb']:>10.2f}x  (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
 
 if __name__ == '__main__': main()
