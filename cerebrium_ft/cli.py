@@ -10,7 +10,7 @@ import difflib, inspect, json as jsonlib, os, sys, time
 from pathlib import Path
 from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
-from .config import SettingsError
+from .config import SettingsError, spec_from_args
 from .dataset import check_dataset, prepare_dataset
 from .client import ApiError, Client, save_login
 
@@ -119,10 +119,8 @@ def train_cmd(
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
 ) -> int:
     "Train a DreamBooth LoRA on this machine and write the results folder"
-    from cerebrium_ft.config import JobSpec, parse_training_args
-    spec = JobSpec(name=name, hf_model_path=hf_model_path, dataset=dataset_path, training_prompt=training_prompt, revision=revision,
-                   prior_class_prompt=prior_class_prompt, prior_class_image_dir=prior_class_image_dir,
-                   num_prior_class_images=num_prior_class_images, training_args=parse_training_args(training_args), log_level=log_level)
+    spec = spec_from_args(name, hf_model_path, dataset_path, training_prompt, training_args, revision=revision, log_level=log_level,
+                          prior_class_prompt=prior_class_prompt, prior_class_image_dir=prior_class_image_dir, num_prior_class_images=num_prior_class_images)
     quiet_libraries()
     from cerebrium_ft.train import TrainingError, train
     try: out = train(spec, output or name, device=device)
@@ -365,14 +363,12 @@ def train_diffuser(
     json:bool=False, # Print one JSON object
 ) -> int:
     "Submit a fine-tuning job: the dataset is checked here first, then uploaded; prints the job id"
-    from cerebrium_ft.config import JobSpec, parse_training_args
     if len(args) not in (4, 5): raise CliError(f"expected NAME [API_KEY] HF_MODEL_PATH DATASET_PATH TRAINING_PROMPT, got {len(args)} arguments")
     name, *rest = args
     if len(rest) == 4: api_key, rest = api_key or rest[0], rest[1:]
     model, dataset, prompt = rest
-    spec = JobSpec(name=name, hf_model_path=model, dataset=dataset, training_prompt=prompt, revision=revision,
-                   prior_class_prompt=prior_class_prompt, prior_class_image_dir=prior_class_image_dir,
-                   num_prior_class_images=num_prior_class_images, training_args=parse_training_args(training_args), log_level=log_level)
+    spec = spec_from_args(name, model, dataset, prompt, training_args, revision=revision, log_level=log_level,
+                          prior_class_prompt=prior_class_prompt, prior_class_image_dir=prior_class_image_dir, num_prior_class_images=num_prior_class_images)
     report = check_dataset(dataset, size=spec.training_args.resolution)
     if not report.ok:
         print(report, file=sys.stderr)

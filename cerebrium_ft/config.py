@@ -13,7 +13,7 @@ from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MOVED_MODELS', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
-           'TrainingSettings', 'setting_names', 'parse_training_args', 'model_problem', 'JobSpec']
+           'TrainingSettings', 'setting_names', 'parse_training_args', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -272,3 +272,9 @@ def from_json(cls:JobSpec, text:str) -> JobSpec:
     try: d = json.loads(text)
     except json.JSONDecodeError as e: raise SettingsError(f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})", 'job spec') from None
     return cls.from_dict(d)
+
+# %% ../nbs/00_config.ipynb #eaf5c295
+def spec_from_args(name:str, hf_model_path:str, dataset:str, training_prompt:str, training_args:str|None=None, **options) -> JobSpec:
+    "A `JobSpec` from command-line values: `training_args` is the `--training-args` JSON string, `options` the other options"
+    return JobSpec(name=name, hf_model_path=hf_model_path, dataset=dataset, training_prompt=training_prompt,
+                   training_args=parse_training_args(training_args), **options)

@@ -150,6 +150,3 @@ class Store:
                 n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
                     status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None)).rowcount
             if n: return self.job(j.id)
-
-    def spec_of(self, job_id:str) -> dict:
-        with self.session() as s: return json.loads(s.get(Job, job_id).spec)

@@ -60,6 +60,7 @@ def _write_atomic(path:Path, text:str):
 
 def write_progress(run:RunDir, phase:str, step:int=0, total:int=0, loss:float|None=None, **extra):
     "Record where the run is, for a job server to read"
+    assert phase in PHASES, phase
     _write_atomic(run.progress, json.dumps(dict(phase=phase, step=step, total=total, loss=loss, updated=time.time(), **extra)))
 
 # %% ../nbs/04_train.ipynb #458358da
