@@ -13,12 +13,13 @@ from . import __version__
 from .config import SettingsError, spec_from_args
 from .dataset import check_dataset, prepare_dataset
 from .client import ApiError, Client, save_login
+from .results import ResultsError
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'quiet_libraries', 'check_dataset_cmd', 'train_cmd', 'generate',
            'tiny_model_cmd', 'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys',
            'run_job_cmd', 'login', 'train_diffuser', 'download_model', 'get_most_recent_jobs', 'check_job_status',
-           'cancel_job']
+           'cancel_job', 'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #941f8405
 COMMANDS = {}
@@ -450,5 +451,28 @@ def cancel_job(
     j = _client(url, api_key).cancel(job_id)
     _print_json(j) if json else print(f"{j['id']}: {j['status']}")
 
-# %% ../nbs/10_cli.ipynb #975415bd
+# %% ../nbs/10_cli.ipynb #9edcd165
+@command('push-to-hub')
+def push_to_hub_cmd(
+    job_or_results:str, # A results folder or zip, or the id of a finished job on the job service
+    repo_id:str, # The model repo to push to, e.g. yourname/sks-dog-lora
+    token:str=None, # Hugging Face token with write access (default: HF_TOKEN or the saved login)
+    public:bool=False, # Make a new repo public (default: private)
+    api_key:str=None, # API key of the job service, for a job id
+    url:str=None, # The job service's URL, for a job id
+    json:bool=False, # Print one JSON object
+):
+    "Push a trained LoRA to the Hugging Face Hub in one commit, with a model card"
+    import tempfile
+    from cerebrium_ft.hub import HubError, push_to_hub
+    src = Path(job_or_results)
+    if not src.exists() and not job_or_results.startswith('j_'):
+        raise CliError(f"{job_or_results} is neither a results folder or zip nor a job id (j_...)")
+    if not src.exists():
+        src = _client(url, api_key).download(job_or_results, Path(tempfile.mkdtemp())/f"{job_or_results}.zip")
+    try: commit = push_to_hub(src, repo_id, token=token, private=not public)
+    except (HubError, ResultsError) as e: raise CliError(str(e)) from None
+    _print_json(dict(repo_id=repo_id, commit_url=commit)) if json else print(f"pushed to {repo_id}: {commit}")
+
+# %% ../nbs/10_cli.ipynb #ecdd7af6
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m cerebrium_ft.cli (not a notebook)

@@ -98,6 +98,8 @@ class Client:
     def logs(self, job_id:str, offset:int=0) -> dict: return self._request('GET', f"/v1/jobs/{job_id}/logs", params=dict(offset=offset)).json()
     def jobs(self, project_id:str, limit:int=10) -> list: return self._request('GET', f"/v1/projects/{project_id}/jobs", params=dict(limit=limit)).json()
     def cancel(self, job_id:str) -> dict: return self._request('POST', f"/v1/jobs/{job_id}/cancel").json()
+    def images(self, job_id:str) -> list[str]: return self._request('GET', f"/v1/jobs/{job_id}/images").json()
+    def image(self, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
 
 # %% ../nbs/09_client.ipynb #74f9c5fe
 def _images(path) -> list[Path]:

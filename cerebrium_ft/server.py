@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/07_server.ipynb #047c0ec5
 from __future__ import annotations
-import json, os, shutil, signal, subprocess, sys, threading, time
+import json, os, re, shutil, signal, subprocess, sys, threading, time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from . import __version__
@@ -274,6 +274,19 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
         if job['status'] != 'succeeded' or not z.is_file():
             raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
         return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
+
+    @app.get('/v1/jobs/{job_id}/images')
+    def images(job:dict=Depends(own_job)):
+        "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
+        root = RunDir(executor.job_dir(job['id'])/'results').root/'validation'
+        return [p.relative_to(root).as_posix() for p in sorted(root.glob('epoch_*/*.png'))]
+
+    @app.get('/v1/jobs/{job_id}/images/{epoch}/{name}')
+    def image(epoch:str, name:str, job:dict=Depends(own_job)):
+        f = executor.job_dir(job['id'])/'results'/'validation'/epoch/name
+        if not (re.fullmatch(r'epoch_\d{4}', epoch) and re.fullmatch(r'\d{2}\.png', name) and f.is_file()):
+            raise HTTPException(404, f"no image {epoch}/{name} in job {job['id']}")
+        return FileResponse(f, media_type='image/png')
 
     @app.post('/v1/jobs/{job_id}/cancel')
     def cancel(job:dict=Depends(own_job)):

@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/testing.html.md"""
 
 # %% ../nbs/02_testing.ipynb #0d121575
 from __future__ import annotations
-import json, math
+import base64, http.server, json, math, threading
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['SD15_PROPORTIONED', 'write_byte_tokenizer', 'build_tiny_pipeline', 'make_subject_images']
+__all__ = ['SD15_PROPORTIONED', 'write_byte_tokenizer', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -117,3 +117,40 @@ def make_subject_images(dst, n:int=12, size:int=512, seed:int=0) -> list[Path]:
         Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(p, quality=92)
         paths.append(p)
     return paths
+
+# %% ../nbs/02_testing.ipynb #c5142fde
+class FakeHub:
+    "A recording stand-in for the Hub's upload API on 127.0.0.1"
+    def __init__(self):
+        self.calls, self.commits = [], []
+        hub = self
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a): pass
+            def _json(self, status, obj):
+                data = json.dumps(obj).encode()
+                self.send_response(status); self.send_header('Content-Type', 'application/json')
+                self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
+            def do_POST(self):
+                body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
+                hub.calls.append(path)
+                base = f"http://{self.headers['Host']}"
+                if path == '/api/repos/create':
+                    req = json.loads(body)
+                    if req.get('organization') == 'someone-else': return self._json(403, {'error': 'You do not have rights to this namespace'})
+                    return self._json(200, {'url': f"{base}/{req.get('organization')}/{req['name']}", 'name': req['name']})
+                if path == '/api/validate-yaml': return self._json(200, {'errors': [], 'warnings': []})
+                if '/preupload/' in path:
+                    return self._json(200, {'files': [{'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in json.loads(body)['files']]})
+                if '/commit/' in path:
+                    hub.commits.append([json.loads(l) for l in body.splitlines() if l.strip()])
+                    repo = path.split('/api/models/')[1].rsplit('/commit/', 1)[0]
+                    return self._json(200, {'commitUrl': f"{base}/{repo}/commit/{'ab' * 20}", 'commitOid': 'ab' * 20})
+                return self._json(404, {'error': f"no route {path}"})
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+    def start(self):
+        threading.Thread(target=self.server.serve_forever, daemon=True).start(); return self
+    def stop(self): self.server.shutdown(); self.server.server_close()
+    def files(self, commit:int=-1) -> dict:
+        "path -> bytes of the files in a recorded commit"
+        return {o['value']['path']: base64.b64decode(o['value']['content']) for o in self.commits[commit] if o['key'] == 'file'}

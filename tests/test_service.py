@@ -201,3 +201,22 @@ def test_readme_demo_runs_the_whole_product(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert ': succeeded' in r.stdout and (tmp_path/'demo'/'samples.png').exists()
     assert len(list((tmp_path/'demo').glob('j_*.zip'))) == 1
+
+def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
+    from cerebrium_ft.testing import FakeHub
+    r = submit(server, tiny_model, data, steps=4, follow=True)
+    jid = json.loads(r.stdout)['id']
+    hub = FakeHub().start()
+    try:
+        env = {**os.environ, 'HF_ENDPOINT': hub.url, 'HF_HOME': str(tmp_path/'hf')}
+        r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--json', env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)['commit_url'].startswith(f"{hub.url}/me/sks-robot/commit/")
+        files = hub.files()
+        assert {'README.md', 'pytorch_lora_weights.safetensors', 'lora_kohya.safetensors', 'manifest.json'} <= set(files)
+        assert sum(c.endswith('/commit/main') for c in hub.calls) == 1
+        r = run_cli('push-to-hub', jid, 'me/sks-robot', '--api-key', server.key, '--url', server.url, env={**env, 'HF_TOKEN': ''})
+        assert r.returncode == 2 and 'no Hugging Face token' in r.stderr
+        r = run_cli('push-to-hub', 'no/such/folder', 'me/x', '--token', 't', env=env)
+        assert r.returncode == 2 and 'neither a results folder or zip nor a job id' in r.stderr
+    finally: hub.stop()
