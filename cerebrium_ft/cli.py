@@ -259,6 +259,7 @@ def serve(
     data_dir:str=None, # Folder for the database, the jobs and the cache
     workers:int=1, # Jobs that run at once (one per GPU)
     max_request_mb:int=200, # Largest upload accepted, in MB
+    stall_minutes:float=30, # Stop a job that shows no progress for this long
 ):
     "Run the job service; the first start on an empty data folder creates a default project and prints its key"
     import uvicorn
@@ -270,7 +271,7 @@ def serve(
         pid, key = store.create_project('default')
         print(f"Created project 'default' ({pid}). Its API key, shown this once:\n  {key}\nSave it with: cerebrium-ft login {key} --url http://{host}:{port}", flush=True)
     print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)})", flush=True)
-    uvicorn.run(create_app(d, workers=workers, max_request_mb=max_request_mb), host=host, port=port, log_level='warning')
+    uvicorn.run(create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes), host=host, port=port, log_level='warning')
 
 @command(pos=['name'])
 def projects(

@@ -42,7 +42,7 @@ def _free(device):
     if getattr(device, 'type', device) == 'cuda': torch.cuda.empty_cache()
 
 def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision:str='main', resolution:int=512,
-                          batch_size:int=4, steps:int=25, device=None, progress:bool=True) -> list[Path]:
+                          batch_size:int=4, steps:int=25, device=None, progress:bool=True, on_batch=None) -> list[Path]:
     "Generate class image `i` of `prompt` with seed `i` for each of `indices`, into `out_dir` as `class_NNNNN.png`"
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
@@ -74,13 +74,14 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
                 tmp = p.with_suffix('.tmp'); im.save(tmp, 'PNG'); tmp.replace(p)  # a killed run never leaves half an image
                 written.append(p)
             todo = todo[len(chunk):]; bar.update(len(chunk))
+            if on_batch: on_batch(len(written), len(indices))
     finally:
         bar.close(); del pipe; _free(device)
     return written
 
 # %% ../nbs/03_prior.ipynb #b90fd16c
 def class_images(prompt:str, num_images:int=0, class_dir=None, model:str|None=None, revision:str='main', resolution:int=512,
-                 batch_size:int=4, cache=None, device=None, progress:bool=True) -> tuple[list[Path], int]:
+                 batch_size:int=4, cache=None, device=None, progress:bool=True, on_batch=None) -> tuple[list[Path], int]:
     "The class images to train with, and how many of them were generated now"
     have = []
     if class_dir is not None:
@@ -102,5 +103,6 @@ def class_images(prompt:str, num_images:int=0, class_dir=None, model:str|None=No
         folder.mkdir(parents=True, exist_ok=True)
         (folder/'source.json').write_text(json.dumps(dict(model=model, revision=revision, prompt=prompt, resolution=resolution), indent=2))
         log.info(f"generating {len(new)} class images of {prompt!r} ({len(have)} given, {missing - len(new)} cached)")
-        generate_class_images(model, prompt, new, folder, revision=revision, resolution=resolution, batch_size=batch_size, device=device, progress=progress)
+        generate_class_images(model, prompt, new, folder, revision=revision, resolution=resolution, batch_size=batch_size, device=device,
+                              progress=progress, on_batch=on_batch)
     return have + gen, len(new)

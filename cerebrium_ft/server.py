@@ -59,8 +59,9 @@ def _failure_reason(log:Path, rc:int) -> str:
 # %% ../nbs/07_server.ipynb #67cefd8a
 class Executor:
     "Runs queued jobs as child processes, `workers` at a time, and keeps the store's job rows up to date"
-    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5):
-        self.store, self.data_dir, self.workers, self.poll = store, Path(data_dir), workers, poll
+    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5, stall_s:float=1800, command=None):
+        self.store, self.data_dir, self.workers, self.poll, self.stall_s = store, Path(data_dir), workers, poll, stall_s
+        self.command = command or (lambda d: [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job', str(d)])
         self.children, self.lock, self._stop = {}, threading.RLock(), threading.Event()
         self.thread = threading.Thread(target=self._loop, name='cerebrium-ft-executor', daemon=True)
 
@@ -91,9 +92,12 @@ class Executor:
             for jid, p in list(self.children.items()):
                 self._read_progress(jid)
                 rc = p.poll()
+                if rc is None and self._stalled(jid, p):
+                    _kill_group(p.pid); rc = p.wait()
+                    p.stall = True
                 if rc is None: continue
                 del self.children[jid]; p.stdout_file.close()
-                self._settle(jid, rc)
+                self._settle(jid, rc, stalled=p.stall)
             while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()):
                 self._spawn(j)
 
@@ -102,11 +106,16 @@ class Executor:
         log = open(d/'job.log', 'ab')
         log.write(f"--- attempt {j['attempts']} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()); log.flush()
         env = {**os.environ, 'CEREBRIUM_FT_CACHE': str(self.data_dir/'cache'), 'PYTHONUNBUFFERED': '1'}
-        p = subprocess.Popen([sys.executable, '-m', 'cerebrium_ft.cli', 'run-job', str(d)], stdout=log, stderr=subprocess.STDOUT,
-                             stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        p.stdout_file = log
+        p = subprocess.Popen(self.command(d), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+        p.stdout_file, p.started, p.stall = log, time.time(), False
         self.children[j['id']] = p
         self.store.update(j['id'], pid=p.pid, phase='starting')
+
+    def _stalled(self, jid:str, p) -> bool:
+        "No sign of life (progress file or log written) for `stall_s` seconds"
+        d = self.job_dir(jid)
+        seen = [p.started] + [f.stat().st_mtime for f in (d/'job.log', RunDir(d/'results').progress) if f.exists()]
+        return time.time() - max(seen) > self.stall_s
 
     def _read_progress(self, jid:str):
         f = RunDir(self.job_dir(jid)/'results').progress
@@ -114,13 +123,16 @@ class Executor:
         except (OSError, ValueError): return
         self.store.update(jid, phase=pr.get('phase'), step=pr.get('step') or 0, total=pr.get('total') or 0, loss=pr.get('loss'))
 
-    def _settle(self, jid:str, rc:int):
+    def _settle(self, jid:str, rc:int, stalled:bool=False):
         j = self.store.jobs_in('running')
         j = next((x for x in j if x['id'] == jid), None)
         if j is None: return
         d, now = self.job_dir(jid), time.time()
         self._read_progress(jid)
         if j['cancel_requested']: self.store.update(jid, status='cancelled', finished=now, pid=None)
+        elif stalled:
+            self.store.update(jid, status='failed', finished=now, pid=None,
+                              error=f"the job showed no progress for {self.stall_s / 60:.0f} minutes and was stopped (serve --stall-minutes allows longer)")
         elif rc == 0 and (d/'results.zip').is_file(): self.store.update(jid, status='succeeded', finished=now, pid=None, phase='done', error=None)
         else: self.store.update(jid, status='failed', finished=now, pid=None, error=_failure_reason(d/'job.log', rc))
 
@@ -149,7 +161,7 @@ class Executor:
                 self.store.update(jid, status='queued', pid=None, attempts=max(0, j['attempts'] - 1), phase='queued')
             self.children.clear()
 
-# %% ../nbs/07_server.ipynb #10fa12b3
+# %% ../nbs/07_server.ipynb #dd507586
 class BodyLimit:
     "ASGI middleware: 413 for a request body over `max_bytes`"
     def __init__(self, app, max_bytes:int): self.app, self.max_bytes = app, max_bytes
@@ -173,7 +185,7 @@ class BodyLimit:
 
 class _TooLarge(Exception): pass
 
-# %% ../nbs/07_server.ipynb #dd507586
+# %% ../nbs/07_server.ipynb #9a09493a
 MAX_FILES = 64
 UPLOAD_SUFFIXES = {'.jpg': '.jpg', '.jpeg': '.jpg', '.png': '.png', '.webp': '.webp'}
 
@@ -187,11 +199,11 @@ def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
         out.append(p)
     return out
 
-def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True):
+def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30):
     "The job service's FastAPI app, its store and executor under `data_dir`"
     data_dir = Path(data_dir).expanduser(); data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(data_dir/'cerebrium-ft.sqlite')
-    executor = Executor(store, data_dir, workers)
+    executor = Executor(store, data_dir, workers, stall_s=stall_minutes * 60)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -295,7 +307,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
 
     return app
 
-# %% ../nbs/07_server.ipynb #9a09493a
+# %% ../nbs/07_server.ipynb #726b4b7a
 def run_job(job_dir) -> Path:
     "Train the job in `job_dir` (its spec.json) into job_dir/results and zip them to job_dir/results.zip"
     from cerebrium_ft.results import zip_results

@@ -388,7 +388,8 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     if spec.prior_preservation:
         write_progress(run, 'class images')
         cls_paths, made = class_images(spec.prior_class_prompt, spec.num_prior_class_images, spec.prior_class_image_dir, spec.hf_model_path,
-                                       spec.revision, s.resolution, s.sample_batch_size, cache, device, progress)
+                                       spec.revision, s.resolution, s.sample_batch_size, cache, device, progress,
+                                       on_batch=lambda done, total: write_progress(run, 'class images', done, total))
         log.info(f"prior preservation: {len(cls_paths)} class images of {spec.prior_class_prompt!r} ({made} generated now)")
         if not cls_paths: raise TrainingError(f"prior preservation has no class images: {spec.prior_class_image_dir} holds none, and --num-prior-class-images is 0")
     # models
