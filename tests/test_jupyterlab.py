@@ -16,18 +16,20 @@ NOTEBOOK = {"cells": [{"cell_type": "code", "id": "panel", "metadata": {}, "exec
     "panel = JobPanel(Client('http://127.0.0.1:9', 'cft_demo_key', retries=0), autorefresh=False)\n", "panel"]}],
     "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}, "nbformat": 4, "nbformat_minor": 5}
 
-def test_panel_renders_in_jupyterlab(tmp_path):
-    assert CHROMIUM, "chromium is missing: apt-get install chromium"
+def _render(folder:Path, shot:Path):
+    "Start JupyterLab on `folder`, open the notebook in headless Chromium, run its cell, check the panel and screenshot it"
     from playwright.sync_api import sync_playwright
-    (tmp_path/'panel.ipynb').write_text(json.dumps(NOTEBOOK))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder/'panel.ipynb').write_text(json.dumps(NOTEBOOK))
     with socket.socket() as s: s.bind(('127.0.0.1', 0)); port = s.getsockname()[1]
     token = secrets.token_hex(8)
-    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(tmp_path/'cfg'), 'JUPYTERLAB_SETTINGS_DIR': str(tmp_path/'settings')}
+    env = {**os.environ, 'JUPYTER_CONFIG_DIR': str(folder/'.cfg'), 'JUPYTERLAB_SETTINGS_DIR': str(folder/'.settings')}
     lab = subprocess.Popen([str(Path(sys.executable).parent/'jupyter'), 'lab', '--no-browser', f'--port={port}', '--ServerApp.ip=127.0.0.1',
-                            f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={tmp_path}', '--allow-root'],
-                           stdout=open(tmp_path/'lab.log', 'w'), stderr=subprocess.STDOUT, env=env)
+                            f'--IdentityProvider.token={token}', f'--ServerApp.root_dir={folder}', '--allow-root'],
+                           stdout=open(folder/'.lab.log', 'w'), stderr=subprocess.STDOUT, env=env)
+    page = None
     try:
-        for _ in range(300):
+        for _ in range(600):
             try:
                 if requests.get(f"http://127.0.0.1:{port}/api/status", params={'token': token}, timeout=1).ok: break
             except requests.ConnectionError: time.sleep(0.2)
@@ -35,23 +37,42 @@ def test_panel_renders_in_jupyterlab(tmp_path):
             browser = p.chromium.launch(executable_path=CHROMIUM, args=['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                                         '--disable-background-networking', '--disable-component-update', '--disable-sync'])
             page = browser.new_page(viewport={'width': 1280, 'height': 1000})
-            page.goto(f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}")
-            page.wait_for_selector('.jp-Notebook-ExecutionIndicator[data-status="idle"]', timeout=90_000)
-            page.click('.jp-Cell .jp-InputArea-editor')
-            page.keyboard.press('Shift+Enter')
-            page.wait_for_selector('.jp-OutputArea button:has-text("Start job")', timeout=90_000)
-            assert page.locator('.jp-OutputArea input[placeholder="sks-dog"]').count() == 1
-            assert page.locator('.jp-OutputArea :text("Training settings")').count() >= 1
-            page.locator('.jp-OutputArea .lm-TabBar-tab:has-text("Jobs")').click()
-            page.wait_for_selector('.jp-OutputArea button:has-text("Push to Hub")', timeout=30_000)
-            page.locator('.jp-OutputArea .lm-TabBar-tab:has-text("New job")').click()
-            no = page.get_by_role('button', name='No', exact=True)  # JupyterLab's "news?" toast, not part of the panel
-            if no.count(): no.first.click()
-            time.sleep(0.5)
-            ARTIFACTS.mkdir(parents=True, exist_ok=True)
-            shot = ARTIFACTS/'jobpanel-jupyterlab.png'
-            page.screenshot(path=str(shot))
-            browser.close()
-        assert shot.stat().st_size > 20_000
+            try:
+                page.goto(f"http://127.0.0.1:{port}/lab/tree/panel.ipynb?token={token}")
+                # the kernel's first start on a new machine compiles its imports: wait for the status bar's Idle, then run the
+                # cell, and again if nothing rendered (a run sent while the kernel was still starting)
+                page.wait_for_function("() => /Idle/.test(document.querySelector('#jp-main-statusbar')?.textContent || '')", timeout=180_000)
+                for attempt in range(3):
+                    page.click('.jp-Cell .jp-InputArea-editor')
+                    page.keyboard.press('Shift+Enter')
+                    try:
+                        page.wait_for_selector('.jp-OutputArea button:has-text("Start job")', timeout=60_000); break
+                    except Exception:
+                        if attempt == 2: raise
+                assert page.locator('.jp-OutputArea input[placeholder="sks-dog"]').count() == 1
+                assert page.locator('.jp-OutputArea :text("Training settings")').count() >= 1
+                page.locator('.jp-OutputArea .lm-TabBar-tab:has-text("Jobs")').click()
+                page.wait_for_selector('.jp-OutputArea button:has-text("Push to Hub")', timeout=30_000)
+                page.locator('.jp-OutputArea .lm-TabBar-tab:has-text("New job")').click()
+                no = page.get_by_role('button', name='No', exact=True)  # JupyterLab's "news?" toast, not part of the panel
+                if no.count(): no.first.click()
+                time.sleep(0.5)
+                page.screenshot(path=str(shot))
+            except Exception:
+                page.screenshot(path=str(shot.with_name(shot.stem + '-failed.png')))
+                raise
+            finally: browser.close()
     finally:
         lab.terminate(); lab.wait(timeout=30)
+
+def test_panel_renders_in_jupyterlab(tmp_path):
+    assert CHROMIUM, "chromium is missing: apt-get install chromium"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot, errors = ARTIFACTS/'jobpanel-jupyterlab.png', []
+    for attempt in range(2):  # a cold JupyterLab on a busy 2-core machine gets a second chance; both failures are reported
+        try: _render(tmp_path/f"try{attempt}", shot); break
+        except Exception as e:
+            log = (tmp_path/f"try{attempt}"/'.lab.log')
+            errors.append(f"attempt {attempt + 1}: {type(e).__name__}: {str(e)[:500]}\n--- jupyter lab log ---\n{log.read_text()[-3000:] if log.exists() else ''}")
+    else: pytest.fail('\n\n'.join(errors))
+    assert shot.stat().st_size > 20_000
