@@ -35,7 +35,7 @@ def command(name:str|None=None, pos:list|None=None):
 def _usage() -> str:
     w = max(map(len, COMMANDS), default=0)
     lines = [f"  {n.ljust(w)}  {(f.__doc__ or '').splitlines()[0]}" for n, f in COMMANDS.items()]
-    return '\n'.join([f"usage: cerebrium-ft COMMAND [ARGS...]   (cerebrium-ft COMMAND --help for its options)", '', 'commands:', *lines])
+    return '\n'.join(["usage: cerebrium-ft COMMAND [ARGS...]   (cerebrium-ft COMMAND --help for its options)", '', 'commands:', *lines])
 
 def main(argv:list|None=None) -> int:
     "Run the `cerebrium-ft` command line with `argv` (default: `sys.argv[1:]`); returns the exit status"
@@ -307,7 +307,7 @@ def keys(
 ):
     "Create a new API key for a project, or revoke one"
     store = _store(data_dir)
-    if not target: raise CliError(f"usage: cerebrium-ft keys create PROJECT_ID | cerebrium-ft keys revoke KEY")
+    if not target: raise CliError("usage: cerebrium-ft keys create PROJECT_ID | cerebrium-ft keys revoke KEY")
     if action == 'create':
         try: key = store.create_key(target)
         except KeyError: raise CliError(f"no project {target}: see cerebrium-ft projects list") from None
@@ -330,7 +330,7 @@ def run_job_cmd(
         print(f"cerebrium-ft run-job: {e}", file=sys.stderr)
         return 1
 
-# %% ../nbs/10_cli.ipynb #fbda9a9e
+# %% ../nbs/10_cli.ipynb #9edcd165
 @command()
 def login(
     api_key:str, # The API key `serve` or `projects create` printed
@@ -452,7 +452,7 @@ def cancel_job(
     j = _client(url, api_key).cancel(job_id)
     _print_json(j) if json else print(f"{j['id']}: {j['status']}")
 
-# %% ../nbs/10_cli.ipynb #9edcd165
+# %% ../nbs/10_cli.ipynb #b2c2c838
 @command('push-to-hub')
 def push_to_hub_cmd(
     job_or_results:str, # A results folder or zip, or the id of a finished job on the job service
@@ -475,5 +475,5 @@ def push_to_hub_cmd(
     except (HubError, ResultsError) as e: raise CliError(str(e)) from None
     _print_json(dict(repo_id=repo_id, commit_url=commit)) if json else print(f"pushed to {repo_id}: {commit}")
 
-# %% ../nbs/10_cli.ipynb #ecdd7af6
+# %% ../nbs/10_cli.ipynb #bf03441f
 if __name__ == '__main__' and '__file__' in globals(): sys.exit(main())  # python -m cerebrium_ft.cli (not a notebook)

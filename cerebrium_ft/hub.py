@@ -6,9 +6,9 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 
 # %% ../nbs/11_hub.ipynb #9d63e874
 from __future__ import annotations
-import json, os, tempfile, zipfile
+import json, os, tempfile
 from pathlib import Path
-from .results import ResultsError, unzip_results, verify_results
+from .results import unzip_results, verify_results
 from .train import RunDir
 
 # %% auto #0

@@ -96,7 +96,7 @@ class Executor:
                     _kill_group(p.pid); rc = p.wait()
                     p.stall = True
                 if rc is None: continue
-                del self.children[jid]; p.stdout_file.close()
+                self._forget(jid)
                 self._settle(jid, rc, stalled=p.stall)
             while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()):
                 self._spawn(j)
@@ -123,10 +123,18 @@ class Executor:
         except (OSError, ValueError): return
         self.store.update(jid, phase=pr.get('phase'), step=pr.get('step') or 0, total=pr.get('total') or 0, loss=pr.get('loss'))
 
+    def _forget(self, jid:str):
+        "Drop an ended child process, closing its log"
+        self.children.pop(jid).stdout_file.close()
+
+    def _end(self, jid:str):
+        "End a running child's whole process group and forget it"
+        p = self.children[jid]
+        _kill_group(p.pid); p.wait(); self._forget(jid)
+
     def _settle(self, jid:str, rc:int, stalled:bool=False):
-        j = self.store.jobs_in('running')
-        j = next((x for x in j if x['id'] == jid), None)
-        if j is None: return
+        j = self.store.row(jid)
+        if j is None or j['status'] != 'running': return
         d, now = self.job_dir(jid), time.time()
         self._read_progress(jid)
         if j['cancel_requested']: self.store.update(jid, status='cancelled', finished=now, pid=None)
@@ -143,10 +151,7 @@ class Executor:
             if j['status'] == 'queued': self.store.update(job_id, status='cancelled', finished=time.time(), cancel_requested=1)
             elif j['status'] == 'running':
                 self.store.update(job_id, cancel_requested=1)
-                p = self.children.get(job_id)
-                if p is not None:
-                    _kill_group(p.pid)
-                    p.wait(); del self.children[job_id]; p.stdout_file.close()
+                if job_id in self.children: self._end(job_id)
                 self.store.update(job_id, status='cancelled', finished=time.time(), pid=None)
         return self.store.job(job_id)
 
@@ -155,11 +160,9 @@ class Executor:
         self._stop.set()
         if self.thread.is_alive(): self.thread.join(timeout=10)
         with self.lock:
-            for jid, p in list(self.children.items()):
-                _kill_group(p.pid); p.wait(); p.stdout_file.close()
-                j = self.store.job(jid)
-                self.store.update(jid, status='queued', pid=None, attempts=max(0, j['attempts'] - 1), phase='queued')
-            self.children.clear()
+            for jid in list(self.children):
+                self._end(jid)
+                self.store.update(jid, status='queued', pid=None, attempts=max(0, self.store.job(jid)['attempts'] - 1), phase='queued')
 
 # %% ../nbs/07_server.ipynb #dd507586
 class BodyLimit:
@@ -251,7 +254,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
             for sub in ['dataset'] + (['class_images'] if class_images else []):
                 report = check_dataset(tmp/sub, size=js.training_args.resolution)
                 if any(f.code == 'bomb' for f in report.findings):
-                    raise HTTPException(413, dict(message=f"an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
+                    raise HTTPException(413, dict(message="an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
                 if not report.ok and (sub == 'dataset' or any(f.severity == 'error' and f.file for f in report.findings)):
                     raise HTTPException(400, dict(message=f"the uploaded {'dataset' if sub == 'dataset' else 'class images'} has errors; nothing was stored",
                                                   findings=[f.to_dict() for f in report.findings if f.severity == 'error']))

@@ -55,9 +55,12 @@ FINAL = ('succeeded', 'failed', 'cancelled')
 JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss')
 
 def _job_dict(j:Job) -> dict:
+    "What a client sees of a job"
     d = {k: getattr(j, k) for k in JOB_FIELDS}
     d['duration'] = ((j.finished or time.time()) - j.started) if j.started else None
     return d
+
+def _row(j:Job) -> dict: return _job_dict(j) | dict(pid=j.pid, cancel_requested=j.cancel_requested)
 
 # %% ../nbs/06_store.ipynb #c14b5e12
 def _hash(secret:str) -> str: return hashlib.sha256(secret.encode()).hexdigest()
@@ -136,7 +139,14 @@ class Store:
             return [_job_dict(j) for j in s.scalars(select(Job).where(Job.project_id == project_id).order_by(Job.created.desc(), Job.id).limit(limit))]
 
     def jobs_in(self, *states) -> list[dict]:
-        with self.session() as s: return [_job_dict(j) | dict(pid=j.pid, cancel_requested=j.cancel_requested) for j in s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created))]
+        "Jobs in `states`, oldest first, with the executor's own fields (pid, cancel_requested)"
+        with self.session() as s: return [_row(j) for j in s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created))]
+
+    def row(self, job_id:str) -> dict|None:
+        "Job `job_id` with the executor's own fields (pid, cancel_requested)"
+        with self.session() as s:
+            j = s.get(Job, job_id)
+            return _row(j) if j else None
 
     def update(self, job_id:str, **fields):
         with self.session() as s, s.begin(): s.execute(update(Job).where(Job.id == job_id).values(**fields))

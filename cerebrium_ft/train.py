@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
-import csv, gc, hashlib, json, logging, math, os, random, re, shutil, time
+import csv, gc, hashlib, json, logging, math, random, re, shutil, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError
-from .dataset import check_dataset, crop_square, read_dataset, to_upright_rgb
+from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .prior import class_images
 
 log = logging.getLogger('cerebrium_ft')
@@ -91,7 +91,7 @@ def model_path_problem(model:str) -> str|None:
         return f"{model} does not exist, and is not a Hugging Face model id (owner/name) either"
     return None
 
-def preflight(spec:JobSpec, output_dir) -> 'DatasetReport':
+def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
     if (problem := model_path_problem(spec.hf_model_path)): raise TrainingError(problem)

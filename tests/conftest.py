@@ -1,4 +1,4 @@
-import json, os, subprocess, sys
+import subprocess, sys
 from pathlib import Path
 import pytest
 

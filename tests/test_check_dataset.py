@@ -1,6 +1,5 @@
 "`cerebrium-ft check-dataset` on a folder holding each kind of bad file, run as a user would run it"
 import hashlib, json, shutil
-from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image

@@ -1,8 +1,5 @@
 "A training run killed with SIGKILL after a checkpoint, started again with the same command, ends as an uninterrupted run does"
-import csv, json, os, signal, subprocess, sys, time
-from pathlib import Path
-import pytest
-import torch
+import csv, json, os, signal, subprocess, time
 from safetensors.torch import load_file
 from diffusers import StableDiffusionPipeline
 from cerebrium_ft.results import load_results

@@ -1,5 +1,5 @@
 "The job service as a user runs it: a real server process on loopback, real SQLite, the tiny model, the CLI as subprocesses"
-import json, os, signal, socket, subprocess, sys, threading, time
+import json, os, signal, socket, subprocess, threading, time
 from pathlib import Path
 import pytest
 import requests

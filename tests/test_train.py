@@ -1,5 +1,5 @@
 "Training on the tiny pipeline: the results contract, loading, learning, prior preservation, and every seed kwarg's effect"
-import csv, json, logging, math
+import csv, json, math
 from pathlib import Path
 import numpy as np
 import pytest

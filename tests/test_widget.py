@@ -1,5 +1,5 @@
 "The notebook job panel driven as a user drives it (values set, buttons clicked) against a real server on loopback"
-import os, time
+import time
 import pytest
 from cerebrium_ft.client import Client
 from cerebrium_ft.testing import FakeHub, make_subject_images
