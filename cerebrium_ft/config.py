@@ -88,7 +88,7 @@ class TrainingSettings:
     resolution:int=512 # Training resolution in pixels (square); a multiple of 8
     rank:int=4 # LoRA rank of the UNet attention projections
     lora_alpha:Optional[float]=None # LoRA alpha; None means equal to `rank` (scale 1.0)
-    mixed_precision:str="auto" # "auto" (bf16 or fp16 on CUDA, fp32 on CPU), "no", "fp16" or "bf16"
+    mixed_precision:str="auto" # "auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"
     checkpointing_steps:int=500 # Save a resumable checkpoint every this many optimizer steps
     validation_prompt:Optional[str]=None # Prompt for validation images; None means the training prompt
     num_validation_images:int=4 # Images generated at each validation

@@ -14,15 +14,15 @@ from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .prior import class_images
+from .speed import resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'METRIC_FIELDS', 'TrainingError', 'RunDir', 'write_progress',
-           'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'resolve_precision', 'load_models',
-           'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer',
-           'save_checkpoint', 'load_checkpoint', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256', 'plot_loss',
-           'save_results', 'train']
+           'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'load_models', 'load_pixels',
+           'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint',
+           'load_checkpoint', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256', 'plot_loss', 'save_results', 'train']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -110,15 +110,6 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     return report
 
 # %% ../nbs/04_train.ipynb #29f0b70c
-def resolve_precision(setting:str, device) -> str:
-    "'no', 'fp16' or 'bf16' for `setting` on `device`: mixed precision on CUDA only, fp32 on CPU"
-    import torch
-    if device.type != 'cuda':
-        if setting not in ('auto', 'no'): log.warning(f"mixed_precision={setting} needs CUDA; training in fp32 on {device.type}")
-        return 'no'
-    if setting == 'auto': return 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-    return setting
-
 def load_models(model:str, revision:str='main') -> dict:
     "The tokenizer, text encoder, VAE, UNet and noise scheduler of a Stable Diffusion pipeline"
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -402,6 +393,7 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=LORA_TARGETS))
     if precision != 'no': cast_training_params(unet, dtype=torch.float32)
+    use_fused_attention(unet, device)  # same sums, fewer products (cerebrium_ft.speed)
     if s.gradient_checkpointing: unet.enable_gradient_checkpointing()
     # cache latents and text embeddings once; then the encoders leave the accelerator
     write_progress(run, 'caching')

@@ -9,3 +9,7 @@ def test_benchmark_prints_figures():
     line = next(l for l in r.stdout.splitlines() if l.startswith('tiny'))
     assert 'AdamW8bit' in line and len(line.split()) >= 8, r.stdout
     assert 'ours/ref' in r.stdout and 'reference' in r.stdout
+    import torch
+    from cerebrium_ft.speed import resolve_precision
+    if resolve_precision('auto', torch.device('cpu')) != 'no':  # half precision here: a fp32 run of ours checks the loss curve
+        assert 'ours fp32' in r.stdout and 'loss curve: bf16 vs fp32' in r.stdout, r.stdout

@@ -2,6 +2,7 @@
 
     .venv/bin/python tools/benchmark.py                      # the tiny pipeline and the SD1.5-proportioned CPU model
     .venv/bin/python tools/benchmark.py --models tiny --steps 30
+    .venv/bin/python tools/benchmark.py --models sd15-cpu --prior 20     # with prior preservation: 20 class images generated
 
 Each configuration runs in a fresh process, so that its peak memory (RSS; on CUDA also peak allocated) is its own.
 The models are built offline by cerebrium_ft.testing: 'tiny' (64 px) and 'sd15-cpu' (SD1.5's proportions scaled down:
@@ -26,11 +27,12 @@ def child(args):
     root = Path(tempfile.mkdtemp(prefix='cft-bench-'))
     model, res = _build(args.model, root)
     res = args.resolution or res or 512
-    make_subject_images(root/'data', n=12, size=res)
+    make_subject_images(root/'data', n=12, size=max(res, 512))  # the dataset contract: 512x512 photos
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     prior = dict(prior_class_prompt='a photo of a robot', num_prior_class_images=args.prior) if args.prior else {}
     spec = JobSpec('bench', str(model), str(root/'data'), 'a photo of sks robot', **prior, training_args=dict(
-        resolution=res, train_batch_size=args.batch, max_train_steps=args.steps, num_validation_images=0, checkpointing_steps=10**6))
+        resolution=res, train_batch_size=args.batch, max_train_steps=args.steps, num_validation_images=0, checkpointing_steps=10**6,
+        mixed_precision=args.precision))
     # 1. the whole job through train(): load, class images, cache, train, save
     t0 = time.perf_counter()
     T.train(spec, root/'run', device=str(device), cache=root/'cache', progress=False)
@@ -43,9 +45,10 @@ def child(args):
     steady = (len(el) - 1 - w) / (el[-1] - el[w]) if el[-1] > el[w] else float('nan')
     # 2. where a step's time goes: the same pieces, timed one by one (synchronising, so slower than the real loop)
     parts = breakdown(T, spec, device, args)
+    man = json.loads((root/'run'/'manifest.json').read_text())
     out = dict(model=args.model, trainer='ours', device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
-               steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=json.loads((root/'run'/'manifest.json').read_text())['optimizer'],
-               breakdown_ms=parts, class_images=args.prior)
+               steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=man['optimizer'], precision=man['precision'],
+               breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows])
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
     print(json.dumps(out))
 
@@ -68,7 +71,7 @@ def reference(args):
     root = Path(tempfile.mkdtemp(prefix='cft-ref-'))
     model, res = _build(args.model, root)
     res = args.resolution or res or 512
-    make_subject_images(root/'data', n=12, size=res)
+    make_subject_images(root/'data', n=12, size=max(res, 512))
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0); random.seed(0)
     t0 = time.perf_counter()
@@ -126,16 +129,21 @@ def reference(args):
     print(json.dumps(out))
 
 def breakdown(T, spec, device, args, n=None):
+    "The trainer's step taken apart: the same precision, attention processor and optimizer, each piece timed on its own"
     import torch
     from peft import LoraConfig
+    from diffusers.training_utils import cast_training_params
+    from cerebrium_ft.speed import resolve_precision, use_fused_attention
     s = spec.training_args
+    dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[resolve_precision(s.mixed_precision, device)]
     m = T.load_models(spec.hf_model_path)
-    unet = m['unet'].to(device); unet.requires_grad_(False)
+    unet = m['unet'].to(device, dtype); unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=T.LORA_TARGETS))
+    cast_training_params(unet, dtype=torch.float32); use_fused_attention(unet, device)
     vae, te = m['vae'].to(device), m['text_encoder'].to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
     mean, std = T.encode_images(vae, T.load_pixels(paths, s.resolution), False, 4, device, torch.float32)
-    emb = T.encode_prompts(m['tokenizer'], te, [spec.training_prompt], device, torch.float32)
+    emb = T.encode_prompts(m['tokenizer'], te, [spec.training_prompt], device, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = T.make_optimizer(params, s, s.learning_rate, device)
     gen = torch.Generator(device).manual_seed(0)
@@ -149,7 +157,8 @@ def breakdown(T, spec, device, args, n=None):
         noise = torch.randn(latents.shape, generator=gen, device=device)
         ts = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen, device=device)
         noisy = sched.add_noise(latents, noise, ts); sync(); t.append(time.perf_counter())
-        pred = unet(noisy, ts, emb.expand(args.batch, -1, -1), return_dict=False)[0]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(noisy.to(dtype), ts, emb.expand(args.batch, -1, -1), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise); sync(); t.append(time.perf_counter())
         loss.backward(); sync(); t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm); opt.step(); opt.zero_grad(set_to_none=True); sync(); t.append(time.perf_counter())
@@ -159,7 +168,7 @@ def breakdown(T, spec, device, args, n=None):
 
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
-    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior') and v is not None), [])
+    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision') and v is not None), [])
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -173,6 +182,8 @@ def main():
     ap.add_argument('--prior', type=int, default=0, help="class images for prior preservation (generated fresh by both trainers)")
     ap.add_argument('--resolution', type=int, default=None, help="default: the model's own (64 tiny, 256 sd15-cpu)")
     ap.add_argument('--device', default=None)
+    ap.add_argument('--precision', default='auto', help="our trainer's mixed_precision: auto, no, fp16, bf16")
+    ap.add_argument('--no-fp32-check', action='store_true', help="skip the run of our trainer in fp32 that checks the loss curve is unchanged")
     ap.add_argument('--no-reference', action='store_true', help="only our trainer")
     ap.add_argument('--model', help=argparse.SUPPRESS)
     ap.add_argument('--trainer', default='ours', help=argparse.SUPPRESS)
@@ -183,14 +194,30 @@ def main():
     head = f"{'model':10} {'trainer':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  notes"
     print(head); print('-' * len(head))
     for name in args.models.split(','):
-        runs = [('ours', _run(name, 'ours', args))] + ([] if args.no_reference else [('reference', _run(name, 'reference', args))])
+        ours = _run(name, 'ours', args)
+        runs = [(f"ours", ours)]
+        if ours['precision'] != 'no' and not args.no_fp32_check:
+            runs.append(('ours fp32', _run(name, 'ours', argparse.Namespace(**{**vars(args), 'precision': 'no'}))))
+        if not args.no_reference: runs.append(('reference', _run(name, 'reference', args)))
         for trainer, o in runs:
-            note = o['optimizer'] + (f", peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '')
+            note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
+                                           f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
             print(f"{o['model']:10} {trainer:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  {note}")
-        if len(runs) == 2:
-            a, b = runs[0][1], runs[1][1]
-            print(f"{'':10} {'ours/ref':10} {'':6} {'':>4} {a['steps_per_s'] / b['steps_per_s']:>7.2f}x {a['wall_s'] / b['wall_s']:>6.2f}x "
-                  f"{a['peak_rss_mb'] / b['peak_rss_mb']:>10.2f}x  (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
+        ref = dict(runs).get('reference')
+        if ref:
+            print(f"{'':10} {'ours/ref':10} {'':6} {'':>4} {ours['steps_per_s'] / ref['steps_per_s']:>7.2f}x {ours['wall_s'] / ref['wall_s']:>6.2f}x "
+                  f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:>10.2f}x  (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
+        fp32 = dict(runs).get('ours fp32')
+        if fp32: print(loss_agreement(ours, fp32))
+
+def loss_agreement(a, b) -> str:
+    "How far apart two runs' per-step losses are (same seed, so the same noise and timesteps), next to how much the loss moves from step to step"
+    la, lb = a['losses'], b['losses']
+    gap = sum(abs(x - y) for x, y in zip(la, lb)) / len(la)
+    spread = sum(abs(x - y) for x, y in zip(lb, lb[1:])) / (len(lb) - 1)
+    mean = sum(lb) / len(lb)
+    return (f"{'':10} loss curve: {a['precision']} vs fp32, same seed, {len(la)} steps: mean |difference| {gap:.5f} ({gap / mean:.2%} of the mean loss {mean:.4f}); "
+            f"the loss itself moves {spread:.4f} a step")
 
 if __name__ == '__main__': main()
