@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['SD15_PROPORTIONED', 'write_byte_tokenizer', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
+__all__ = ['SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'write_byte_tokenizer', 'sd_models', 'build_tiny_pipeline',
+           'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -34,16 +35,12 @@ def write_byte_tokenizer(dst) -> Path:
     return dst
 
 # %% ../nbs/02_testing.ipynb #e71488dd
-def build_tiny_pipeline(dst, seed:int=0, unet_channels=(32, 64), layers_per_block:int=1, attention_heads:int=8,
-                        vae_channels=(8, 16, 32, 32), text_width:int=32, text_layers:int=2, text_heads:int=4, image_size:int=64) -> Path:
-    "Build a Stable-Diffusion-1.5-shaped pipeline with random weights and save it to `dst` in the diffusers layout"
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-    dst = Path(dst)
-    tok = CLIPTokenizer.from_pretrained(write_byte_tokenizer(dst/'_tokenizer_src'))
+def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:int=8, vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1,
+              text_width:int=32, text_layers:int=2, text_heads:int=4, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
+    "A Stable-Diffusion-1.5-shaped UNet, VAE and CLIP text encoder with random weights (under `torch.device('meta')`: their shapes only)"
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
     n_vae = len(vae_channels)
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         sample_size=image_size // 2**(n_vae - 1), in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=tuple(unet_channels), norm_num_groups=min(32, unet_channels[0]),
@@ -51,13 +48,26 @@ def build_tiny_pipeline(dst, seed:int=0, unet_channels=(32, 64), layers_per_bloc
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
         cross_attention_dim=text_width, attention_head_dim=attention_heads)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels), layers_per_block=1,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels), layers_per_block=vae_layers_per_block,
         down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
         norm_num_groups=min(32, vae_channels[0]), sample_size=image_size)
+    bos, eos, pad = special_ids
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tok), hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=text_layers,
+        vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=text_layers,
         num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_width,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder)
+
+def build_tiny_pipeline(dst, seed:int=0, **kw) -> Path:
+    "Build a Stable-Diffusion-1.5-shaped pipeline with random weights (`sd_models`' sizes, `kw`) and save it to `dst` in the diffusers layout"
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+    dst = Path(dst)
+    tok = CLIPTokenizer.from_pretrained(write_byte_tokenizer(dst/'_tokenizer_src'))
+    torch.manual_seed(seed)
+    m = sd_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # SD1.5's scheduler settings
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
@@ -70,8 +80,10 @@ def build_tiny_pipeline(dst, seed:int=0, unet_channels=(32, 64), layers_per_bloc
 # %% ../nbs/02_testing.ipynb #0105343b
 SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),
                          text_width=192, text_layers=12, text_heads=3, image_size=256)
+SD15_ARCHITECTURE = dict(unet_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=8, vae_channels=(128, 256, 512, 512),
+                         vae_layers_per_block=2, text_width=768, text_layers=12, text_heads=12, image_size=512)
 
-# %% ../nbs/02_testing.ipynb #3a12391d
+# %% ../nbs/02_testing.ipynb #fdc18e97
 def _robot(scale:float, rng) -> Image.Image:
     "The subject: a teal robot with yellow stripes, drawn on a transparent layer"
     s = int(256 * scale)
@@ -118,7 +130,7 @@ def make_subject_images(dst, n:int=12, size:int=512, seed:int=0) -> list[Path]:
         paths.append(p)
     return paths
 
-# %% ../nbs/02_testing.ipynb #c5142fde
+# %% ../nbs/02_testing.ipynb #a07a8440
 class FakeHub:
     "A recording stand-in for the Hub's upload API on 127.0.0.1"
     def __init__(self):

@@ -147,6 +147,20 @@ def test_use_8bit_adam_and_its_fallback(model, data, tmp_path, monkeypatch):
     assert manifest(out)['optimizer'] == 'AdamW'
     assert 'use_8bit_adam: bitsandbytes cannot run on cpu here (RuntimeError: no 8-bit kernels' in (out/'logs.txt').read_text()
 
+def test_mixed_precision_is_recorded_and_keeps_the_loss_curve(model, data, tmp_path):
+    from cerebrium_ft.speed import cpu_has_bf16, resolve_precision
+    fp32 = run(model, data, tmp_path, 'fp32', max_train_steps=12, mixed_precision='no')
+    auto = run(model, data, tmp_path, 'auto', max_train_steps=12)
+    assert manifest(fp32)['precision'] == 'no'
+    assert manifest(auto)['precision'] == resolve_precision('auto', torch.device('cpu'))
+    fp16 = run(model, data, tmp_path, 'fp16', max_train_steps=1, mixed_precision='fp16')  # a CUDA choice: fp32 here, said in the log
+    assert manifest(fp16)['precision'] == 'no' and 'mixed_precision=fp16 is not supported on this cpu' in (fp16/'logs.txt').read_text()
+    if not cpu_has_bf16(): pytest.skip('no native bf16 on this CPU')
+    bf16 = run(model, data, tmp_path, 'bf16', max_train_steps=12, mixed_precision='bf16')
+    a, b = np.array(col(bf16, 'loss')), np.array(col(fp32, 'loss'))  # same seed: the same noise and timesteps each step
+    assert manifest(bf16)['precision'] == 'bf16'
+    assert np.abs(a - b).mean() < 0.1 * np.abs(np.diff(b)).mean(), (a, b)
+
 def test_rank(model, data, tmp_path):
     from safetensors.torch import load_file
     out = run(model, data, tmp_path, rank=8, max_train_steps=1)

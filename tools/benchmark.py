@@ -5,15 +5,18 @@
     .venv/bin/python tools/benchmark.py --models sd15-cpu --prior 20     # with prior preservation: 20 class images generated
 
 Each configuration runs in a fresh process, so that its peak memory (RSS; on CUDA also peak allocated) is its own.
-The models are built offline by cerebrium_ft.testing: 'tiny' (64 px) and 'sd15-cpu' (SD1.5's proportions scaled down:
-UNet 96-192-384-384, 12-layer text encoder of width 192, VAE 32-64-128-128, 256 px). A path to a diffusers folder works too."""
+The models are built offline by cerebrium_ft.testing: 'tiny' (64 px), 'sd15-cpu' (SD1.5's proportions scaled down:
+UNet 96-192-384-384, 12-layer text encoder of width 192, VAE 32-64-128-128, 256 px) and, for a GPU, 'sd15' (SD1.5's own
+architecture with random weights, 512 px). A path to a diffusers folder works too.
+
+    .venv/bin/python tools/benchmark.py --models sd15 --batch 1 && .venv/bin/python tools/benchmark.py --models sd15 --batch 2   # on a GPU"""
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
 def _build(name, root):
-    from cerebrium_ft.testing import SD15_PROPORTIONED, build_tiny_pipeline
+    from cerebrium_ft.testing import SD15_ARCHITECTURE, SD15_PROPORTIONED, build_tiny_pipeline
     if Path(name).is_dir(): return Path(name), None
-    presets = dict(tiny=({}, 64), **{'sd15-cpu': (SD15_PROPORTIONED, 256)})
+    presets = dict(tiny=({}, 64), sd15=(SD15_ARCHITECTURE, 512), **{'sd15-cpu': (SD15_PROPORTIONED, 256)})
     kw, res = presets[name]
     return build_tiny_pipeline(Path(root)/name, **kw), res
 
@@ -44,11 +47,12 @@ def child(args):
     w = min(args.warmup, len(el) - 2)
     steady = (len(el) - 1 - w) / (el[-1] - el[w]) if el[-1] > el[w] else float('nan')
     # 2. where a step's time goes: the same pieces, timed one by one (synchronising, so slower than the real loop)
-    parts = breakdown(T, spec, device, args)
+    parts, flops, ceiling = breakdown(T, spec, device, args)
     man = json.loads((root/'run'/'manifest.json').read_text())
     out = dict(model=args.model, trainer='ours', device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
                steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=man['optimizer'], precision=man['precision'],
-               breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows])
+               breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows],
+               unet_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
     print(json.dumps(out))
 
@@ -85,13 +89,15 @@ def reference(args):
                 im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
         del pipe
     tok = AutoTokenizer.from_pretrained(model, subfolder='tokenizer')
-    te = CLIPTextModel.from_pretrained(model, subfolder='text_encoder').to(device)
-    vae = AutoencoderKL.from_pretrained(model, subfolder='vae').to(device)
-    unet = UNet2DConditionModel.from_pretrained(model, subfolder='unet').to(device)
+    dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[args.reference_precision]  # the example's --mixed_precision
+    te = CLIPTextModel.from_pretrained(model, subfolder='text_encoder').to(device, dtype)
+    vae = AutoencoderKL.from_pretrained(model, subfolder='vae').to(device, dtype)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder='unet').to(device, dtype)
     sched = DDPMScheduler.from_pretrained(model, subfolder='scheduler')
     for m in (te, vae, unet): m.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=['to_k', 'to_q', 'to_v', 'to_out.0']))
     params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params: p.data = p.data.float()  # as the example's cast_training_params: the LoRA trains in fp32
     opt = torch.optim.AdamW(params, lr=5e-4)
     lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
     inst = sorted((root/'data').glob('*.jpg'))
@@ -103,13 +109,14 @@ def reference(args):
     for step in range(args.steps):
         files = random.sample(inst, args.batch) + (random.sample(class_files, args.batch) if class_files else [])
         prompts = ['a photo of sks robot'] * args.batch + ['a photo of a robot'] * (len(files) - args.batch)
-        px = torch.stack([pixels(f) for f in files]).to(device)
-        latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
-        ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids.to(device)
-        emb = te(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(files),), device=device)
-        pred = unet(sched.add_noise(latents, noise, t), t, emb, return_dict=False)[0]
+        px = torch.stack([pixels(f) for f in files]).to(device, dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):  # accelerate's mixed precision
+            latents = vae.encode(px).latent_dist.sample() * vae.config.scaling_factor
+            ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids.to(device)
+            emb = te(ids)[0]
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(files),), device=device)
+            pred = unet(sched.add_noise(latents, noise, t), t, emb, return_dict=False)[0]
         if class_files:
             p, pp = pred.chunk(2); n, pn = noise.chunk(2)
             loss = F.mse_loss(p.float(), n.float()) + F.mse_loss(pp.float(), pn.float())
@@ -124,7 +131,8 @@ def reference(args):
     w = min(args.warmup, len(stamps) - 2)
     out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps, wall_s=round(wall, 2),
                steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=len(class_files))
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=len(class_files),
+               precision=args.reference_precision)
     if device.type == 'cuda': out['peak_allocated_mb'] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
 
@@ -164,11 +172,26 @@ def breakdown(T, spec, device, args, n=None):
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm); opt.step(); opt.zero_grad(set_to_none=True); sync(); t.append(time.perf_counter())
         if i >= args.warmup:
             for k, a, b in zip(times, t, t[1:]): times[k].append((b - a) * 1000)
-    return {k: round(sum(v) / len(v), 2) for k, v in times.items()}
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as fc, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        unet(noisy.to(dtype), ts, emb.expand(args.batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
+    return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype)
+
+def matmul_ceiling(device, dtype) -> float:
+    "FLOP/s of a large square matrix product in `dtype` on `device`: what the UNet's products could reach at best"
+    import torch
+    n = 8192 if device.type == 'cuda' else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
+    best = float('inf')
+    for _ in range(5):
+        a @ b; sync(); t = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
-    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision') and v is not None), [])
+    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision') and v is not None), [])
+    flags = [f.replace('_', '-') if f.startswith('--') else f for f in flags]
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -183,6 +206,8 @@ def main():
     ap.add_argument('--resolution', type=int, default=None, help="default: the model's own (64 tiny, 256 sd15-cpu)")
     ap.add_argument('--device', default=None)
     ap.add_argument('--precision', default='auto', help="our trainer's mixed_precision: auto, no, fp16, bf16")
+    ap.add_argument('--reference-precision', default='no', choices=['no', 'fp16', 'bf16'],
+                    help="the reference's --mixed_precision: 'no' (fp32) is the example's default")
     ap.add_argument('--no-fp32-check', action='store_true', help="skip the run of our trainer in fp32 that checks the loss curve is unchanged")
     ap.add_argument('--no-reference', action='store_true', help="only our trainer")
     ap.add_argument('--model', help=argparse.SUPPRESS)
@@ -193,6 +218,7 @@ def main():
     print("reference: a baseline loop doing the diffusers DreamBooth-LoRA example's per-step work (the example script is not vendored)")
     head = f"{'model':10} {'trainer':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  notes"
     print(head); print('-' * len(head))
+    flop_fractions = []
     for name in args.models.split(','):
         ours = _run(name, 'ours', args)
         runs = [(f"ours", ours)]
@@ -203,6 +229,8 @@ def main():
             note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
                                            f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
+            if 'flop_fraction' in o: note += f"; UNet {o['unet_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
+            if 'flop_fraction' in o and o['device'] == 'cuda': flop_fractions.append((o['model'], trainer, o['flop_fraction']))
             print(f"{o['model']:10} {trainer:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  {note}")
         ref = dict(runs).get('reference')
         if ref:
@@ -210,6 +238,7 @@ def main():
                   f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:>10.2f}x  (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
         fp32 = dict(runs).get('ours fp32')
         if fp32: print(loss_agreement(ours, fp32))
+    for model, trainer, f in flop_fractions: print(f"{model} {trainer}: {f:.1%} of the UNet's FLOP ceiling (target on a GPU: >= 30%)")
 
 def loss_agreement(a, b) -> str:
     "How far apart two runs' per-step losses are (same seed, so the same noise and timesteps), next to how much the loss moves from step to step"
