@@ -137,7 +137,7 @@ def reference(args):
     print(json.dumps(out))
 
 def breakdown(T, spec, device, args, n=None):
-    "The trainer's step taken apart: the same precision, attention processor and optimizer, each piece timed on its own"
+    "The trainer's step taken apart (with prior preservation, at twice the batch): the same precision, attention processor and optimizer, each piece timed on its own"
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
@@ -155,18 +155,19 @@ def breakdown(T, spec, device, args, n=None):
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = T.make_optimizer(params, s, s.learning_rate, device)
     gen = torch.Generator(device).manual_seed(0)
+    batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
     sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
     times = dict(sample=[], forward=[], backward=[], optimizer=[])
     sched = m['noise_scheduler']
     for i in range(args.warmup + (n or min(args.steps, 10))):
         t = [time.perf_counter()]
-        idx = torch.randint(0, len(paths), (args.batch,), generator=gen, device=device)
+        idx = torch.randint(0, len(paths), (batch,), generator=gen, device=device)
         latents = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor)
         noise = torch.randn(latents.shape, generator=gen, device=device)
-        ts = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=gen, device=device)
+        ts = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen, device=device)
         noisy = sched.add_noise(latents, noise, ts); sync(); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(noisy.to(dtype), ts, emb.expand(args.batch, -1, -1), return_dict=False)[0]
+            pred = unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), noise); sync(); t.append(time.perf_counter())
         loss.backward(); sync(); t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm); opt.step(); opt.zero_grad(set_to_none=True); sync(); t.append(time.perf_counter())
@@ -174,7 +175,7 @@ def breakdown(T, spec, device, args, n=None):
             for k, a, b in zip(times, t, t[1:]): times[k].append((b - a) * 1000)
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        unet(noisy.to(dtype), ts, emb.expand(args.batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
+        unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
     return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype)
 
 def matmul_ceiling(device, dtype) -> float:
