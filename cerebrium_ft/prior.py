@@ -9,7 +9,7 @@ from __future__ import annotations
 import gc, hashlib, json, logging, os, re
 from pathlib import Path
 from .dataset import read_dataset, inspect_image
-from .speed import resolve_precision, use_fused_attention
+from .speed import precision_dtype, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
@@ -50,7 +50,7 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
     from tqdm.auto import tqdm
     if not indices: return []
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[resolve_precision('auto', device)]
+    dtype = precision_dtype(resolve_precision('auto', device))
     kw = dict(revision=revision) if not Path(model).expanduser().is_dir() else {}
     pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

@@ -11,7 +11,7 @@ import logging
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'fused_linear', 'FusedLoraAttnProcessor',
+__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'precision_dtype', 'fused_linear', 'FusedLoraAttnProcessor',
            'use_fused_attention']
 
 # %% ../nbs/02a_speed.ipynb #7778f9c2
@@ -37,6 +37,11 @@ def resolve_precision(setting:str, device) -> str:
     if setting not in ('auto', 'no'):
         log.warning(f"mixed_precision={setting} is not supported on this {device.type}; training in fp32 (bf16 needs CUDA or a CPU with AVX512-BF16 or AMX)")
     return 'no'
+
+def precision_dtype(precision:str):
+    "The torch dtype of a resolved precision: 'no' (fp32), 'fp16' or 'bf16'"
+    import torch
+    return {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
 
 # %% ../nbs/02a_speed.ipynb #9882ff94
 def _lora_parts(layer):

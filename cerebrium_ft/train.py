@@ -14,7 +14,7 @@ from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .prior import class_images
-from .speed import resolve_precision, use_fused_attention
+from .speed import precision_dtype, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
@@ -371,7 +371,7 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     s, t0 = spec.training_args, time.time()
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     precision = resolve_precision(s.mixed_precision, device)
-    weight_dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+    weight_dtype = precision_dtype(precision)
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     log.info(f"job {spec.name}: {len(report.usable)} instance images, model {spec.hf_model_path}@{spec.revision}, {device.type}, precision {precision}")
     # class images

@@ -71,6 +71,8 @@ def reference(args):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from transformers import AutoTokenizer, CLIPTextModel
+    from diffusers.training_utils import cast_training_params
+    from cerebrium_ft.speed import precision_dtype
     from cerebrium_ft.testing import make_subject_images
     root = Path(tempfile.mkdtemp(prefix='cft-ref-'))
     model, res = _build(args.model, root)
@@ -89,15 +91,15 @@ def reference(args):
                 im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
         del pipe
     tok = AutoTokenizer.from_pretrained(model, subfolder='tokenizer')
-    dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[args.reference_precision]  # the example's --mixed_precision
+    dtype = precision_dtype(args.reference_precision)  # the example's --mixed_precision
     te = CLIPTextModel.from_pretrained(model, subfolder='text_encoder').to(device, dtype)
     vae = AutoencoderKL.from_pretrained(model, subfolder='vae').to(device, dtype)
     unet = UNet2DConditionModel.from_pretrained(model, subfolder='unet').to(device, dtype)
     sched = DDPMScheduler.from_pretrained(model, subfolder='scheduler')
     for m in (te, vae, unet): m.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=['to_k', 'to_q', 'to_v', 'to_out.0']))
+    cast_training_params(unet, dtype=torch.float32)  # as the example: the LoRA trains in fp32
     params = [p for p in unet.parameters() if p.requires_grad]
-    for p in params: p.data = p.data.float()  # as the example's cast_training_params: the LoRA trains in fp32
     opt = torch.optim.AdamW(params, lr=5e-4)
     lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
     inst = sorted((root/'data').glob('*.jpg'))
@@ -141,9 +143,9 @@ def breakdown(T, spec, device, args, n=None):
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
-    from cerebrium_ft.speed import resolve_precision, use_fused_attention
+    from cerebrium_ft.speed import precision_dtype, resolve_precision, use_fused_attention
     s = spec.training_args
-    dtype = {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[resolve_precision(s.mixed_precision, device)]
+    dtype = precision_dtype(resolve_precision(s.mixed_precision, device))
     m = T.load_models(spec.hf_model_path)
     unet = m['unet'].to(device, dtype); unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=T.LORA_TARGETS))
@@ -156,7 +158,7 @@ def breakdown(T, spec, device, args, n=None):
     opt = T.make_optimizer(params, s, s.learning_rate, device)
     gen = torch.Generator(device).manual_seed(0)
     batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
-    sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
+    sync = _sync(device)
     times = dict(sample=[], forward=[], backward=[], optimizer=[])
     sched = m['noise_scheduler']
     for i in range(args.warmup + (n or min(args.steps, 10))):
@@ -178,12 +180,17 @@ def breakdown(T, spec, device, args, n=None):
         unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
     return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype)
 
+def _sync(device):
+    "A function that waits for `device`'s queued work (nothing to wait for on a CPU)"
+    import torch
+    return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
 def matmul_ceiling(device, dtype) -> float:
     "FLOP/s of a large square matrix product in `dtype` on `device`: what the UNet's products could reach at best"
     import torch
     n = 8192 if device.type == 'cuda' else 2048
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = (lambda: torch.cuda.synchronize()) if device.type == 'cuda' else (lambda: None)
+    sync = _sync(device)
     best = float('inf')
     for _ in range(5):
         a @ b; sync(); t = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t)
@@ -191,8 +198,8 @@ def matmul_ceiling(device, dtype) -> float:
 
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
-    flags = sum(([f'--{k}', str(v)] for k, v in vars(args).items() if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision') and v is not None), [])
-    flags = [f.replace('_', '-') if f.startswith('--') else f for f in flags]
+    flags = sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
+                 if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision') and v is not None), [])
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -222,7 +229,7 @@ def main():
     flop_fractions = []
     for name in args.models.split(','):
         ours = _run(name, 'ours', args)
-        runs = [(f"ours", ours)]
+        runs = [('ours', ours)]
         if ours['precision'] != 'no' and not args.no_fp32_check:
             runs.append(('ours fp32', _run(name, 'ours', argparse.Namespace(**{**vars(args), 'precision': 'no'}))))
         if not args.no_reference: runs.append(('reference', _run(name, 'reference', args)))
