@@ -90,6 +90,7 @@ class TrainingSettings:
     lora_alpha:Optional[float]=None # LoRA alpha; None means equal to `rank` (scale 1.0)
     mixed_precision:str="auto" # "auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"
     checkpointing_steps:int=500 # Save a resumable checkpoint every this many optimizer steps
+    checkpointing_minutes:float=5.0 # Also save one when this long has passed since the last (and at epoch ends when that costs under 2% of the time)
     validation_prompt:Optional[str]=None # Prompt for validation images; None means the training prompt
     num_validation_images:int=4 # Images generated at each validation
     prior_loss_weight:float=1.0 # Weight of the prior-preservation loss against the instance loss
@@ -118,6 +119,7 @@ _RULES = dict(  # name: (lowest, highest) or a tuple of choices
     max_train_steps=(1, 10_000_000), num_train_epochs=(1, 100_000), train_batch_size=(1, 1024),
     warmup_steps=(0, 10_000_000), validation_epochs=(1, 100_000), seed=(0, 2**32-1), resolution=(64, 4096),
     rank=(1, 1024), lora_alpha=(1e-6, 1e6), mixed_precision=MIXED_PRECISIONS, checkpointing_steps=(1, 10_000_000),
+    checkpointing_minutes=(0.01, 1e6),
     num_validation_images=(0, 64), prior_loss_weight=(0.0, 1e3), max_grad_norm=(1e-6, 1e6),
     adam_beta1=(0.0, 0.999999), adam_beta2=(0.0, 0.999999), adam_weight_decay=(0.0, 10.0), adam_epsilon=(1e-12, 1.0),
     lr_num_cycles=(1, 1000), lr_power=(1e-3, 100.0), sample_batch_size=(1, 256))

@@ -19,10 +19,11 @@ from .speed import precision_dtype, resolve_precision, use_fused_attention
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'METRIC_FIELDS', 'TrainingError', 'RunDir', 'write_progress',
-           'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'load_models', 'load_pixels',
-           'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint',
-           'load_checkpoint', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256', 'plot_loss', 'save_results', 'train']
+__all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'RunDir',
+           'write_progress', 'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'load_models',
+           'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer',
+           'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256',
+           'plot_loss', 'save_results', 'train', 'fresh_accelerator']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -59,8 +60,9 @@ def _write_atomic(path:Path, text:str):
     tmp.write_text(text); tmp.replace(path)
 
 def write_progress(run:RunDir, phase:str, step:int=0, total:int=0, loss:float|None=None, **extra):
-    "Record where the run is, for a job server to read"
+    "Record where the run is, for a job server to read; a loss that is not finite is written as null (JSON has no inf or NaN)"
     assert phase in PHASES, phase
+    loss = loss if loss is not None and math.isfinite(loss) else None
     _write_atomic(run.progress, json.dumps(dict(phase=phase, step=step, total=total, loss=loss, updated=time.time(), **extra)))
 
 # %% ../nbs/04_train.ipynb #458358da
@@ -224,6 +226,22 @@ def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
     return state['step']
 
+# %% ../nbs/04_train.ipynb #528cf04f
+CHECKPOINT_OVERHEAD = 0.02 # epoch-end checkpoints take at most this fraction of the training time
+
+class CheckpointClock:
+    "Whether a checkpoint is due after a step: every `checkpointing_steps` steps, `checkpointing_minutes` apart at most, and at epoch ends when cheap"
+    def __init__(self, s:TrainingSettings, step:int=0, overhead:float=CHECKPOINT_OVERHEAD, now=time.monotonic):
+        self.every_steps, self.every_s, self.overhead, self.now = s.checkpointing_steps, s.checkpointing_minutes * 60, overhead, now
+        self.last, self.cost, self.step = now(), 0.0, step
+    def due(self, step:int, epoch_end:bool) -> bool:
+        since = self.now() - self.last
+        if step == self.step: return False  # this step is saved already
+        return step % self.every_steps == 0 or since >= self.every_s or (epoch_end and self.cost <= self.overhead * since)
+    def saved(self, started:float, step:int):
+        "Record the checkpoint of `step`, which began at `started` (a reading of `now`)"
+        self.last, self.step = self.now(), step; self.cost = self.last - started
+
 # %% ../nbs/04_train.ipynb #cbb0be2b
 METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s']
 
@@ -359,10 +377,27 @@ def train(spec:JobSpec, output_dir, device:str|None=None, cache=None, progress:b
     finally:
         log.removeHandler(handler); handler.close()
 
+# %% ../nbs/04_train.ipynb #7b644205
+def fresh_accelerator(precision:str, cpu:bool):
+    "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used"
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    if PartialState._shared_state.get('num_processes', 1) == 1:
+        AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
+
+# %% ../nbs/04_train.ipynb #f287d0f6
+def _epoch_on_device(batches:list, device) -> tuple[list, list]:
+    "The instance and class index tensors of each batch of an epoch, copied to `device` in one transfer (none per step)"
+    import torch
+    sizes = [len(i) for i, _ in batches]
+    inst = torch.as_tensor(np.concatenate([i for i, _ in batches])).to(device).split(sizes)
+    if batches[0][1] is None: return list(inst), [None] * len(batches)
+    return list(inst), list(torch.as_tensor(np.concatenate([c for _, c in batches])).to(device).split(sizes))
+
 # %% ../nbs/04_train.ipynb #e676bfd1
 def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
     import torch
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
@@ -386,7 +421,7 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     # models
     write_progress(run, 'loading')
     m = load_models(spec.hf_model_path, spec.revision)
-    accelerator = Accelerator(mixed_precision=precision, cpu=device.type == 'cpu')
+    accelerator = fresh_accelerator(precision, cpu=device.type == 'cpu')
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
     for mod in (unet, vae, text_encoder): mod.requires_grad_(False)
     unet.to(device, *([weight_dtype] if precision != 'no' else []))
@@ -422,24 +457,26 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     if ckpt is not None:
         step = load_checkpoint(ckpt, unet, optimizer, lr_scheduler, gen)
         log.info(f"resuming from {ckpt.name}: step {step} of {plan['max_train_steps']}")
-    metrics = MetricsLog(run.metrics, resume_step=step)
+    elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
+    resumed = dict(resumed_from=step if ckpt is not None else None)
+    metrics, clock = MetricsLog(run.metrics, resume_step=step), CheckpointClock(s, step=step)
+    def checkpoint():
+        started = clock.now(); metrics.flush(); save_checkpoint(run, step, unet, optimizer, lr_scheduler, gen); clock.saved(started, step)
     log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {lr:g} ({s.lr_schedule}), "
              f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(optimizer.optimizer).__name__}")
     # the loop
-    write_progress(run, 'training', step, plan['max_train_steps'])
+    write_progress(run, 'training', step, plan['max_train_steps'], **resumed)
     bar = tqdm(total=plan['max_train_steps'], initial=step, desc='training', unit='step', disable=not progress)
     unet.train()
     first_epoch = step // plan['steps_per_epoch']
     for epoch in range(first_epoch, plan['epochs']):
         batches = epoch_batches(epoch, len(inst), len(cls_paths), s.train_batch_size, s.seed)
         skip = (step - epoch * plan['steps_per_epoch']) * s.gradient_accumulation_steps  # batches a resumed run already trained on
-        for k, (ii, ci) in enumerate(batches):
+        for k, (ii, ci) in enumerate(zip(*_epoch_on_device(batches, device))):
             if k < skip: continue
-            ii = torch.as_tensor(ii, device=device)
             latents = sample_latents(inst_mean, inst_std, ii, s.random_flip, gen, scaling)
             emb = embeds[inst_prompt[ii]]
             if ci is not None:
-                ci = torch.as_tensor(ci, device=device)
                 latents = torch.cat([latents, sample_latents(cls_mean, cls_std, ci, s.random_flip, gen, scaling)])
                 emb = torch.cat([emb, embeds[cls_prompt].expand(len(ci), -1, -1)])
             with accelerator.autocast():
@@ -453,14 +490,14 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
             metrics.add(step, epoch + 1, loss, inst_loss, prior_loss, step_lr, time.time() - t0)
             bar.update(1)
             if step % metrics.flush_every == 0:
-                bar.set_postfix(loss=f"{metrics.last:.4f}"); write_progress(run, 'training', step, plan['max_train_steps'], metrics.last)
-            if step % s.checkpointing_steps == 0 and step < plan['max_train_steps']:
-                metrics.flush(); save_checkpoint(run, step, unet, optimizer, lr_scheduler, gen)
+                metrics.flush(); bar.set_postfix(loss=f"{metrics.last:.4f}"); write_progress(run, 'training', step, plan['max_train_steps'], metrics.last, **resumed)
+            if step < plan['max_train_steps'] and clock.due(step, epoch_end=False): checkpoint()
             if step >= plan['max_train_steps']: break
         if (epoch + 1) % s.validation_epochs == 0 and step < plan['max_train_steps']:
             metrics.flush(); write_progress(run, 'validation', step, plan['max_train_steps'], metrics.last, epoch=epoch + 1)
             validate(run, epoch + 1, m, val_cond, val_uncond, s, device, weight_dtype)
-            write_progress(run, 'training', step, plan['max_train_steps'], metrics.last)
+            write_progress(run, 'training', step, plan['max_train_steps'], metrics.last, **resumed)
+        if step < plan['max_train_steps'] and clock.due(step, epoch_end=True): checkpoint()  # after validation: a resumed run does not redo it
         if step >= plan['max_train_steps']: break
     bar.close(); metrics.flush()
     write_progress(run, 'validation', step, plan['max_train_steps'], metrics.last, epoch=epoch + 1)

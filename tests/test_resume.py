@@ -43,3 +43,43 @@ def test_killed_run_resumes(tiny_model, tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
     load_results(pipe, out)
+
+def _latest_checkpoint_step(out):
+    steps = [int(p.name[5:]) for p in (out/'checkpoints').glob('step_*') if (p/'state.pt').exists()]
+    return max(steps, default=None)
+
+def _logged_step(out):
+    "The newest step in metrics.csv"
+    try: return max((int(r['step']) for r in csv.DictReader(open(out/'metrics.csv'))), default=0)
+    except (OSError, ValueError): return 0
+
+def test_a_default_job_killed_between_checkpoints_resumes(tiny_model, tmp_path):
+    "The default settings (12 images, batch 2, 30 epochs = 180 steps; only the resolution is the tiny model's): a kill loses at most an epoch"
+    data = tmp_path/'robot'; make_subject_images(data, n=12, size=64)
+    args = lambda out: ['train', 'robot', tiny_model, data, 'a photo of sks robot', '--output', out, '--training-args', '{"resolution": 64}']
+    for attempt in range(3):  # the kill must land after a checkpoint and before the next one
+        out = tmp_path/f"run{attempt}"
+        p = subprocess.Popen([str(BIN/'cerebrium-ft'), *map(str, args(out))], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 240
+        while p.poll() is None and time.time() < deadline:
+            ck = _latest_checkpoint_step(out)
+            if ck is not None and ck < _logged_step(out) < 170: break
+            time.sleep(0.01)
+        assert p.poll() is None, "the run ended before it could be killed"
+        os.killpg(p.pid, signal.SIGKILL); p.wait()
+        ck, trained = _latest_checkpoint_step(out), _logged_step(out)
+        if trained > ck: break
+    assert trained > ck, f"could not kill between checkpoints: {ck}, {trained}"
+    assert not (out/'manifest.json').exists()
+
+    r = run_cli(*args(out))
+    assert r.returncode == 0, r.stderr
+    steps = [int(r['step']) for r in csv.DictReader(open(out/'metrics.csv'))]
+    assert steps == list(range(1, 181)), "the steps after the checkpoint were trained again and logged once"
+    assert f"resuming from step_{ck:06d}: step {ck} of 180" in (out/'logs.txt').read_text()
+    whole = tmp_path/'whole'
+    assert run_cli(*args(whole)).returncode == 0
+    a = load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    b = load_file(whole/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+    assert sorted(p.name for p in (out/'validation').iterdir()) == ['epoch_0010', 'epoch_0020', 'epoch_0030']
