@@ -265,18 +265,25 @@ def serve(
     workers:int=1, # Jobs that run at once (one per GPU)
     max_request_mb:int=200, # Largest upload accepted, in MB
     stall_minutes:float=30, # Stop a job that shows no progress for this long
+    model_dir:str=None, # Folder(s) of local diffusers models that jobs may name, separated by ':' (default: none; Hub ids only)
 ):
     "Run the job service; the first start on an empty data folder creates a default project and prints its key"
     import uvicorn
-    from cerebrium_ft.server import create_app
+    from cerebrium_ft.server import DataDirBusy, create_app
     d = Path(data_dir).expanduser() if data_dir else data_dir_default()
     if workers < 1: raise CliError("--workers must be 1 or more")
-    store = _store(d)
+    model_dirs = [Path(m).expanduser() for m in (model_dir or '').split(os.pathsep) if m]
+    if (missing := [str(m) for m in model_dirs if not m.is_dir()]): raise CliError(f"--model-dir {', '.join(missing)}: no such folder")
+    os.umask(0o077)  # the data folder holds photos and key hashes: everything in it is its owner's only
+    try: app = create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes, model_dirs=model_dirs)
+    except DataDirBusy as e: print(f"cerebrium-ft serve: {e}", file=sys.stderr); return 1
+    store = app.state.store
     if not store.projects():
         pid, key = store.create_project('default')
         print(f"Created project 'default' ({pid}). Its API key, shown this once:\n  {key}\nSave it with: cerebrium-ft login {key} --url http://{host}:{port}", flush=True)
-    print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)})", flush=True)
-    uvicorn.run(create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes), host=host, port=port, log_level='warning')
+    opened = f"; local models from {', '.join(map(str, model_dirs))}" if model_dirs else ''
+    print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)}{opened})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level='warning')
 
 @command(pos=['name'])
 def projects(
@@ -323,12 +330,16 @@ def run_job_cmd(
 ):
     "Run one job of the job service (the executor's child process)"
     quiet_libraries()
-    from cerebrium_ft.server import run_job
+    from cerebrium_ft.server import EXIT_NO_SPACE, is_out_of_space, run_job
     from cerebrium_ft.train import TrainingError
     try: print(f"results: {run_job(job_dir)}")
     except TrainingError as e:
         print(f"cerebrium-ft run-job: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not is_out_of_space(e, Path(job_dir)): raise
+        print(f"cerebrium-ft run-job: no space left on device: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_NO_SPACE
 
 # %% ../nbs/10_cli.ipynb #9edcd165
 @command()

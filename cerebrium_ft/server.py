@@ -6,205 +6,455 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/07_server.ipynb #047c0ec5
 from __future__ import annotations
-import json, os, re, shutil, signal, subprocess, sys, threading, time
+import errno, fcntl, hashlib, json, math, os, re, shutil, signal, subprocess, sys, threading, time
 from contextlib import asynccontextmanager
 from pathlib import Path
+from fastcore.basics import patch
 from . import __version__
-from .config import JobSpec, SettingsError
+from .config import JobSpec, SettingsError, model_problem
 from .dataset import check_dataset
-from .store import FINAL, Store
+from .store import FINAL, Store, new_job_id
 from .train import RunDir, model_path_problem
-from fastapi import Depends, FastAPI, File, Form, Header, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse
+import anyio
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'MAX_FILES', 'UPLOAD_SUFFIXES', 'Executor', 'BodyLimit', 'create_app', 'run_job']
+__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS',
+           'MAX_SPEC_DEPTH', 'UPLOAD_SUFFIXES', 'job_processes', 'end_job', 'is_out_of_space', 'Executor', 'BodyLimit',
+           'RequireKey', 'DataDirBusy', 'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'create_app',
+           'project', 'run_job']
 
 # %% ../nbs/07_server.ipynb #abf0252d
 MAX_ATTEMPTS = 3
 KILL_GRACE_S = 5.0
+JOB_ENV = 'CEREBRIUM_FT_JOB' # every process of a job inherits its folder in this variable: how its whole tree is found
+EXIT_NO_SPACE = 28 # run-job's exit status when the disk is full (errno ENOSPC)
 
 def _alive(pid:int|None) -> bool:
+    "Whether process `pid` exists and is not a zombie (exited, waiting to be reaped)"
     if not pid: return False
-    try: os.kill(pid, 0); return True
+    try: os.kill(pid, 0)
     except (ProcessLookupError, PermissionError): return False
+    try: stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError: return True
+    return stat[stat.rindex(')') + 2] not in 'ZX'
 
-def _is_job_process(pid:int|None, job_dir:Path) -> bool:
-    "Whether `pid` is still the run-job process of `job_dir` (and not a process that reused its number)"
-    try: cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b'\0')
-    except OSError: return False
-    return b'run-job' in cmd and str(job_dir).encode() in cmd
+def job_processes(job_dir, pgid:int|None=None) -> list[int]:
+    "Live processes (zombies excluded) of the job in `job_dir`: those in process group `pgid`, and those carrying `JOB_ENV`, even after they left the group"
+    tag, found = f"{JOB_ENV}={job_dir}".encode(), []
+    for d in Path('/proc').glob('[0-9]*'):
+        try:
+            stat = (d/'stat').read_text()
+            state, _, pgrp = stat[stat.rindex(')') + 2:].split()[:3]
+            if state in 'ZX': continue
+            if (pgid is not None and int(pgrp) == pgid) or tag in (d/'environ').read_bytes().split(b'\0'): found.append(int(d.name))
+        except (OSError, ValueError): continue
+    return [p for p in found if p != os.getpid()]
 
-def _kill_group(pid:int, grace:float=KILL_GRACE_S):
-    "End process group `pid`: SIGTERM, then SIGKILL after `grace` seconds"
-    try: os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError: return
-    end = time.time() + grace
-    while time.time() < end:
-        try: os.killpg(pid, 0)
-        except ProcessLookupError: return
-        time.sleep(0.05)
-    try: os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError: pass
+# %% ../nbs/07_server.ipynb #dc14217c
+def _signal(pids, sig):
+    for pid in pids:
+        try: os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError): pass
+
+def end_job(job_dir, leader:subprocess.Popen|None=None, grace:float=KILL_GRACE_S) -> str|None:
+    "End every process of the job in `job_dir` (`leader`: its run-job process, if this server started it); the strongest signal needed, None if nothing ran"
+    pgid = leader.pid if leader is not None else None
+    def live():
+        if leader is not None: leader.poll()  # reap it the moment it exits
+        return job_processes(job_dir, pgid)
+    pids, sent = live(), set()
+    if not pids: return None
+    end = time.monotonic() + grace
+    while pids and time.monotonic() < end:
+        _signal(set(pids) - sent, signal.SIGTERM); sent |= set(pids)  # processes started meanwhile get theirs too
+        time.sleep(0.02); pids = live()
+    if not pids: return 'SIGTERM'
+    for _ in range(100):
+        _signal(pids, signal.SIGKILL); time.sleep(0.02)
+        if not (pids := live()): break
+    return 'SIGKILL'
+
+# %% ../nbs/07_server.ipynb #f5000f4b
+def _out_of_space(job_dir:Path, least:int=64 * 2**20) -> str|None:
+    "'no space left on device' and what is free, when the disk of `job_dir` has less than `least` bytes free"
+    try: free = shutil.disk_usage(job_dir if job_dir.exists() else job_dir.parent).free
+    except OSError: return None
+    return f"no space left on device: {free / 2**20:.0f} MB free for {job_dir.parent}; free some space, then submit the job again" if free < least else None
 
 def _failure_reason(log:Path, rc:int) -> str:
     "Why a job process ended with status `rc`"
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
         return f"the job process was killed by {name}"
+    full = _out_of_space(log.parent)
+    if rc == EXIT_NO_SPACE: return full or f"no space left on device for {log.parent.parent} (it has been freed since); submit the job again"
     lines = log.read_text(errors='replace').splitlines()[-200:] if log.exists() else []
     err = [l for l in lines if l.startswith(('cerebrium-ft run-job:', 'training failed:')) or 'Error' in l.split(':')[0]]
-    return (err[-1] if err else f"the job process exited with status {rc}")[:2000]
+    if not err: return full or f"the job process exited with status {rc}"
+    return (err[-1][:2000] + (f" ({full})" if full else ''))
+
+def is_out_of_space(e:BaseException, job_dir:Path) -> bool:
+    "Whether exception `e` (or one it came from) is a write that failed for want of disk space"
+    while e is not None:
+        if getattr(e, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(e) or 'os error 28' in str(e): return True
+        e = e.__cause__ or e.__context__
+    return _out_of_space(Path(job_dir)) is not None
+
+# %% ../nbs/07_server.ipynb #3bda9f65
+class _Complaints:
+    "Print an error when it is new, and the same error again at most once a minute, with how often it happened meanwhile"
+    def __init__(self, every:float=60, file=None): self.every, self.file, self.last, self.at, self.repeats = every, file, None, 0.0, 0
+    def __call__(self, message:str):
+        now = time.monotonic()
+        if message == self.last and now - self.at < self.every: self.repeats += 1; return
+        again = f" (and {self.repeats} times more in the last {now - self.at:.0f} s)" if message == self.last and self.repeats else ''
+        print(f"cerebrium-ft executor: {message}{again}", file=self.file or sys.stderr, flush=True)
+        self.last, self.at, self.repeats = message, now, 0
 
 # %% ../nbs/07_server.ipynb #67cefd8a
 class Executor:
     "Runs queued jobs as child processes, `workers` at a time, and keeps the store's job rows up to date"
-    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5, stall_s:float=1800, command=None):
-        self.store, self.data_dir, self.workers, self.poll, self.stall_s = store, Path(data_dir), workers, poll, stall_s
+    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5, stall_s:float=1800, command=None, grace:float=KILL_GRACE_S):
+        self.store, self.data_dir, self.workers, self.poll, self.stall_s, self.grace = store, Path(data_dir), workers, poll, stall_s, grace
         self.command = command or (lambda d: [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job', str(d)])
-        self.children, self.lock, self._stop = {}, threading.RLock(), threading.Event()
+        self.children = {}   # job id -> the Popen of its run-job process, kept until its end is recorded
+        self.unsettled = {}  # job id -> the end of a job whose database write failed, retried each tick
+        self.lock, self._stop, self.complain = threading.RLock(), threading.Event(), _Complaints()
         self.thread = threading.Thread(target=self._loop, name='cerebrium-ft-executor', daemon=True)
 
     def job_dir(self, job_id:str) -> Path: return self.data_dir/'jobs'/job_id
-
-    def start(self):
-        self.recover(); self.thread.start()
-
-    def recover(self):
-        "Settle the jobs a previous server left running: end their processes, then resume or fail them"
-        for j in self.store.jobs_in('running'):
-            if _alive(j['pid']) and _is_job_process(j['pid'], self.job_dir(j['id'])): _kill_group(j['pid'], grace=1.0)
-            if j['cancel_requested']: self.store.update(j['id'], status='cancelled', finished=time.time(), pid=None)
-            elif j['attempts'] >= MAX_ATTEMPTS:
-                self.store.update(j['id'], status='failed', finished=time.time(), pid=None,
-                                  error=f"the server stopped during attempt {j['attempts']}; giving up after {MAX_ATTEMPTS} attempts")
-            else: self.store.update(j['id'], status='queued', pid=None, phase='queued', error=f"the server restarted during attempt {j['attempts']}; resuming from the last checkpoint")
+    def start(self): self.recover(); self.thread.start()
 
     def _loop(self):
         while not self._stop.is_set():
             try: self.tick()
-            except Exception as e: print(f"cerebrium-ft executor: {type(e).__name__}: {e}", file=sys.stderr)
+            except Exception as e: self.complain(f"{type(e).__name__}: {e}")
             self._stop.wait(self.poll)
 
     def tick(self):
-        "One round: record progress, settle ended processes, start queued jobs"
+        "One round: record progress, settle ended processes, fail jobs with nothing behind them, start queued jobs"
         with self.lock:
+            for jid in list(self.unsettled): self._finish(jid, *self.unsettled[jid])
             for jid, p in list(self.children.items()):
-                self._read_progress(jid)
-                rc = p.poll()
-                if rc is None and self._stalled(jid, p):
-                    _kill_group(p.pid); rc = p.wait()
-                    p.stall = True
-                if rc is None: continue
-                self._forget(jid)
-                self._settle(jid, rc, stalled=p.stall)
-            while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()):
-                self._spawn(j)
+                try: self._watch(jid, p)
+                except Exception as e: self.complain(f"job {jid}: {type(e).__name__}: {e}")  # the child stays: the next tick tries again
+            self._fail_lost()
+            while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()): self._start(j)
 
-    def _spawn(self, j:dict):
-        d = self.job_dir(j['id'])
+# %% ../nbs/07_server.ipynb #109a4a44
+@patch
+def _start(self:Executor, j:dict):
+    "Start job `j`'s run-job process in the job's folder, in a session of its own, files owner-only; fail the job if it cannot start"
+    d, log = self.job_dir(j['id']), None
+    env = {**os.environ, 'CEREBRIUM_FT_CACHE': str(self.data_dir/'cache'), 'PYTHONUNBUFFERED': '1', JOB_ENV: str(d)}
+    try:
         log = open(d/'job.log', 'ab')
         log.write(f"--- attempt {j['attempts']} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()); log.flush()
-        env = {**os.environ, 'CEREBRIUM_FT_CACHE': str(self.data_dir/'cache'), 'PYTHONUNBUFFERED': '1'}
-        p = subprocess.Popen(self.command(d), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
-        p.stdout_file, p.started, p.stall = log, time.time(), False
-        self.children[j['id']] = p
-        self.store.update(j['id'], pid=p.pid, phase='starting')
+        p = subprocess.Popen(self.command(d), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                             env=env, cwd=d, umask=0o077)
+    except OSError as e:
+        if log: log.close()
+        return self._finish(j['id'], 'failed', dict(error=f"the job process could not start: {type(e).__name__}: {e}"))
+    p.stdout_file, p.started, p.stall, p.seen = log, time.time(), False, None
+    self.children[j['id']] = p
+    self.store.update(j['id'], 'running', pid=p.pid, phase='starting')
 
-    def _stalled(self, jid:str, p) -> bool:
-        "No sign of life (progress file or log written) for `stall_s` seconds"
-        d = self.job_dir(jid)
-        seen = [p.started] + [f.stat().st_mtime for f in (d/'job.log', RunDir(d/'results').progress) if f.exists()]
-        return time.time() - max(seen) > self.stall_s
+@patch
+def _finish(self:Executor, jid:str, status:str, fields:dict|None=None):
+    "Record that job `jid` ended in `status`; keep it in `unsettled` while the write fails"
+    try: self.store.update(jid, 'running', 'queued', status=status, finished=time.time(), pid=None, **(fields or {}))
+    except Exception as e:
+        self.unsettled[jid] = (status, fields); self.complain(f"job {jid} ended {status}, not recorded yet: {type(e).__name__}: {e}")
+    else: self.unsettled.pop(jid, None)
 
-    def _read_progress(self, jid:str):
-        f = RunDir(self.job_dir(jid)/'results').progress
-        try: pr = json.loads(f.read_text())
-        except (OSError, ValueError): return
-        self.store.update(jid, phase=pr.get('phase'), step=pr.get('step') or 0, total=pr.get('total') or 0, loss=pr.get('loss'))
+@patch
+def _fail_lost(self:Executor):
+    "Fail `running` jobs that have no process here and no end waiting to be recorded"
+    for j in self.store.jobs_in('running'):
+        if j['id'] not in self.children and j['id'] not in self.unsettled:
+            self._finish(j['id'], 'failed', dict(error="the job service lost track of the job's process; submit the job again"))
 
-    def _forget(self, jid:str):
-        "Drop an ended child process, closing its log"
-        self.children.pop(jid).stdout_file.close()
+# %% ../nbs/07_server.ipynb #b53fc344
+@patch
+def _watch(self:Executor, jid:str, p):
+    "Record a child's progress; stop it if it stalled; record its end, then let go of it"
+    self._read_progress(jid, p)
+    rc = p.poll()
+    if rc is None and self._stalled(jid, p):
+        end_job(self.job_dir(jid), p, self.grace); rc = p.wait(); p.stall = True
+    if rc is None: return
+    self._settle(jid, rc, p.stall)
+    self.children.pop(jid).stdout_file.close()
 
-    def _end(self, jid:str):
-        "End a running child's whole process group and forget it"
-        p = self.children[jid]
-        _kill_group(p.pid); p.wait(); self._forget(jid)
+@patch
+def _stalled(self:Executor, jid:str, p) -> bool:
+    "No sign of life (progress file or log written) for `stall_s` seconds"
+    d = self.job_dir(jid)
+    seen = [p.started] + [f.stat().st_mtime for f in (d/'job.log', RunDir(d/'results').progress) if f.exists()]
+    return time.time() - max(seen) > self.stall_s
 
-    def _settle(self, jid:str, rc:int, stalled:bool=False):
-        j = self.store.row(jid)
-        if j is None or j['status'] != 'running': return
-        d, now = self.job_dir(jid), time.time()
-        self._read_progress(jid)
-        if j['cancel_requested']: self.store.update(jid, status='cancelled', finished=now, pid=None)
-        elif stalled:
-            self.store.update(jid, status='failed', finished=now, pid=None,
-                              error=f"the job showed no progress for {self.stall_s / 60:.0f} minutes and was stopped (serve --stall-minutes allows longer)")
-        elif rc == 0 and (d/'results.zip').is_file(): self.store.update(jid, status='succeeded', finished=now, pid=None, phase='done', error=None)
-        else: self.store.update(jid, status='failed', finished=now, pid=None, error=_failure_reason(d/'job.log', rc))
+@patch
+def _read_progress(self:Executor, jid:str, p=None):
+    "Copy the job's progress.json into its row when it changed"
+    f = RunDir(self.job_dir(jid)/'results').progress
+    try: raw = f.read_bytes(); pr = json.loads(raw)
+    except (OSError, ValueError): return
+    if p is not None and p.seen == raw: return
+    loss = pr.get('loss') if isinstance(pr.get('loss'), (int, float)) and math.isfinite(pr['loss']) else None
+    resumed = {'resumed_from': pr['resumed_from']} if isinstance(pr.get('resumed_from'), int) or pr.get('resumed_from', 0) is None else {}
+    self.store.update(jid, phase=str(pr.get('phase'))[:32], step=int(pr.get('step') or 0), total=int(pr.get('total') or 0), loss=loss, **resumed)
+    if p is not None: p.seen = raw
 
-    def cancel(self, job_id:str) -> dict:
-        "Cancel a queued or running job; its whole process group ends"
-        with self.lock:
-            j = self.store.job(job_id)
-            if j['status'] == 'queued': self.store.update(job_id, status='cancelled', finished=time.time(), cancel_requested=1)
-            elif j['status'] == 'running':
-                self.store.update(job_id, cancel_requested=1)
-                if job_id in self.children: self._end(job_id)
-                self.store.update(job_id, status='cancelled', finished=time.time(), pid=None)
-        return self.store.job(job_id)
+@patch
+def _settle(self:Executor, jid:str, rc:int, stalled:bool=False):
+    "Record how job `jid`'s process ended (raises if the database write fails: the caller keeps the child)"
+    j = self.store.row(jid)
+    if j is None or j['status'] != 'running': return
+    d = self.job_dir(jid)
+    self._read_progress(jid)
+    if j['cancel_requested']: status, fields = 'cancelled', {}
+    elif stalled: status, fields = 'failed', dict(error=f"the job showed no progress for {self.stall_s / 60:.0f} minutes and was stopped (serve --stall-minutes allows longer)")
+    elif rc == 0 and (d/'results.zip').is_file(): status, fields = 'succeeded', dict(phase='done', error=None)
+    else: status, fields = 'failed', dict(error=_failure_reason(d/'job.log', rc))
+    self.store.update(jid, 'running', status=status, finished=time.time(), pid=None, **fields)
 
-    def stop(self):
-        "Stop starting jobs; end the running ones and queue them to resume when a server starts again"
-        self._stop.set()
-        if self.thread.is_alive(): self.thread.join(timeout=10)
-        with self.lock:
-            for jid in list(self.children):
-                self._end(jid)
-                self.store.update(jid, status='queued', pid=None, attempts=max(0, self.store.job(jid)['attempts'] - 1), phase='queued')
+# %% ../nbs/07_server.ipynb #afe70e21
+@patch
+def recover(self:Executor):
+    "Settle the jobs a previous server left running: end their processes, then resume or fail them, saying from where they resume"
+    for j in self.store.jobs_in('running'):
+        d = self.job_dir(j['id'])
+        end_job(d, grace=1.0)
+        ckpt = RunDir(d/'results').latest_checkpoint()
+        where = f"it resumes from checkpoint {ckpt.name}" if ckpt else "it left no checkpoint, so it starts again from step 0"
+        if j['cancel_requested']: self._finish(j['id'], 'cancelled')
+        elif j['attempts'] >= MAX_ATTEMPTS:
+            self._finish(j['id'], 'failed', dict(error=f"the server stopped during attempt {j['attempts']}; giving up after {MAX_ATTEMPTS} attempts"))
+        else: self.store.update(j['id'], 'running', status='queued', pid=None, phase='queued', error=f"the server restarted during attempt {j['attempts']}; {where}")
+
+@patch
+def _end(self:Executor, jid:str):
+    "End a running child's whole process tree and let go of it"
+    p = self.children.pop(jid)
+    end_job(self.job_dir(jid), p, self.grace); p.wait(); p.stdout_file.close()
+
+@patch
+def cancel(self:Executor, job_id:str) -> dict:
+    "Cancel a queued or running job; its whole process tree ends"
+    with self.lock:
+        if self.store.update(job_id, 'queued', status='cancelled', finished=time.time(), cancel_requested=1): return self.store.job(job_id)
+        if self.store.update(job_id, 'running', cancel_requested=1):
+            if job_id in self.children: self._end(job_id)
+            self._finish(job_id, 'cancelled')
+    return self.store.job(job_id)
+
+@patch
+def stop(self:Executor):
+    "Stop starting jobs; end the running ones and queue them to resume when a server starts again"
+    self._stop.set()
+    if self.thread.is_alive(): self.thread.join(timeout=10)
+    with self.lock:
+        for jid in list(self.children):
+            self._end(jid)
+            self.store.update(jid, 'running', status='queued', pid=None, attempts=max(0, self.store.job(jid)['attempts'] - 1), phase='queued')
 
 # %% ../nbs/07_server.ipynb #dd507586
 class BodyLimit:
-    "ASGI middleware: 413 for a request body over `max_bytes`"
+    "ASGI middleware: 413 naming the limit for a request body over `max_bytes`, by its Content-Length or, without one, as soon as it grows past it"
     def __init__(self, app, max_bytes:int): self.app, self.max_bytes = app, max_bytes
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http': return await self.app(scope, receive, send)
         length = dict(scope.get('headers') or []).get(b'content-length')
-        if length is not None and length.isdigit() and int(length) > self.max_bytes: return await self._refuse(send)
-        seen = 0
+        if length is not None and length.isdigit() and int(length) > self.max_bytes: return await _answer(send, 413, self._message())
+        seen, over, started = 0, False, False
         async def counted():
-            nonlocal seen
+            nonlocal seen, over
+            if over: return {'type': 'http.disconnect'}
             msg = await receive()
             seen += len(msg.get('body', b''))
-            if seen > self.max_bytes: raise _TooLarge()
+            if seen > self.max_bytes: over = True; return {'type': 'http.disconnect'}  # the app stops reading; its answer is replaced
             return msg
-        try: await self.app(scope, counted, send)
-        except _TooLarge: await self._refuse(send)
-    async def _refuse(self, send):
-        body = json.dumps({'detail': f"request body over {self.max_bytes // 2**20} MB: send fewer or smaller images (10-15 photos at 512-2048 px are plenty)"}).encode()
-        await send({'type': 'http.response.start', 'status': 413, 'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode())]})
-        await send({'type': 'http.response.body', 'body': body})
+        async def guarded(msg):
+            nonlocal started
+            if over: return
+            started = True; await send(msg)
+        try: await self.app(scope, counted, guarded)
+        except Exception:
+            if not over: raise
+        if over and not started: await _answer(send, 413, self._message())
+    def _message(self):
+        return f"request body over the server's limit of {self.max_bytes / 2**20:g} MB: send fewer or smaller images (10-15 photos at 512-2048 px are plenty)"
 
-class _TooLarge(Exception): pass
+async def _answer(send, status:int, detail:str, headers=()):
+    "Send a JSON error response {'detail': detail} from ASGI middleware"
+    body = json.dumps({'detail': detail}).encode()
+    await send({'type': 'http.response.start', 'status': status,
+                'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()), *headers]})
+    await send({'type': 'http.response.body', 'body': body})
+
+class RequireKey:
+    "ASGI middleware: a /v1 request without a valid API key is refused with 401 before its body is read; the key's project goes to `request.state.project_id`"
+    def __init__(self, app, store:Store, open_paths=('/v1/health',)): self.app, self.store, self.open_paths = app, store, open_paths
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http' or not scope['path'].startswith('/v1/') or scope['path'] in self.open_paths:
+            return await self.app(scope, receive, send)
+        auth = dict(scope.get('headers') or []).get(b'authorization', b'').decode('latin-1')
+        www = [(b'www-authenticate', b'Bearer')]
+        if not auth.startswith('Bearer '):
+            return await _answer(send, 401, "no API key: send 'Authorization: Bearer KEY' (cerebrium-ft login KEY saves one)", www)
+        pid = await anyio.to_thread.run_sync(self.store.authenticate, auth[7:].strip())
+        if pid is None: return await _answer(send, 401, "invalid or revoked API key", www)
+        scope.setdefault('state', {})['project_id'] = pid
+        await self.app(scope, receive, send)
+
+# %% ../nbs/07_server.ipynb #5d462dd5
+class DataDirBusy(RuntimeError):
+    "Another server holds the data folder"
+
+def _private_dir(d:Path) -> Path:
+    d.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if d.stat().st_mode & 0o077: d.chmod(0o700)
+    return d
+
+def open_data_dir(data_dir) -> int:
+    "Make `data_dir` (owner-only), lock it for this process and clear abandoned uploads; returns the lock's file descriptor"
+    d = _private_dir(Path(data_dir).expanduser())
+    fd = os.open(d/'serve.lock', os.O_RDWR | os.O_CREAT, 0o600)
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors='replace').strip() or 'a process'; os.close(fd)
+        raise DataDirBusy(f"another cerebrium-ft server ({holder}) is using the data folder {d}: stop it first, or give this one its own --data-dir") from None
+    os.ftruncate(fd, 0); os.write(fd, f"pid {os.getpid()}".encode())
+    shutil.rmtree(d/'uploads', ignore_errors=True)
+    for sub in ('uploads', 'jobs', 'cache'): _private_dir(d/sub)
+    return fd
+
+def close_data_dir(fd:int):
+    fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
+
+# %% ../nbs/07_server.ipynb #451616fe
+LOCAL_MODEL_REFUSED = ("local model folders are not open to jobs on this server: give a Hugging Face model id (owner/name), "
+                       "or ask the server's operator to put the model in a folder given to `cerebrium-ft serve --model-dir`")
+_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
+
+def server_model(model:str, model_dirs=()) -> tuple[str, str|None]:
+    "(what the job will load, why it cannot) for base model `model` on a server that opens `model_dirs` to jobs"
+    if (problem := model_problem(model)): return model, problem
+    if _HUB_ID.match(model) and not model.startswith('.'): return model, None
+    p = Path(model).expanduser()
+    if not p.is_absolute(): return model, LOCAL_MODEL_REFUSED
+    p = p.resolve()
+    if not any(p.is_relative_to(Path(d).expanduser().resolve()) for d in model_dirs): return model, LOCAL_MODEL_REFUSED
+    return str(p), model_path_problem(str(p))
 
 # %% ../nbs/07_server.ipynb #9a09493a
 MAX_FILES = 64
+MAX_CHECKS = 2 # uploads whose images are checked at once; the rest wait, so that memory stays bounded
+MAX_SPEC_DEPTH = 16
 UPLOAD_SUFFIXES = {'.jpg': '.jpg', '.jpeg': '.jpg', '.png': '.png', '.webp': '.webp'}
+_checks = threading.BoundedSemaphore(MAX_CHECKS)
+
+def _depth(x) -> int:
+    "How deeply lists and dicts nest in `x` (without recursion)"
+    best, todo = 0, [(x, 1)]
+    while todo:
+        v, d = todo.pop(); best = max(best, d)
+        if isinstance(v, (dict, list)) and d <= MAX_SPEC_DEPTH: todo += [(w, d + 1) for w in (v.values() if isinstance(v, dict) else v)]
+    return best
+
+def _parse_spec(text:str) -> dict:
+    "The submitted spec as a dict, or a 400 saying what is wrong with it"
+    try: d = json.loads(text)
+    except RecursionError: raise HTTPException(400, "spec is nested too deeply to be a job spec: send a JSON object of the job's fields") from None
+    except ValueError as e: raise HTTPException(400, f"spec is not valid JSON: {str(e)[:300]}") from None
+    if not isinstance(d, dict): raise HTTPException(400, "spec must be a JSON object of the job's fields")
+    if _depth(d) > MAX_SPEC_DEPTH: raise HTTPException(400, f"spec nests more than {MAX_SPEC_DEPTH} levels deep: send a JSON object of the job's fields")
+    return d
+
+def _submission_sha256(spec:str, images:list, class_images:list) -> str:
+    "What a submission holds (spec and every file), to tell a retried submission from another one under the same idempotency key"
+    h = hashlib.sha256(spec.encode())
+    for field, files in (('images', images), ('class_images', class_images)):
+        for f in files:
+            h.update(field.encode()); f.file.seek(0)
+            for block in iter(lambda: f.file.read(1 << 20), b''): h.update(hashlib.sha256(block).digest())
+            f.file.seek(0)
+    return h.hexdigest()
 
 def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
-    "Write uploaded files under names of our own (never the client's), keeping only a known image suffix"
-    folder.mkdir(parents=True, exist_ok=True)
+    "Write uploaded files owner-only under names of our own (never the client's), keeping only a known image suffix"
+    _private_dir(folder)
     out = []
     for i, f in enumerate(files):
         p = folder/f"{prefix}_{i:03d}{UPLOAD_SUFFIXES.get(Path(f.filename or '').suffix.lower(), '.img')}"
-        with open(p, 'wb') as dst: shutil.copyfileobj(f.file, dst, 1 << 20)
+        with os.fdopen(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'wb') as dst: shutil.copyfileobj(f.file, dst, 1 << 20)
         out.append(p)
     return out
 
-def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30):
-    "The job service's FastAPI app, its store and executor under `data_dir`"
-    data_dir = Path(data_dir).expanduser(); data_dir.mkdir(parents=True, exist_ok=True)
+# %% ../nbs/07_server.ipynb #e2eaf8bc
+def _check_uploads(folder:Path, class_images:bool, resolution:int):
+    "Raise 413 for an image with too many pixels, 400 with the findings for a dataset with errors; at most MAX_CHECKS uploads are checked at once"
+    for sub in ['dataset'] + (['class_images'] if class_images else []):
+        with _checks: report = check_dataset(folder/sub, size=resolution)
+        if any(f.code == 'bomb' for f in report.findings):
+            raise HTTPException(413, dict(message="an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
+        if not report.ok and (sub == 'dataset' or any(f.severity == 'error' and f.file for f in report.findings)):
+            raise HTTPException(400, dict(message=f"the uploaded {'dataset' if sub == 'dataset' else 'class images'} has errors; nothing was stored",
+                                          findings=[f.to_dict() for f in report.findings if f.severity == 'error']))
+
+def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) -> JobSpec:
+    "Check the spec and write the job's spec.json into `tmp`, with the paths it will have at `jd`"
+    try: js = JobSpec.from_dict({**d, 'dataset': 'dataset', 'prior_class_image_dir': 'class_images' if class_images else None})
+    except SettingsError as e: raise HTTPException(400, str(e)) from None
+    model, problem = server_model(js.hf_model_path, model_dirs)
+    if problem: raise HTTPException(400, f"on the server: {problem}")
+    _check_uploads(tmp, class_images, js.training_args.resolution)
+    server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model, 'dataset': str(jd/'dataset'),
+                                     'prior_class_image_dir': str(jd/'class_images') if class_images else None})
+    with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
+    return js
+
+# %% ../nbs/07_server.ipynb #18d1bb78
+def _disk_full(e:Exception) -> bool: return getattr(e, 'errno', None) == errno.ENOSPC or 'disk is full' in str(e) or 'No space left' in str(e)
+
+def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
+               idempotency_key:str|None=None) -> tuple[dict, bool]:
+    "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job"
+    if len(images) + len(class_images) > MAX_FILES:
+        raise HTTPException(413, f"{len(images) + len(class_images)} files: at most {MAX_FILES} per job (10-15 instance images, the rest class images)")
+    d, digest = _parse_spec(spec), _submission_sha256(spec, images, class_images)
+    if idempotency_key and (found := store.job_for_key(pid, idempotency_key)): return _replayed(found, digest), False
+    job_id = new_job_id()
+    tmp, jd = data_dir/'uploads'/job_id, executor.job_dir(job_id)
+    try:
+        _save_uploads(images, tmp/'dataset', 'image')
+        if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
+        js = _write_job_folder(tmp, d, bool(class_images), jd, model_dirs)
+        tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
+        try: return store.add_job(pid, js.name, js.to_dict(), job_id, idempotency_key, digest), True
+        except IntegrityError:  # the same key, submitted twice at once: the other request made the job
+            shutil.rmtree(jd, ignore_errors=True); return _replayed(store.job_for_key(pid, idempotency_key), digest), False
+        except Exception: shutil.rmtree(jd, ignore_errors=True); raise
+    except (OSError, SQLAlchemyError) as e:
+        if _disk_full(e): raise HTTPException(507, "the server's disk is full: nothing was stored. Try again later; the server's operator must free space") from None
+        if isinstance(e, OperationalError): raise HTTPException(503, f"the job database is busy or unavailable ({str(e.orig)[:200]}); nothing was stored, try again") from None
+        raise
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
+def _replayed(found, digest:str) -> dict:
+    job, was = found
+    if was != digest: raise HTTPException(409, "this Idempotency-Key was already used for a different submission: use a new key for a new job")
+    return job
+
+# %% ../nbs/07_server.ipynb #787ec24f
+def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
+    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
+    data_dir = Path(data_dir).expanduser()
+    lock = open_data_dir(data_dir)
     store = Store(data_dir/'cerebrium-ft.sqlite')
     executor = Executor(store, data_dir, workers, stall_s=stall_minutes * 60)
 
@@ -212,103 +462,89 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
     async def lifespan(app):
         if start_executor: executor.start()
         yield
-        executor.stop()
+        executor.stop(); close_data_dir(lock)
 
     app = FastAPI(title='cerebrium-ft job service', version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_mb * 2**20)
-    app.state.store, app.state.executor, app.state.data_dir = store, executor, data_dir
+    app.add_middleware(RequireKey, store=store)  # the outer one: no key, no body read
+    app.state.store, app.state.executor, app.state.data_dir, app.state.model_dirs = store, executor, data_dir, tuple(model_dirs)
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    app.include_router(_routes(store, executor, data_dir, tuple(model_dirs)))
+    return app
 
-    def project(authorization:str|None=Header(None)) -> str:
-        if not authorization or not authorization.startswith('Bearer '):
-            raise HTTPException(401, "no API key: send 'Authorization: Bearer KEY' (cerebrium-ft login KEY saves one)")
-        pid = store.authenticate(authorization[7:].strip())
-        if pid is None: raise HTTPException(401, "invalid or revoked API key")
-        return pid
+async def _bad_request(request, exc):
+    "400, not FastAPI's 422, for a parameter out of range: the message names it"
+    where = lambda e: '.'.join(str(x) for x in e.get('loc', ()) if x not in ('query', 'path', 'body', 'header'))
+    return JSONResponse(status_code=400, content={'detail': '; '.join(f"{where(e)}: {e.get('msg')}" for e in exc.errors())})
 
+def project(request:Request) -> str:
+    "The project of the request's API key (checked by `RequireKey`)"
+    return request.state.project_id
+
+# %% ../nbs/07_server.ipynb #66c85497
+def _routes(store:Store, executor:Executor, data_dir:Path, model_dirs:tuple) -> APIRouter:
+    "The /v1 routes"
+    r = APIRouter(prefix='/v1')
     def own_job(job_id:str, pid:str=Depends(project)) -> dict:
         j = store.job(job_id, pid)
         if j is None: raise HTTPException(404, f"no job {job_id}")
         return j
 
-    @app.get('/v1/health')
+    @r.get('/health')
     def health(): return dict(ok=True, version=__version__)
 
-    @app.get('/v1/me')
+    @r.get('/me')
     def me(pid:str=Depends(project)): return dict(project_id=pid)
 
-    @app.post('/v1/jobs', status_code=201)
-    def create_job(spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]), pid:str=Depends(project)):
-        if len(images) + len(class_images) > MAX_FILES:
-            raise HTTPException(413, f"{len(images) + len(class_images)} files: at most {MAX_FILES} per job (10-15 instance images, the rest class images)")
-        try: d = json.loads(spec)
-        except ValueError as e: raise HTTPException(400, f"spec is not valid JSON: {e}") from None
-        if not isinstance(d, dict): raise HTTPException(400, "spec must be a JSON object")
-        tmp = data_dir/'uploads'/f"{time.time_ns()}-{os.getpid()}-{threading.get_ident()}"
-        try:
-            _save_uploads(images, tmp/'dataset', 'image')
-            if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
-            try:
-                js = JobSpec.from_dict({**d, 'dataset': 'dataset', 'prior_class_image_dir': 'class_images' if class_images else None})
-            except SettingsError as e: raise HTTPException(400, str(e)) from None
-            if (problem := model_path_problem(js.hf_model_path)): raise HTTPException(400, f"on the server: {problem}")
-            for sub in ['dataset'] + (['class_images'] if class_images else []):
-                report = check_dataset(tmp/sub, size=js.training_args.resolution)
-                if any(f.code == 'bomb' for f in report.findings):
-                    raise HTTPException(413, dict(message="an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
-                if not report.ok and (sub == 'dataset' or any(f.severity == 'error' and f.file for f in report.findings)):
-                    raise HTTPException(400, dict(message=f"the uploaded {'dataset' if sub == 'dataset' else 'class images'} has errors; nothing was stored",
-                                                  findings=[f.to_dict() for f in report.findings if f.severity == 'error']))
-            job = store.add_job(pid, js.name, js.to_dict())
-            jd = executor.job_dir(job['id']); jd.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(jd)
-            server_spec = JobSpec.from_dict({**js.to_dict(), 'dataset': str(jd/'dataset'),
-                                             'prior_class_image_dir': str(jd/'class_images') if class_images else None})
-            (jd/'spec.json').write_text(server_spec.to_json())
-            return job
-        finally: shutil.rmtree(tmp, ignore_errors=True)
+    @r.post('/jobs', status_code=201)
+    def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
+               pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200)):
+        "Queue a job; a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
+        job, new = create_job(store, executor, data_dir, model_dirs, pid, spec, images, class_images, idempotency_key)
+        if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
+        return job
 
-    @app.get('/v1/jobs/{job_id}')
+    @r.get('/jobs/{job_id}')
     def get_job(job:dict=Depends(own_job)): return job
 
-    @app.get('/v1/jobs/{job_id}/logs')
-    def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0), limit:int=Query(1 << 20, ge=1, le=8 << 20)):
+    @r.get('/jobs/{job_id}/logs')
+    def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0, le=2**53), limit:int=Query(1 << 20, ge=1, le=8 << 20)):
         f = executor.job_dir(job['id'])/'job.log'
         text = b''
         if f.exists():
             with open(f, 'rb') as fh: fh.seek(offset); text = fh.read(limit)
         return dict(job_id=job['id'], status=job['status'], offset=offset, next_offset=offset + len(text), text=text.decode('utf-8', 'replace'))
 
-    @app.get('/v1/projects/{project_id}/jobs')
+    @r.get('/projects/{project_id}/jobs')
     def list_jobs(project_id:str, limit:int=Query(10, ge=1, le=500), pid:str=Depends(project)):
         if project_id != pid: raise HTTPException(404, f"no project {project_id}")
         return store.jobs(pid, limit)
 
-    @app.get('/v1/jobs/{job_id}/results')
+    @r.get('/jobs/{job_id}/results')
     def results(job:dict=Depends(own_job)):
         z = executor.job_dir(job['id'])/'results.zip'
         if job['status'] != 'succeeded' or not z.is_file():
             raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
         return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
 
-    @app.get('/v1/jobs/{job_id}/images')
+    @r.get('/jobs/{job_id}/images')
     def images(job:dict=Depends(own_job)):
         "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
         root = RunDir(executor.job_dir(job['id'])/'results').root/'validation'
         return [p.relative_to(root).as_posix() for p in sorted(root.glob('epoch_*/*.png'))]
 
-    @app.get('/v1/jobs/{job_id}/images/{epoch}/{name}')
+    @r.get('/jobs/{job_id}/images/{epoch}/{name}')
     def image(epoch:str, name:str, job:dict=Depends(own_job)):
         f = executor.job_dir(job['id'])/'results'/'validation'/epoch/name
         if not (re.fullmatch(r'epoch_\d{4}', epoch) and re.fullmatch(r'\d{2}\.png', name) and f.is_file()):
             raise HTTPException(404, f"no image {epoch}/{name} in job {job['id']}")
         return FileResponse(f, media_type='image/png')
 
-    @app.post('/v1/jobs/{job_id}/cancel')
+    @r.post('/jobs/{job_id}/cancel')
     def cancel(job:dict=Depends(own_job)):
         if job['status'] in FINAL: return job
         return executor.cancel(job['id'])
-
-    return app
+    return r
 
 # %% ../nbs/07_server.ipynb #726b4b7a
 def run_job(job_dir) -> Path:

@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/store.html.md"""
 
 # %% ../nbs/06_store.ipynb #5f8e8596
 from __future__ import annotations
-import hashlib, hmac, json, secrets, time
+import hashlib, hmac, json, math, os, secrets, time
 from pathlib import Path
-from sqlalchemy import Float, ForeignKey, Integer, String, Text, create_engine, event, select, update
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, create_engine, event, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 # %% auto #0
-__all__ = ['STATES', 'FINAL', 'JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'Store']
+__all__ = ['STATES', 'FINAL', 'JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'Store']
 
 # %% ../nbs/06_store.ipynb #a3957c60
 class Base(DeclarativeBase): pass
@@ -49,14 +49,21 @@ class Job(Base):
     loss: Mapped[float|None] = mapped_column(Float, nullable=True)
     pid: Mapped[int|None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
+    resumed_from: Mapped[int|None] = mapped_column(Integer, nullable=True)  # the checkpoint step this attempt started from
+    idempotency_key: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the client's key for the submission
+    request_sha256: Mapped[str|None] = mapped_column(String(64), nullable=True)  # what was submitted under that key
+    __table_args__ = (Index('ix_jobs_idempotency', 'project_id', 'idempotency_key', unique=True),)
 
 STATES = ('queued', 'running', 'succeeded', 'failed', 'cancelled')
 FINAL = ('succeeded', 'failed', 'cancelled')
-JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss')
+JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss',
+              'resumed_from')
+
+def _finite(x): return x if x is None or not isinstance(x, float) or math.isfinite(x) else None
 
 def _job_dict(j:Job) -> dict:
-    "What a client sees of a job"
-    d = {k: getattr(j, k) for k in JOB_FIELDS}
+    "What a client sees of a job; a number that is not finite (an exploding loss) is None, since JSON has no inf or NaN"
+    d = {k: _finite(getattr(j, k)) for k in JOB_FIELDS}
     d['duration'] = ((j.finished or time.time()) - j.started) if j.started else None
     return d
 
@@ -69,11 +76,27 @@ def _split_key(key:str):
     parts = (key or '').strip().split('_')
     return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == 'cft' and parts[1] and parts[2] else (None, None)
 
+# %% ../nbs/06_store.ipynb #d65cd3a1
+def new_job_id() -> str: return 'j_' + secrets.token_hex(8)
+
+def _add_missing_columns(engine):
+    "Bring a database made by an earlier version up to the current tables: add the columns and indexes it lacks"
+    have = {t: {c['name'] for c in inspect(engine).get_columns(t)} for t in inspect(engine).get_table_names()}
+    with engine.begin() as conn:
+        for table in Base.metadata.sorted_tables:
+            for col in table.columns:
+                if table.name in have and col.name not in have[table.name]:
+                    conn.execute(text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {col.type.compile(engine.dialect)}"))
+    for table in Base.metadata.sorted_tables:
+        for ix in table.indexes: ix.create(engine, checkfirst=True)
+
 # %% ../nbs/06_store.ipynb #2fcc0908
 class Store:
     "The job service's state in SQLite at `path`"
     def __init__(self, path):
         self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only from the first byte
+        if self.path.stat().st_mode & 0o077: self.path.chmod(0o600)  # a database made before that rule
         self.engine = create_engine(f"sqlite:///{self.path}", connect_args=dict(timeout=30, check_same_thread=False))
         @event.listens_for(self.engine, 'connect')
         def _pragmas(conn, _):
@@ -81,6 +104,7 @@ class Store:
             for p in ('journal_mode=WAL', 'busy_timeout=30000', 'foreign_keys=ON', 'synchronous=NORMAL'): c.execute(f'PRAGMA {p}')
             c.close()
         Base.metadata.create_all(self.engine)
+        _add_missing_columns(self.engine)
 
     def session(self) -> Session: return Session(self.engine, expire_on_commit=False)
 
@@ -120,12 +144,19 @@ class Store:
         return k.project_id if ok and k and not k.revoked else None
 
     # -- jobs --
-    def add_job(self, project_id:str, name:str, spec:dict, job_id:str|None=None) -> dict:
+    def add_job(self, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None) -> dict:
+        "Queue a new job; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
         with self.session() as s, s.begin():
-            j = Job(id=job_id or 'j_' + secrets.token_hex(8), project_id=project_id, name=name, spec=json.dumps(spec), status='queued',
-                    created=time.time(), attempts=0, step=0, total=0, cancel_requested=0)
+            j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued',
+                    created=time.time(), attempts=0, step=0, total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256)
             s.add(j)
         return _job_dict(j)
+
+    def job_for_key(self, project_id:str, idempotency_key:str) -> tuple[dict, str|None]|None:
+        "The project's job submitted under `idempotency_key` and the sha256 of that submission, or None"
+        with self.session() as s:
+            j = s.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == idempotency_key)).first()
+            return (_job_dict(j), j.request_sha256) if j else None
 
     def job(self, job_id:str, project_id:str|None=None) -> dict|None:
         "Job `job_id`, or None if it does not exist or (given `project_id`) belongs to another project"
@@ -148,8 +179,10 @@ class Store:
             j = s.get(Job, job_id)
             return _row(j) if j else None
 
-    def update(self, job_id:str, **fields):
-        with self.session() as s, s.begin(): s.execute(update(Job).where(Job.id == job_id).values(**fields))
+    def update(self, job_id:str, *only:str, **fields) -> bool:
+        "Set `fields` of job `job_id` (only while its status is one of `only`, when given); whether a row changed"
+        q = update(Job).where(Job.id == job_id, *([Job.status.in_(only)] if only else []))
+        with self.session() as s, s.begin(): return s.execute(q.values(**fields)).rowcount > 0
 
     def claim_next(self) -> dict|None:
         "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
@@ -158,5 +191,5 @@ class Store:
                 j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
                 if j is None: return None
                 n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
-                    status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None)).rowcount
+                    status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None, resumed_from=None)).rowcount
             if n: return self.job(j.id)

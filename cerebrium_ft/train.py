@@ -226,7 +226,7 @@ def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
     return state['step']
 
-# %% ../nbs/04_train.ipynb #528cf04f
+# %% ../nbs/04_train.ipynb #801d8486
 CHECKPOINT_OVERHEAD = 0.02 # epoch-end checkpoints take at most this fraction of the training time
 
 class CheckpointClock:
@@ -377,7 +377,7 @@ def train(spec:JobSpec, output_dir, device:str|None=None, cache=None, progress:b
     finally:
         log.removeHandler(handler); handler.close()
 
-# %% ../nbs/04_train.ipynb #7b644205
+# %% ../nbs/04_train.ipynb #66d28aaf
 def fresh_accelerator(precision:str, cpu:bool):
     "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used"
     from accelerate import Accelerator
@@ -386,7 +386,7 @@ def fresh_accelerator(precision:str, cpu:bool):
         AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
-# %% ../nbs/04_train.ipynb #f287d0f6
+# %% ../nbs/04_train.ipynb #8de556fd
 def _epoch_on_device(batches:list, device) -> tuple[list, list]:
     "The instance and class index tensors of each batch of an epoch, copied to `device` in one transfer (none per step)"
     import torch

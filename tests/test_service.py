@@ -13,13 +13,13 @@ def free_port():
 
 class Server:
     "`cerebrium-ft serve` in a process of its own"
-    def __init__(self, data_dir, port=None, workers=1):
-        self.data_dir, self.port, self.workers = Path(data_dir), port or free_port(), workers
+    def __init__(self, data_dir, port=None, workers=1, model_dir=None):
+        self.data_dir, self.port, self.workers, self.model_dir = Path(data_dir), port or free_port(), workers, model_dir
         self.url = f"http://127.0.0.1:{self.port}"
     def start(self):
         self.log = open(self.data_dir.parent/f"serve-{self.port}-{time.time_ns()}.log", 'w')
         self.proc = subprocess.Popen([str(BIN/'cerebrium-ft'), 'serve', '--port', str(self.port), '--data-dir', str(self.data_dir),
-                                      '--workers', str(self.workers)], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                      '--workers', str(self.workers), *(['--model-dir', str(self.model_dir)] if self.model_dir else [])], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(300):
             try:
                 if requests.get(self.url + '/v1/health', timeout=1).ok: return self
@@ -31,8 +31,8 @@ class Server:
     def output(self): return Path(self.log.name).read_text()
 
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path/'data').start()
+def server(tmp_path, tiny_model):
+    s = Server(tmp_path/'data', model_dir=tiny_model).start()
     out = s.output()
     s.key = next(w for w in out.split() if w.startswith('cft_'))
     s.project = next(w for w in out.replace('(', ' ').replace(')', ' ').split() if w.startswith('p_'))
@@ -140,7 +140,7 @@ def test_kill9_of_the_server_then_restart_resumes_the_job(server, tiny_model, da
     jid = json.loads(submit(server, tiny_model, data, steps=400, extra=dict(checkpointing_steps=20)).stdout)['id']
     wait_for(server, jid, lambda j: j['step'] >= 40)
     server.kill9()
-    s2 = Server(server.data_dir, server.port).start()
+    s2 = Server(server.data_dir, server.port, model_dir=server.model_dir).start()
     s2.key = server.key
     try:
         j = wait_for(s2, jid, lambda j: j['status'] in ('succeeded', 'failed', 'cancelled'), timeout=300)

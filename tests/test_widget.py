@@ -7,8 +7,8 @@ from cerebrium_ft.widget import JobPanel
 from test_service import Server
 
 @pytest.fixture
-def server(tmp_path):
-    s = Server(tmp_path/'data').start()
+def server(tmp_path, tiny_model):
+    s = Server(tmp_path/'data', model_dir=tiny_model).start()
     s.key = next(w for w in s.output().split() if w.startswith('cft_'))
     yield s
     s.stop()

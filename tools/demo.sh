@@ -18,7 +18,7 @@ echo "== 1. the embedded default model and a sample dataset"
 
 echo "== 2. the job service, on SQLite in $WORK/server"
 rm -rf "$WORK/server"
-"$CFT" serve --port "$PORT" --data-dir "$WORK/server" > "$WORK/serve.log" 2>&1 &
+"$CFT" serve --port "$PORT" --data-dir "$WORK/server" --model-dir "$WORK/tiny-sd" > "$WORK/serve.log" 2>&1 &
 SERVER=$!
 trap 'kill $SERVER 2>/dev/null || true; wait $SERVER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do grep -q "job service on" "$WORK/serve.log" 2>/dev/null && break; sleep 0.2; done
