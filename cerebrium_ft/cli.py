@@ -61,6 +61,12 @@ def main(argv:list|None=None) -> int:
         print(f"cerebrium-ft {name}: {e}", file=sys.stderr)
         for fd in e.findings: print(f"  {fd.get('severity')} {fd.get('file') or '(dataset)'}: {fd.get('message')}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"cerebrium-ft {name}: interrupted", file=sys.stderr); return 130
+    except Exception as e:  # a failure no message was written for yet: one line, the traceback on request
+        if os.environ.get('CEREBRIUM_FT_DEBUG'): raise
+        print(f"cerebrium-ft {name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'failed'} (set CEREBRIUM_FT_DEBUG=1 to see where)", file=sys.stderr)
+        return 1
     return res if isinstance(res, int) else 0
 
 # %% ../nbs/10_cli.ipynb #ce55e67f
@@ -76,6 +82,19 @@ def quiet_libraries():
 
 # %% ../nbs/10_cli.ipynb #bd5497f2
 def _print_json(obj): print(jsonlib.dumps(obj, indent=2))
+
+def _output_file(path:str, flag:str='--output') -> Path:
+    "`path` as a file to write, checked before any work: not a folder, in a folder that exists"
+    p = Path(path).expanduser()
+    if p.is_dir(): raise CliError(f"{flag} {path} is a folder: give a file name in it, e.g. {p/'name'}{Path(path).suffix or ''}")
+    if not p.parent.is_dir(): raise CliError(f"{flag} {path}: the folder {p.parent} does not exist; create it first or give another path")
+    return p
+
+def _device(name:str|None):
+    "The torch device for --device, checked before any model loads"
+    from cerebrium_ft.train import TrainingError, resolve_device
+    try: return resolve_device(name)
+    except TrainingError as e: raise CliError(f"--device: {e}") from None
 
 @command('check-dataset')
 def check_dataset_cmd(
@@ -149,28 +168,28 @@ def generate(
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
 ):
     "Render images with a trained LoRA loaded into its base model"
+    if N < 1 or steps < 1: raise CliError(f"-n and --steps must be 1 or more (got -n {N}, --steps {steps})")
+    out = _output_file(output)
     quiet_libraries()
     import torch
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from cerebrium_ft.results import ResultsError, load_results, unzip_results, verify_results
-    import tempfile
-    res = Path(results)
-    try: folder = unzip_results(res, tempfile.mkdtemp(prefix='cerebrium-ft-')) if res.is_file() else res
+    from cerebrium_ft.results import ResultsError, load_results, opened_results, verify_results
+    dev = _device(device)
+    try:
+        with opened_results(results) as folder:  # a zip is unpacked to a temporary folder, removed once the LoRA is loaded
+            base = verify_results(folder)['base_model']
+            src = model or base['path']
+            kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision', 'main'))
+            dtype = torch.float16 if dev.type == 'cuda' else torch.float32
+            try: pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw)
+            except (OSError, ValueError) as e: raise CliError(f"could not load the base model {src}: {e}; give --model PATH if it moved") from None
+            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+            pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
+            load_results(pipe, folder)
     except ResultsError as e: raise CliError(str(e)) from None
-    try: base = verify_results(folder)['base_model']
-    except ResultsError as e: raise CliError(str(e)) from None
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    dtype = torch.float16 if dev.type == 'cuda' else torch.float32
-    src = model or base['path']
-    kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision', 'main'))
-    try: pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw)
-    except (OSError, ValueError) as e: raise CliError(f"could not load the base model {src}: {e}; give --model PATH if it moved") from None
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-    pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
-    load_results(pipe, folder)
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
     images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
-    _grid(images).save(output)
+    _grid(images).save(out)
     print(f"Wrote {N} images of {prompt!r} to {output}")
 
 # %% ../nbs/10_cli.ipynb #94a8a9d0
@@ -337,9 +356,13 @@ def run_job_cmd(
         print(f"cerebrium-ft run-job: {e}", file=sys.stderr)
         return 1
     except Exception as e:
-        if not is_out_of_space(e, Path(job_dir)): raise
-        print(f"cerebrium-ft run-job: no space left on device: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_NO_SPACE
+        if is_out_of_space(e, Path(job_dir)):
+            try: print(f"cerebrium-ft run-job: no space left on device: {type(e).__name__}: {e}", file=sys.stderr)
+            except OSError: pass  # the log is on the full disk too: the exit status says it
+            return EXIT_NO_SPACE
+        import traceback; traceback.print_exc()  # the job's log keeps where it failed; its last line is the reason
+        print(f"cerebrium-ft run-job: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 # %% ../nbs/10_cli.ipynb #9edcd165
 @command()
@@ -412,10 +435,12 @@ def download_model(
     json:bool=False, # Print one JSON object
 ):
     "Download a finished job's results zip: LoRA weights, validation images, metrics, logs"
+    dest = _output_file(output or f"{job_id}.zip")
     c = _client(url, api_key)
     bar = _bar(None, 'download')
     def progress(got, total): bar.total = total or None; bar.n = got; bar.refresh()
-    out = c.download(job_id, output or f"{job_id}.zip", progress); bar.close()
+    try: out = c.download(job_id, dest, progress)
+    finally: bar.close()
     _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size)) if json else print(out)
 
 @command('get-most-recent-jobs', pos=['api_key'])

@@ -6,7 +6,8 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/client.html.md"""
 
 # %% ../nbs/09_client.ipynb #215cb398
 from __future__ import annotations
-import json, os, time
+import json, os, time, uuid, zipfile
+from urllib.parse import urlsplit
 from pathlib import Path
 import requests
 from fastcore.basics import patch
@@ -14,7 +15,7 @@ from .config import JobSpec
 from .dataset import read_dataset
 
 # %% auto #0
-__all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'login_file', 'save_login', 'resolve', 'ApiError', 'Client']
+__all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client']
 
 # %% ../nbs/09_client.ipynb #b283e434
 DEFAULT_URL = 'http://127.0.0.1:8642'
@@ -46,8 +47,19 @@ class ApiError(RuntimeError):
     def __init__(self, message:str, status:int|None=None, findings:list|None=None):
         super().__init__(message); self.status, self.findings = status, findings or []
 
+def check_url(url:str) -> str:
+    "`url` without a trailing slash, if it can be a job service's address (http or https, a host, a port in range); else `ApiError` saying what to give"
+    example = "give one like http://127.0.0.1:8642"
+    try: u = urlsplit(url); u.port
+    except ValueError as e: raise ApiError(f"the job service's URL {url!r} is not valid ({e}); {example}") from None
+    if u.scheme not in ('http', 'https'):
+        hint = f"; did you mean http://{url}?" if '://' not in url else f": {u.scheme}:// is not served; {example}"
+        raise ApiError(f"the job service's URL {url!r} must start with http:// or https://{hint}")
+    if not u.hostname: raise ApiError(f"the job service's URL {url!r} names no host; {example}")
+    return url.rstrip('/')
+
 def _error(r:requests.Response, url:str) -> ApiError:
-    try: detail = r.json().get('detail')
+    try: body = r.json(); detail = body.get('detail') if isinstance(body, dict) else body
     except ValueError: detail = r.text[:500]
     findings = []
     if isinstance(detail, dict): findings, detail = detail.get('findings', []), detail.get('message')
@@ -73,6 +85,7 @@ class Client:
     "Client of a cerebrium-ft job service"
     def __init__(self, url:str|None=None, api_key:str|None=None, retries:int=4, backoff:float=0.5, timeout:float=60):
         self.url, self.api_key = resolve(url, api_key)
+        self.url = check_url(self.url)
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.session = requests.Session()
 
@@ -87,19 +100,36 @@ class Client:
             try: r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
             except (requests.ConnectionError, requests.Timeout) as e:
                 if attempt == self.retries: raise ApiError(f"cannot reach the job service at {self.url} ({type(e).__name__}); is `cerebrium-ft serve` running there?") from None
+            except requests.RequestException as e: raise ApiError(f"the request to {url} failed: {type(e).__name__}: {e}") from None
             else:
                 if r.status_code in ok: return r
                 if r.status_code not in RETRY_STATUS or attempt == self.retries: raise _error(r, url)
             time.sleep(self.backoff * 2 ** attempt)
 
-    def health(self) -> dict: return self._request('GET', '/v1/health').json()
-    def me(self) -> dict: return self._request('GET', '/v1/me').json()
-    def job(self, job_id:str) -> dict: return self._request('GET', f"/v1/jobs/{job_id}").json()
-    def logs(self, job_id:str, offset:int=0) -> dict: return self._request('GET', f"/v1/jobs/{job_id}/logs", params=dict(offset=offset)).json()
-    def jobs(self, project_id:str, limit:int=10) -> list: return self._request('GET', f"/v1/projects/{project_id}/jobs", params=dict(limit=limit)).json()
-    def cancel(self, job_id:str) -> dict: return self._request('POST', f"/v1/jobs/{job_id}/cancel").json()
-    def images(self, job_id:str) -> list[str]: return self._request('GET', f"/v1/jobs/{job_id}/images").json()
+    def _json(self, method:str, path:str, shape, **kw):
+        "The JSON answer to a request, checked to have the `shape` the job service sends"
+        r = self._request(method, path, **kw)
+        try: obj = r.json()
+        except ValueError:
+            raise ApiError(f"{self.url}{path} answered {r.status_code} with {r.headers.get('content-type') or 'an unknown type'}, not JSON: "
+                           f"is {self.url} a cerebrium-ft job service?") from None
+        if not shape(obj): raise ApiError(f"{self.url}{path} answered JSON that the job service does not send ({str(obj)[:120]}): is {self.url} a cerebrium-ft job service of this version?")
+        return obj
+
+    def health(self) -> dict: return self._json('GET', '/v1/health', lambda o: isinstance(o, dict) and 'ok' in o)
+    def me(self) -> dict: return self._json('GET', '/v1/me', lambda o: isinstance(o, dict) and isinstance(o.get('project_id'), str))
+    def job(self, job_id:str) -> dict: return self._json('GET', f"/v1/jobs/{job_id}", _is_job)
+    def logs(self, job_id:str, offset:int=0) -> dict: return self._json('GET', f"/v1/jobs/{job_id}/logs", _is_log, params=dict(offset=offset))
+    def jobs(self, project_id:str, limit:int=10) -> list:
+        return self._json('GET', f"/v1/projects/{project_id}/jobs", lambda o: isinstance(o, list) and all(map(_is_job, o)), params=dict(limit=limit))
+    def cancel(self, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{job_id}/cancel", _is_job)
+    def images(self, job_id:str) -> list[str]:
+        return self._json('GET', f"/v1/jobs/{job_id}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
     def image(self, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
+
+JOB_KEYS = ('id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss', 'duration')
+def _is_job(o) -> bool: return isinstance(o, dict) and all(k in o for k in JOB_KEYS) and isinstance(o['id'], str) and isinstance(o['status'], str)
+def _is_log(o) -> bool: return isinstance(o, dict) and isinstance(o.get('text'), str) and isinstance(o.get('next_offset'), int)
 
 # %% ../nbs/09_client.ipynb #74f9c5fe
 def _images(path) -> list[Path]:
@@ -108,27 +138,34 @@ def _images(path) -> list[Path]:
     return [e.path for e in entries]
 
 @patch
-def submit(self:Client, spec:JobSpec, progress=None) -> dict:
-    "Upload `spec` and its images as a new job; `progress(sent, total)` is called as the body goes out"
+def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=None) -> dict:
+    "Upload `spec` and its images as a new job, once however often the upload is retried; `progress(sent, total)` is called as the body goes out"
     from urllib3 import encode_multipart_formdata
     fields = [('spec', json.dumps({k: v for k, v in spec.to_dict().items() if k not in ('dataset', 'prior_class_image_dir')}))]
     fields += [('images', (p.name, p.read_bytes())) for p in _images(spec.dataset)]
     if spec.prior_class_image_dir: fields += [('class_images', (p.name, p.read_bytes())) for p in _images(spec.prior_class_image_dir)]
     body, ctype = encode_multipart_formdata(fields)
-    return self._request('POST', '/v1/jobs', data=_Upload(body, progress), headers={'Content-Type': ctype}).json()
+    key = idempotency_key or uuid.uuid4().hex  # every retry of this upload carries it: the server makes one job
+    return self._json('POST', '/v1/jobs', _is_job, data=_Upload(body, progress), headers={'Content-Type': ctype, 'Idempotency-Key': key})
 
 @patch
 def download(self:Client, job_id:str, dest, progress=None) -> Path:
-    "Stream job `job_id`'s results zip to `dest`; a partial download never has the final name"
+    "Stream job `job_id`'s results zip to `dest`; a download cut short, or one that is not a zip, never gets the final name"
     dest = Path(dest); tmp = dest.with_name(f".{dest.name}.partial")
+    if dest.is_dir(): raise ApiError(f"{dest} is a folder: give the zip's file name, e.g. {dest/f'{job_id}.zip'}")
+    if not dest.parent.is_dir(): raise ApiError(f"cannot write {dest}: the folder {dest.parent} does not exist")
     r = self._request('GET', f"/v1/jobs/{job_id}/results", stream=True)
     total, got = int(r.headers.get('content-length') or 0), 0
     try:
         with open(tmp, 'wb') as f:
-            for chunk in r.iter_content(1 << 20):
-                f.write(chunk); got += len(chunk)
-                if progress: progress(got, total)
+            try:
+                for chunk in r.iter_content(1 << 20):
+                    f.write(chunk); got += len(chunk)
+                    if progress: progress(got, total)
+            except requests.RequestException as e: raise ApiError(f"the download of {job_id} broke off after {got} bytes ({type(e).__name__}); run it again") from None
         if total and got != total: raise ApiError(f"the download of {job_id} stopped at {got} of {total} bytes; run it again")
+        if not zipfile.is_zipfile(tmp):
+            raise ApiError(f"{self.url} sent {got} bytes of {r.headers.get('content-type') or 'unknown type'} that are not a results zip: is it a cerebrium-ft job service?")
         tmp.replace(dest)
     finally: tmp.unlink(missing_ok=True)
     return dest

@@ -6,14 +6,15 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #9509cfb1
 from __future__ import annotations
-import dataclasses, difflib, functools, json, math, re, typing
+import dataclasses, difflib, functools, json, math, re, reprlib, typing
 from dataclasses import dataclass, field, fields, asdict
 from typing import Optional
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MOVED_MODELS', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
-           'TrainingSettings', 'setting_names', 'parse_training_args', 'model_problem', 'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'LOG_LEVELS', 'SettingsError',
+           'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
+           'parse_training_args', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -29,6 +30,12 @@ _TRUE, _FALSE = {'true','1','yes','y','on'}, {'false','0','no','n','off'}
 
 def _num_text(v): return isinstance(v, str) and v.strip() != ''
 
+def _short(v) -> str:
+    "`v`'s repr, cut short (a few items, 40 characters of text): what an error message quotes of a value"
+    return _REPR.repr(v)
+
+_REPR = reprlib.Repr(); _REPR.maxstring = _REPR.maxother = 40
+
 def coerce_value(v, typ, name:str='value'):
     "Coerce JSON value `v` to `typ` (int, float, bool or str; `Optional[...]` allows None), or raise `ValueError` saying why"
     origin_args = typing.get_args(typ)
@@ -40,9 +47,9 @@ def coerce_value(v, typ, name:str='value'):
         if isinstance(v, bool): return v
         if isinstance(v, int) and v in (0, 1): return bool(v)
         if isinstance(v, str) and v.strip().lower() in _TRUE|_FALSE: return v.strip().lower() in _TRUE
-        raise ValueError(f"{name} must be true or false, got {v!r}")
+        raise ValueError(f"{name} must be true or false, got {_short(v)}")
     if typ is int:
-        if isinstance(v, bool): raise ValueError(f"{name} must be a whole number, got {v!r}")
+        if isinstance(v, bool): raise ValueError(f"{name} must be a whole number, got {_short(v)}")
         if isinstance(v, int): return v
         if isinstance(v, float) and v.is_integer(): return int(v)
         if _num_text(v):
@@ -51,17 +58,17 @@ def coerce_value(v, typ, name:str='value'):
                 try: f = float(v)
                 except ValueError: f = None
                 if f is not None and f.is_integer(): return int(f)
-        raise ValueError(f"{name} must be a whole number, got {v!r}")
+        raise ValueError(f"{name} must be a whole number, got {_short(v)}")
     if typ is float:
-        if isinstance(v, bool): raise ValueError(f"{name} must be a number, got {v!r}")
+        if isinstance(v, bool): raise ValueError(f"{name} must be a number, got {_short(v)}")
         if isinstance(v, (int, float)) or _num_text(v):
             try: f = float(v.strip() if isinstance(v, str) else v)
             except ValueError: f = None
             if f is not None and math.isfinite(f): return f
-        raise ValueError(f"{name} must be a finite number, got {v!r}")
+        raise ValueError(f"{name} must be a finite number, got {_short(v)}")
     if typ is str:
         if isinstance(v, str): return v
-        raise ValueError(f"{name} must be text, got {v!r}")
+        raise ValueError(f"{name} must be text, got {_short(v)}")
     raise TypeError(f"no coercion for {typ!r}")
 
 # %% ../nbs/00_config.ipynb #6ec8f588
@@ -133,9 +140,9 @@ def _check(name, v):
     if rule is None or v is None: return v
     if isinstance(rule[0], str):
         if isinstance(v, str) and v.strip().lower() in rule: return v.strip().lower()
-        raise ValueError(f"{name} must be one of {', '.join(rule)}; got {v!r}")
+        raise ValueError(f"{name} must be one of {', '.join(rule)}; got {_short(v)}")
     lo, hi = rule
-    if not lo <= v <= hi: raise ValueError(f"{name} must be between {lo:g} and {hi:g}; got {v!r}")
+    if not lo <= v <= hi: raise ValueError(f"{name} must be between {lo:g} and {hi:g}; got {_short(v)}")
     if name == 'resolution' and v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
     return v
 
@@ -154,7 +161,7 @@ def setting_names(): return [f.name for f in fields(TrainingSettings)]
 @patch(cls_method=True)
 def from_dict(cls:TrainingSettings, d:dict):
     "Build `TrainingSettings` from a user dict: aliases resolved, unknown keys refused with the closest valid key"
-    if not isinstance(d, dict): raise SettingsError(f"expected a JSON object of settings, got {type(d).__name__}: {d!r}")
+    if not isinstance(d, dict): raise SettingsError(f"expected a JSON object of settings, got {type(d).__name__}: {_short(d)}")
     names, kw, problems = setting_names(), {}, []
     for k, v in d.items():
         key = ALIASES.get(k, k)
@@ -168,14 +175,30 @@ def from_dict(cls:TrainingSettings, d:dict):
 def to_dict(self:TrainingSettings) -> dict: return asdict(self)
 
 # %% ../nbs/00_config.ipynb #426f85b1
+MAX_JSON_DEPTH = 16 # settings and specs are flat; deeper JSON is refused before it is walked
+
+def json_depth(x) -> int:
+    "How deeply lists and objects nest in the parsed JSON value `x` (counted without recursion, stopping past `MAX_JSON_DEPTH`)"
+    best, todo = 0, [(x, 1)]
+    while todo:
+        v, d = todo.pop(); best = max(best, d)
+        if isinstance(v, (dict, list)) and d <= MAX_JSON_DEPTH: todo += [(w, d + 1) for w in (v.values() if isinstance(v, dict) else v)]
+    return best
+
+def parse_json_object(text:str, what:str) -> dict:
+    "`text` parsed as a JSON object of `what`, or `SettingsError` saying why it is not one (bad JSON, too deep, a number too long, not an object)"
+    example = """write it as a JSON object in single quotes, e.g. '{"num_train_epochs": 5, "learning_rate": 1e-4}'"""
+    try: d = json.loads(text)
+    except json.JSONDecodeError as e: raise SettingsError(f"{what} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); {example}") from None
+    except RecursionError: raise SettingsError(f"{what} nests too deeply to be settings; {example}") from None
+    except ValueError as e: raise SettingsError(f"{what} is not usable JSON ({str(e).split(';')[0]}); {example}") from None
+    if isinstance(d, (dict, list)) and json_depth(d) > MAX_JSON_DEPTH: raise SettingsError(f"{what} nests more than {MAX_JSON_DEPTH} levels deep; {example}")
+    return d
+
 def parse_training_args(text:str|None) -> TrainingSettings:
     "Parse the `--training-args` JSON string into checked `TrainingSettings`"
     if text is None or not text.strip(): return TrainingSettings()
-    try: d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SettingsError(f"--training-args is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
-                            """write it as a JSON object in single quotes, e.g. '{"num_train_epochs": 5, "learning_rate": 1e-4}'""") from None
-    return TrainingSettings.from_dict(d)
+    return TrainingSettings.from_dict(parse_json_object(text, '--training-args'))
 
 # %% ../nbs/00_config.ipynb #7c98f057
 MOVED_MODELS = {'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5'}
@@ -209,7 +232,7 @@ class JobSpec:
     def __post_init__(self):
         if isinstance(self.training_args, dict): self.training_args = TrainingSettings.from_dict(self.training_args)
         if not isinstance(self.training_args, TrainingSettings):
-            raise SettingsError(f"training_args must be a JSON object of settings, got {self.training_args!r}", 'job spec')
+            raise SettingsError(f"training_args must be a JSON object of settings, got {_short(self.training_args)}", 'job spec')
         problems = []
         for f in fields(self):
             if f.name == 'training_args': continue
@@ -233,12 +256,12 @@ def _spec_problems(s:JobSpec) -> list:
     "Every problem with job spec `s`, each saying what to do"
     p = []
     if not _NAME_RE.match(s.name):
-        p.append(f"name {s.name!r} must be 1-100 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit")
+        p.append(f"name {_short(s.name)} must be 1-100 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit")
     if (mp := model_problem(s.hf_model_path)): p.append(mp)
     if not s.dataset.strip(): p.append("dataset is empty; give a folder of 10-15 images or a JSON manifest")
     if not s.training_prompt: p.append('training_prompt is empty; describe the subject with a rare token, e.g. "a photo of sks dog"')
     if not s.revision.strip(): p.append("revision is empty; use 'main' for the latest")
-    if s.log_level not in LOG_LEVELS: p.append(f"log_level must be DEBUG or INFO; got {s.log_level!r}")
+    if s.log_level not in LOG_LEVELS: p.append(f"log_level must be DEBUG or INFO; got {_short(s.log_level)}")
     if not 0 <= s.num_prior_class_images <= 10_000:
         p.append(f"num_prior_class_images must be between 0 and 10000; got {s.num_prior_class_images}")
     if s.prior_preservation and not s.prior_class_prompt:

@@ -14,9 +14,9 @@ from PIL import Image, ImageCms, ImageOps
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
-           'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'perceptual_hash',
-           'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb', 'check_dataset',
-           'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
+           'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
+           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb',
+           'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -168,6 +168,24 @@ def _size_findings(info:ImageInfo, target:int) -> list[Finding]:
                            'crop it square yourself, around the subject'))
     return out
 
+# %% ../nbs/01_dataset.ipynb #4d255ad5
+WORK_SIDE = 512 # the check measures an image on a copy whose short side is at least this many pixels
+
+def _decode_small(im:Image.Image) -> Image.Image:
+    "Decode `im` into a working copy whose short side is about `WORK_SIDE` (a JPEG at a reduced DCT scale; others decoded, then reduced)"
+    if im.format == 'JPEG': im.draft(im.mode, (WORK_SIDE, WORK_SIDE))
+    im.load()
+    k = min(im.size) // WORK_SIDE
+    if k < 2: return im
+    try: return im.reduce(k)
+    except ValueError: return im.resize((max(1, im.width // k), max(1, im.height // k)), Image.Resampling.NEAREST)  # modes reduce lacks: 1, P, I;16
+
+def _file_sha256(path:Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
+
 # %% ../nbs/01_dataset.ipynb #7bd61531
 BLUR_THRESHOLD = 25.0 # sharpness below this is reported as blurred
 
@@ -196,14 +214,13 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
         if im.format not in FORMATS:
             findings.append(Finding('error', 'format', name, f"is {im.format or 'an unknown format'}, not JPEG, PNG or WEBP", 'convert it to PNG or JPEG; --fix does this'))
         elif (m := _mode_finding(im, path, name)): findings.append(m)
-        try: im.load()
+        try: small = _decode_small(im)
         except Exception as e:
             return info, findings + [Finding('error', 'corrupt', name, f"cannot be decoded: {e}",
                                              'the file is truncated or damaged: copy or export the photo again, or delete it')]
-        info.decoded = True
-        info.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
-        up = to_upright_rgb(im)
-    info.size = up.size
+        info.decoded, info.sha256 = True, _file_sha256(path)
+        up = to_upright_rgb(small, info.orientation)
+    info.size = (h, w) if info.orientation in (5, 6, 7, 8) else (w, h)
     if info.orientation != 1:
         findings.append(Finding('warning', 'orientation', name, f"is stored {_ROTATIONS.get(info.orientation, 'rotated')} (EXIF orientation {info.orientation}); tools that ignore EXIF train on it that way",
                                 '--fix writes it upright'))
@@ -215,13 +232,22 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
     return info, findings
 
 # %% ../nbs/01_dataset.ipynb #e0e0f175
-def to_upright_rgb(im:Image.Image) -> Image.Image:
-    "`im` rotated upright and converted to 8-bit RGB"
-    im = ImageOps.exif_transpose(im)
-    if im.mode.startswith('I') or im.mode == 'F':
-        a = np.asarray(im, dtype=np.float64)
-        a = a / 257 if a.max() > 255 else a
-        im = Image.fromarray(np.clip(a.round(), 0, 255).astype(np.uint8), 'L')
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+def _to_8bit(im:Image.Image, rows:int=1024) -> Image.Image:
+    "A 16-bit or 32-bit grey image as 8-bit 'L', levels scaled (not clipped), a strip of `rows` at a time: no whole-image float copies"
+    a = np.asarray(im)
+    out, scale = np.empty(a.shape, np.uint8), a.max() > 255
+    for r in range(0, a.shape[0], rows):
+        strip = a[r:r + rows].astype(np.float32)
+        out[r:r + rows] = np.clip(np.rint(strip / 257 if scale else strip), 0, 255)
+    return Image.fromarray(out, 'L')
+
+def to_upright_rgb(im:Image.Image, orientation:int|None=None) -> Image.Image:
+    "`im` rotated upright (by its EXIF, or by `orientation` when given) and converted to 8-bit RGB"
+    im = ImageOps.exif_transpose(im) if orientation is None else im.transpose(_TRANSPOSE[orientation]) if orientation in _TRANSPOSE else im
+    if im.mode.startswith('I') or im.mode == 'F': im = _to_8bit(im)
     if im.mode in ('RGBA', 'LA', 'PA') or (im.mode == 'P' and 'transparency' in im.info):
         rgba = im.convert('RGBA')
         bg = Image.new('RGBA', rgba.size, (255, 255, 255, 255))

@@ -6,9 +6,9 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 
 # %% ../nbs/11_hub.ipynb #9d63e874
 from __future__ import annotations
-import json, os, tempfile
+import json, os
 from pathlib import Path
-from .results import unzip_results, verify_results
+from .results import opened_results, verify_results
 from .train import RunDir
 
 # %% auto #0
@@ -76,13 +76,16 @@ def _token(token:str|None) -> str:
 
 def push_to_hub(results, repo_id:str, token:str|None=None, private:bool=True, commit_message:str|None=None) -> str:
     "Push the LoRA in `results` (a results folder or zip) to model repo `repo_id` in one commit; returns the commit URL"
-    from huggingface_hub import CommitOperationAdd, HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-    results = Path(results)
-    folder = unzip_results(results, tempfile.mkdtemp(prefix='cerebrium-ft-push-')) if results.is_file() else results
-    manifest, run = verify_results(folder), RunDir(folder)
+    from huggingface_hub import HfApi
     if '/' not in repo_id: raise HubError(f"repo id {repo_id!r} needs your user or organisation name: e.g. yourname/{repo_id}")
     api = HfApi(endpoint=os.environ.get('HF_ENDPOINT'), token=_token(token))
+    with opened_results(results) as folder: return _push(api, folder, repo_id, private, commit_message)
+
+def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None) -> str:
+    "One commit of the results in `folder` to `repo_id`; the commit URL"
+    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub.errors import HfHubHTTPError
+    manifest, run = verify_results(folder), RunDir(folder)
     images = _validation_images(folder)
     paths = [f"images/{p.parent.name}_{p.name}" for p in images]
     ops = [CommitOperationAdd(f"{run.weights.name}", str(run.weights)), CommitOperationAdd(run.kohya.name, str(run.kohya)),

@@ -6,12 +6,14 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/results.html.md"""
 
 # %% ../nbs/05_results.ipynb #bb81dc66
 from __future__ import annotations
-import json, tempfile, zipfile
+import json, shutil, tempfile, zipfile
+from contextlib import contextmanager
 from pathlib import Path
 from .train import RunDir, file_sha256
 
 # %% auto #0
-__all__ = ['SKIP_IN_ZIP', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results', 'load_results']
+__all__ = ['SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results',
+           'opened_results', 'load_results']
 
 # %% ../nbs/05_results.ipynb #178b9dee
 class ResultsError(ValueError):
@@ -45,11 +47,23 @@ def zip_results(folder, dest) -> Path:
     tmp.replace(dest)
     return dest
 
+MAX_UNZIPPED_BYTES = 8 * 2**30 # a results zip that would unpack to more is refused before anything is extracted
+MAX_ZIP_RATIO = 100 # and one that unpacks to over this many times its size (weights and images are stored, not compressed)
+
+def _zip_bomb(z:zipfile.ZipFile, size:int) -> str|None:
+    "Why the archive `z` (`size` bytes on disk) must not be extracted, judged from its central directory alone"
+    total = sum(i.file_size for i in z.infolist())
+    if total > MAX_UNZIPPED_BYTES: return f"it would unpack to {total / 2**30:.1f} GB, over the {MAX_UNZIPPED_BYTES / 2**30:.0f} GB a results zip may hold"
+    if total > 100 * 2**20 and total > MAX_ZIP_RATIO * size:
+        return f"it would unpack to {total / 2**20:.0f} MB from {size / 2**20:.1f} MB ({total / max(size, 1):.0f} times): a zip bomb, not results"
+    return None
+
 def unzip_results(zip_path, dest) -> Path:
-    "Extract a results zip into `dest`, refusing paths that would land outside it, and check it"
+    "Extract a results zip into `dest` and check it, refusing paths that would land outside it and archives that unpack to too much"
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(zip_path) as z:
+            if (why := _zip_bomb(z, Path(zip_path).stat().st_size)): raise ResultsError(f"{zip_path} is refused: {why}")
             for name in z.namelist():
                 if name.startswith('/') or '..' in Path(name).parts: raise ResultsError(f"{zip_path} holds an unsafe path {name!r}; refusing to extract it")
             z.extractall(dest)
@@ -57,14 +71,20 @@ def unzip_results(zip_path, dest) -> Path:
     verify_results(dest)
     return dest
 
+@contextmanager
+def opened_results(results):
+    "The folder of `results` (a results folder, or a zip extracted to a temporary folder that is removed afterwards), checked"
+    results = Path(results)
+    if results.is_dir(): verify_results(results); yield results; return
+    if not (results.is_file() and zipfile.is_zipfile(results)): raise ResultsError(f"{results} is neither a results folder nor a results zip")
+    tmp = tempfile.mkdtemp(prefix='cerebrium-ft-results-')
+    try: yield unzip_results(results, tmp)
+    finally: shutil.rmtree(tmp, ignore_errors=True)
+
 # %% ../nbs/05_results.ipynb #ffb1de5d
 def load_results(pipeline, results, adapter_name:str|None=None):
     "Load the LoRA of `results` (a results folder or zip) into a diffusers Stable Diffusion `pipeline`; returns the manifest"
-    results = Path(results)
-    if results.is_file() and zipfile.is_zipfile(results):
-        folder = unzip_results(results, tempfile.mkdtemp(prefix='cerebrium-ft-results-'))
-    elif results.is_dir(): folder = results
-    else: raise ResultsError(f"{results} is neither a results folder nor a results zip")
-    manifest, run = verify_results(folder), RunDir(folder)
-    pipeline.load_lora_weights(str(run.attn_procs), weight_name=run.weights.name, adapter_name=adapter_name)
+    with opened_results(results) as folder:
+        manifest, run = verify_results(folder), RunDir(folder)
+        pipeline.load_lora_weights(str(run.attn_procs), weight_name=run.weights.name, adapter_name=adapter_name)
     return manifest

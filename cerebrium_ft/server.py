@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from fastcore.basics import patch
 from . import __version__
-from .config import JobSpec, SettingsError, model_problem
+from .config import MAX_JSON_DEPTH, JobSpec, SettingsError, json_depth, model_problem
 from .dataset import check_dataset
 from .store import FINAL, Store, new_job_id
 from .train import RunDir, model_path_problem
@@ -23,9 +23,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
 __all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS',
-           'MAX_SPEC_DEPTH', 'UPLOAD_SUFFIXES', 'job_processes', 'end_job', 'is_out_of_space', 'Executor', 'BodyLimit',
-           'RequireKey', 'DataDirBusy', 'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'create_app',
-           'project', 'run_job']
+           'UPLOAD_SUFFIXES', 'job_processes', 'end_job', 'is_out_of_space', 'Executor', 'BodyLimit', 'RequireKey',
+           'DataDirBusy', 'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'create_app', 'project',
+           'run_job']
 
 # %% ../nbs/07_server.ipynb #abf0252d
 MAX_ATTEMPTS = 3
@@ -54,7 +54,7 @@ def job_processes(job_dir, pgid:int|None=None) -> list[int]:
         except (OSError, ValueError): continue
     return [p for p in found if p != os.getpid()]
 
-# %% ../nbs/07_server.ipynb #dc14217c
+# %% ../nbs/07_server.ipynb #1455ca7c
 def _signal(pids, sig):
     for pid in pids:
         try: os.kill(pid, sig)
@@ -78,12 +78,13 @@ def end_job(job_dir, leader:subprocess.Popen|None=None, grace:float=KILL_GRACE_S
         if not (pids := live()): break
     return 'SIGKILL'
 
-# %% ../nbs/07_server.ipynb #f5000f4b
-def _out_of_space(job_dir:Path, least:int=64 * 2**20) -> str|None:
-    "'no space left on device' and what is free, when the disk of `job_dir` has less than `least` bytes free"
-    try: free = shutil.disk_usage(job_dir if job_dir.exists() else job_dir.parent).free
+# %% ../nbs/07_server.ipynb #f4aa95c1
+def _out_of_space(job_dir:Path) -> str|None:
+    "'no space left on device' and what is free, when the disk of `job_dir` is all but full (under 64 MB or 5% free)"
+    try: du = shutil.disk_usage(job_dir if job_dir.exists() else job_dir.parent)
     except OSError: return None
-    return f"no space left on device: {free / 2**20:.0f} MB free for {job_dir.parent}; free some space, then submit the job again" if free < least else None
+    if du.free >= min(64 * 2**20, du.total / 20): return None
+    return f"no space left on device: {du.free / 2**20:.1f} MB free for {job_dir.parent}; free some space, then submit the job again"
 
 def _failure_reason(log:Path, rc:int) -> str:
     "Why a job process ended with status `rc`"
@@ -104,12 +105,12 @@ def is_out_of_space(e:BaseException, job_dir:Path) -> bool:
         e = e.__cause__ or e.__context__
     return _out_of_space(Path(job_dir)) is not None
 
-# %% ../nbs/07_server.ipynb #3bda9f65
+# %% ../nbs/07_server.ipynb #80a78e71
 class _Complaints:
     "Print an error when it is new, and the same error again at most once a minute, with how often it happened meanwhile"
     def __init__(self, every:float=60, file=None): self.every, self.file, self.last, self.at, self.repeats = every, file, None, 0.0, 0
     def __call__(self, message:str):
-        now = time.monotonic()
+        message, now = message.splitlines()[0] if message else message, time.monotonic()
         if message == self.last and now - self.at < self.every: self.repeats += 1; return
         again = f" (and {self.repeats} times more in the last {now - self.at:.0f} s)" if message == self.last and self.repeats else ''
         print(f"cerebrium-ft executor: {message}{again}", file=self.file or sys.stderr, flush=True)
@@ -145,7 +146,7 @@ class Executor:
             self._fail_lost()
             while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()): self._start(j)
 
-# %% ../nbs/07_server.ipynb #109a4a44
+# %% ../nbs/07_server.ipynb #521863ea
 @patch
 def _start(self:Executor, j:dict):
     "Start job `j`'s run-job process in the job's folder, in a session of its own, files owner-only; fail the job if it cannot start"
@@ -178,7 +179,7 @@ def _fail_lost(self:Executor):
         if j['id'] not in self.children and j['id'] not in self.unsettled:
             self._finish(j['id'], 'failed', dict(error="the job service lost track of the job's process; submit the job again"))
 
-# %% ../nbs/07_server.ipynb #b53fc344
+# %% ../nbs/07_server.ipynb #fd071cfc
 @patch
 def _watch(self:Executor, jid:str, p):
     "Record a child's progress; stop it if it stalled; record its end, then let go of it"
@@ -222,7 +223,7 @@ def _settle(self:Executor, jid:str, rc:int, stalled:bool=False):
     else: status, fields = 'failed', dict(error=_failure_reason(d/'job.log', rc))
     self.store.update(jid, 'running', status=status, finished=time.time(), pid=None, **fields)
 
-# %% ../nbs/07_server.ipynb #afe70e21
+# %% ../nbs/07_server.ipynb #fb62a3ee
 @patch
 def recover(self:Executor):
     "Settle the jobs a previous server left running: end their processes, then resume or fail them, saying from where they resume"
@@ -311,7 +312,7 @@ class RequireKey:
         scope.setdefault('state', {})['project_id'] = pid
         await self.app(scope, receive, send)
 
-# %% ../nbs/07_server.ipynb #5d462dd5
+# %% ../nbs/07_server.ipynb #db796fa7
 class DataDirBusy(RuntimeError):
     "Another server holds the data folder"
 
@@ -336,7 +337,7 @@ def open_data_dir(data_dir) -> int:
 def close_data_dir(fd:int):
     fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
-# %% ../nbs/07_server.ipynb #451616fe
+# %% ../nbs/07_server.ipynb #dcef680a
 LOCAL_MODEL_REFUSED = ("local model folders are not open to jobs on this server: give a Hugging Face model id (owner/name), "
                        "or ask the server's operator to put the model in a folder given to `cerebrium-ft serve --model-dir`")
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -354,17 +355,8 @@ def server_model(model:str, model_dirs=()) -> tuple[str, str|None]:
 # %% ../nbs/07_server.ipynb #9a09493a
 MAX_FILES = 64
 MAX_CHECKS = 2 # uploads whose images are checked at once; the rest wait, so that memory stays bounded
-MAX_SPEC_DEPTH = 16
 UPLOAD_SUFFIXES = {'.jpg': '.jpg', '.jpeg': '.jpg', '.png': '.png', '.webp': '.webp'}
 _checks = threading.BoundedSemaphore(MAX_CHECKS)
-
-def _depth(x) -> int:
-    "How deeply lists and dicts nest in `x` (without recursion)"
-    best, todo = 0, [(x, 1)]
-    while todo:
-        v, d = todo.pop(); best = max(best, d)
-        if isinstance(v, (dict, list)) and d <= MAX_SPEC_DEPTH: todo += [(w, d + 1) for w in (v.values() if isinstance(v, dict) else v)]
-    return best
 
 def _parse_spec(text:str) -> dict:
     "The submitted spec as a dict, or a 400 saying what is wrong with it"
@@ -372,7 +364,7 @@ def _parse_spec(text:str) -> dict:
     except RecursionError: raise HTTPException(400, "spec is nested too deeply to be a job spec: send a JSON object of the job's fields") from None
     except ValueError as e: raise HTTPException(400, f"spec is not valid JSON: {str(e)[:300]}") from None
     if not isinstance(d, dict): raise HTTPException(400, "spec must be a JSON object of the job's fields")
-    if _depth(d) > MAX_SPEC_DEPTH: raise HTTPException(400, f"spec nests more than {MAX_SPEC_DEPTH} levels deep: send a JSON object of the job's fields")
+    if json_depth(d) > MAX_JSON_DEPTH: raise HTTPException(400, f"spec nests more than {MAX_JSON_DEPTH} levels deep: send a JSON object of the job's fields")
     return d
 
 def _submission_sha256(spec:str, images:list, class_images:list) -> str:
@@ -395,7 +387,7 @@ def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
         out.append(p)
     return out
 
-# %% ../nbs/07_server.ipynb #e2eaf8bc
+# %% ../nbs/07_server.ipynb #e92c003f
 def _check_uploads(folder:Path, class_images:bool, resolution:int):
     "Raise 413 for an image with too many pixels, 400 with the findings for a dataset with errors; at most MAX_CHECKS uploads are checked at once"
     for sub in ['dataset'] + (['class_images'] if class_images else []):
@@ -418,7 +410,7 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
     return js
 
-# %% ../nbs/07_server.ipynb #18d1bb78
+# %% ../nbs/07_server.ipynb #62a6688e
 def _disk_full(e:Exception) -> bool: return getattr(e, 'errno', None) == errno.ENOSPC or 'disk is full' in str(e) or 'No space left' in str(e)
 
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
@@ -450,7 +442,7 @@ def _replayed(found, digest:str) -> dict:
     if was != digest: raise HTTPException(409, "this Idempotency-Key was already used for a different submission: use a new key for a new job")
     return job
 
-# %% ../nbs/07_server.ipynb #787ec24f
+# %% ../nbs/07_server.ipynb #d581cef8
 def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
     "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
     data_dir = Path(data_dir).expanduser()
@@ -481,7 +473,7 @@ def project(request:Request) -> str:
     "The project of the request's API key (checked by `RequireKey`)"
     return request.state.project_id
 
-# %% ../nbs/07_server.ipynb #66c85497
+# %% ../nbs/07_server.ipynb #2af1b754
 def _routes(store:Store, executor:Executor, data_dir:Path, model_dirs:tuple) -> APIRouter:
     "The /v1 routes"
     r = APIRouter(prefix='/v1')

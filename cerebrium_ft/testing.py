@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/testing.html.md"""
 
 # %% ../nbs/02_testing.ipynb #0d121575
 from __future__ import annotations
-import base64, http.server, json, threading
+import base64, hashlib, http.server, json, os, threading
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'write_byte_tokenizer', 'sd_models', 'build_tiny_pipeline',
+__all__ = ['SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'sd_models', 'build_tiny_pipeline',
            'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
@@ -131,38 +131,70 @@ def make_subject_images(dst, n:int=12, size:int=512, seed:int=0) -> list[Path]:
     return paths
 
 # %% ../nbs/02_testing.ipynb #a07a8440
+LFS_SUFFIXES = ('.safetensors', '.png', '.bin', '.ckpt', '.pt', '.zip', '.jpg', '.jpeg', '.webp') # what the Hub's default .gitattributes sends to LFS
+
 class FakeHub:
-    "A recording stand-in for the Hub's upload API on 127.0.0.1"
+    "A recording stand-in for the Hub's upload API on 127.0.0.1, regular and LFS uploads"
     def __init__(self):
-        self.calls, self.commits = [], []
-        hub = self
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a): pass
-            def _json(self, status, obj):
-                data = json.dumps(obj).encode()
-                self.send_response(status); self.send_header('Content-Type', 'application/json')
-                self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
-            def do_POST(self):
-                body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
-                hub.calls.append(path)
-                base = f"http://{self.headers['Host']}"
-                if path == '/api/repos/create':
-                    req = json.loads(body)
-                    if req.get('organization') == 'someone-else': return self._json(403, {'error': 'You do not have rights to this namespace'})
-                    return self._json(200, {'url': f"{base}/{req.get('organization')}/{req['name']}", 'name': req['name']})
-                if path == '/api/validate-yaml': return self._json(200, {'errors': [], 'warnings': []})
-                if '/preupload/' in path:
-                    return self._json(200, {'files': [{'path': f['path'], 'uploadMode': 'regular', 'shouldIgnore': False} for f in json.loads(body)['files']]})
-                if '/commit/' in path:
-                    hub.commits.append([json.loads(l) for l in body.splitlines() if l.strip()])
-                    repo = path.split('/api/models/')[1].rsplit('/commit/', 1)[0]
-                    return self._json(200, {'commitUrl': f"{base}/{repo}/commit/{'ab' * 20}", 'commitOid': 'ab' * 20})
-                return self._json(404, {'error': f"no route {path}"})
-        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Handler)
+        self.calls, self.commits, self.lfs = [], [], {}  # lfs: sha256 -> the bytes uploaded
+        self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
+    env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
     def start(self):
+        from huggingface_hub import constants
+        self._xet, constants.HF_HUB_DISABLE_XET = constants.HF_HUB_DISABLE_XET, True
         threading.Thread(target=self.server.serve_forever, daemon=True).start(); return self
-    def stop(self): self.server.shutdown(); self.server.server_close()
+    def stop(self):
+        from huggingface_hub import constants
+        constants.HF_HUB_DISABLE_XET = self._xet
+        self.server.shutdown(); self.server.server_close()
     def files(self, commit:int=-1) -> dict:
-        "path -> bytes of the files in a recorded commit"
-        return {o['value']['path']: base64.b64decode(o['value']['content']) for o in self.commits[commit] if o['key'] == 'file'}
+        "path -> bytes of the files in a recorded commit, inline and LFS alike"
+        ops = self.commits[commit]
+        return {**{o['value']['path']: base64.b64decode(o['value']['content']) for o in ops if o['key'] == 'file'},
+                **{o['value']['path']: self.lfs[o['value']['oid']] for o in ops if o['key'] == 'lfsFile'}}
+    def lfs_paths(self, commit:int=-1) -> list[str]:
+        "The paths a recorded commit took through LFS"
+        return sorted(o['value']['path'] for o in self.commits[commit] if o['key'] == 'lfsFile')
+
+# %% ../nbs/02_testing.ipynb #f1c69fee
+def _hub_handler(hub:FakeHub):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *a): pass
+        def _json(self, status, obj=None):
+            data = json.dumps(obj if obj is not None else {}).encode()
+            self.send_response(status); self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
+        def do_PUT(self):  # the bytes of an LFS object, to the URL the batch API gave
+            body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
+            hub.calls.append(path); oid = path.rsplit('/', 1)[1]
+            if hashlib.sha256(body).hexdigest() != oid: return self._json(400, {'error': 'the upload does not match its sha256'})
+            hub.lfs[oid] = body; self._json(200)
+        def do_POST(self):
+            body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
+            hub.calls.append(path)
+            base = f"http://{self.headers['Host']}"
+            if path == '/api/repos/create':
+                req = json.loads(body)
+                if req.get('organization') == 'someone-else': return self._json(403, {'error': 'You do not have rights to this namespace'})
+                return self._json(200, {'url': f"{base}/{req.get('organization')}/{req['name']}", 'name': req['name']})
+            if path == '/api/validate-yaml': return self._json(200, {'errors': [], 'warnings': []})
+            if '/preupload/' in path:
+                mode = lambda f: 'lfs' if f['path'].lower().endswith(LFS_SUFFIXES) or f.get('size', 0) >= 10 * 2**20 else 'regular'
+                return self._json(200, {'files': [{'path': f['path'], 'uploadMode': mode(f), 'shouldIgnore': False} for f in json.loads(body)['files']]})
+            if path.endswith('.git/info/lfs/objects/batch'):
+                objs = json.loads(body)['objects']
+                act = lambda o: {} if o['oid'] in hub.lfs else {'actions': {'upload': {'href': f"{base}/lfs-upload/{o['oid']}"}, 'verify': {'href': f"{base}/lfs-verify/{o['oid']}"}}}
+                return self._json(200, {'transfer': 'basic', 'objects': [{'oid': o['oid'], 'size': o['size'], **act(o)} for o in objs]})
+            if path.startswith('/lfs-verify/'):
+                oid = json.loads(body)['oid']
+                return self._json(200 if oid in hub.lfs and len(hub.lfs[oid]) == json.loads(body)['size'] else 404)
+            if '/commit/' in path:
+                ops = [json.loads(l) for l in body.splitlines() if l.strip()]
+                if (missing := [o['value']['path'] for o in ops if o['key'] == 'lfsFile' and o['value']['oid'] not in hub.lfs]):
+                    return self._json(400, {'error': f"LFS objects of {missing} were never uploaded"})
+                hub.commits.append(ops)
+                repo = path.split('/api/models/')[1].rsplit('/commit/', 1)[0]
+                return self._json(200, {'commitUrl': f"{base}/{repo}/commit/{'ab' * 20}", 'commitOid': 'ab' * 20})
+            return self._json(404, {'error': f"no route {path}"})
+    return Handler

@@ -20,10 +20,10 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'RunDir',
-           'write_progress', 'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'load_models',
-           'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer',
-           'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'file_sha256',
-           'plot_loss', 'save_results', 'train', 'fresh_accelerator']
+           'write_progress', 'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'resolve_device',
+           'load_models', 'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss',
+           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate',
+           'to_kohya', 'file_sha256', 'plot_loss', 'save_results', 'train', 'fresh_accelerator']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -110,6 +110,20 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     elif run.root.exists() and any(run.root.iterdir()):
         raise TrainingError(f"{run.root} already holds other files; give a new or empty --output folder")
     return report
+
+# %% ../nbs/04_train.ipynb #0351407e
+def resolve_device(name:str|None=None):
+    "The torch device `name` names (default: cuda if there is one), checked before any model loads"
+    import torch
+    if name is None: return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try: dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError): dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda', 'mps'): raise TrainingError(f"device {name!r}: cerebrium-ft runs on cpu, cuda (or cuda:N) and mps")
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise TrainingError(f"device {name!r}: PyTorch sees no CUDA GPU on this machine; use cpu")
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if dev.type == 'mps' and not torch.backends.mps.is_available(): raise TrainingError(f"device {name!r}: MPS (Apple GPUs) is not available here; use cpu")
+    return dev
 
 # %% ../nbs/04_train.ipynb #29f0b70c
 def load_models(model:str, revision:str='main') -> dict:
@@ -226,7 +240,7 @@ def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
     return state['step']
 
-# %% ../nbs/04_train.ipynb #801d8486
+# %% ../nbs/04_train.ipynb #244ea937
 CHECKPOINT_OVERHEAD = 0.02 # epoch-end checkpoints take at most this fraction of the training time
 
 class CheckpointClock:
@@ -361,9 +375,9 @@ def _log_to(run:RunDir, level:str):
         log.addHandler(logging.StreamHandler())
     return handler
 
-def train(spec:JobSpec, output_dir, device:str|None=None, cache=None, progress:bool=True) -> Path:
+def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True) -> Path:
     "Train a LoRA for `spec` into `output_dir` (the results folder); resumes a run that was stopped"
-    run = RunDir(output_dir)
+    run, device = RunDir(output_dir), resolve_device(device)
     report = preflight(spec, run.root)
     if run.manifest.exists():
         log.info(f"{run.root} already holds the finished run of {spec.name}"); return run.root
@@ -377,7 +391,7 @@ def train(spec:JobSpec, output_dir, device:str|None=None, cache=None, progress:b
     finally:
         log.removeHandler(handler); handler.close()
 
-# %% ../nbs/04_train.ipynb #66d28aaf
+# %% ../nbs/04_train.ipynb #7daa18b4
 def fresh_accelerator(precision:str, cpu:bool):
     "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used"
     from accelerate import Accelerator
@@ -386,7 +400,7 @@ def fresh_accelerator(precision:str, cpu:bool):
         AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
-# %% ../nbs/04_train.ipynb #8de556fd
+# %% ../nbs/04_train.ipynb #93359b7d
 def _epoch_on_device(batches:list, device) -> tuple[list, list]:
     "The instance and class index tensors of each batch of an epoch, copied to `device` in one transfer (none per step)"
     import torch
@@ -404,7 +418,6 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     from peft import LoraConfig
     from tqdm.auto import tqdm
     s, t0 = spec.training_args, time.time()
-    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     precision = resolve_precision(s.mixed_precision, device)
     weight_dtype = precision_dtype(precision)
     if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True

@@ -208,12 +208,13 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
     jid = json.loads(r.stdout)['id']
     hub = FakeHub().start()
     try:
-        env = {**os.environ, 'HF_ENDPOINT': hub.url, 'HF_HOME': str(tmp_path/'hf')}
+        env = {**os.environ, **hub.env, 'HF_HOME': str(tmp_path/'hf')}
         r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--json', env=env)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)['commit_url'].startswith(f"{hub.url}/me/sks-robot/commit/")
         files = hub.files()
         assert {'README.md', 'pytorch_lora_weights.safetensors', 'lora_kohya.safetensors', 'manifest.json'} <= set(files)
+        assert 'pytorch_lora_weights.safetensors' in hub.lfs_paths()
         assert sum(c.endswith('/commit/main') for c in hub.calls) == 1
         r = run_cli('push-to-hub', jid, 'me/sks-robot', '--api-key', server.key, '--url', server.url, env={**env, 'HF_TOKEN': ''})
         assert r.returncode == 2 and 'no Hugging Face token' in r.stderr

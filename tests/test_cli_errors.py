@@ -1,0 +1,68 @@
+"Every way a user can get a command wrong ends in one line that says what to do and a non-zero exit status: never a traceback"
+import http.server, json, threading
+from pathlib import Path
+import pytest
+from conftest import run_cli
+
+class Impostor(http.server.BaseHTTPRequestHandler):
+    "Something on the port that is not the job service, or a job service that breaks off"
+    def do_GET(self):
+        body, ctype, length = {'/v1/jobs/j_html': (b'<html>Please log in</html>', 'text/html', None),
+                               '/v1/jobs/j_shape': (b'[1, 2, 3]', 'application/json', None),
+                               '/v1/jobs/j_cut/results': (b'PK\x03\x04' + b'x' * 100, 'application/zip', 5000),
+                               '/v1/jobs/j_page/results': (b'<html>oops</html>', 'text/html', None)}.get(self.path, (b'{}', 'application/json', None))
+        self.send_response(200); self.send_header('Content-Type', ctype); self.send_header('Content-Length', str(length or len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+
+@pytest.fixture(scope='module')
+def impostor():
+    srv = http.server.ThreadingHTTPServer(('127.0.0.1', 0), Impostor)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+
+def one_line(r, status, said):
+    assert r.returncode == status, (r.returncode, r.stdout, r.stderr)
+    assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert said in r.stderr, r.stderr
+
+@pytest.mark.parametrize('url,said', [('127.0.0.1:8642', 'did you mean http://127.0.0.1:8642?'), ('http://127.0.0.1:99999', 'Port out of range'),
+                                      ('ftp://127.0.0.1', 'ftp:// is not served')])
+def test_a_url_the_service_cannot_have(url, said):
+    one_line(run_cli('get-most-recent-jobs', 'p_x', 'cft_a_b', '--url', url), 1, said)
+
+def test_a_server_that_is_not_the_job_service(impostor, tmp_path):
+    one_line(run_cli('check-job-status', 'j_html', 'cft_a_b', '--url', impostor), 1, 'answered 200 with text/html, not JSON')
+    one_line(run_cli('check-job-status', 'j_shape', 'cft_a_b', '--url', impostor), 1, 'answered JSON that the job service does not send')
+    one_line(run_cli('download-model', 'j_cut', 'cft_a_b', '--url', impostor, '--output', tmp_path/'r.zip'), 1, 'the download of j_cut')
+    one_line(run_cli('download-model', 'j_page', 'cft_a_b', '--url', impostor, '--output', tmp_path/'r.zip'), 1, 'that are not a results zip')
+    assert list(tmp_path.iterdir()) == []
+
+def test_an_output_that_cannot_be_written(impostor, tmp_path):
+    one_line(run_cli('download-model', 'j_page', 'cft_a_b', '--url', impostor, '--output', tmp_path), 2, 'is a folder: give a file name in it')
+    one_line(run_cli('download-model', 'j_page', 'cft_a_b', '--url', impostor, '--output', tmp_path/'no'/'r.zip'), 2, 'does not exist')
+    one_line(run_cli('generate', tmp_path/'r.zip', 'a robot', '--output', tmp_path/'no'/'g.png'), 2, 'does not exist')
+
+# an argument is at most 128 KB on Linux: 60,000 levels is as deep as a shell can pass
+@pytest.mark.parametrize('args,said', [('[' * 60_000 + ']' * 60_000, 'nests too deeply'), ('{"seed": ' + '9' * 5000 + '}', 'Exceeds the limit (4300 digits)'),
+                                       ('{"learning_rat": 1}', "did you mean 'learning_rate'?")])
+def test_training_args_that_are_not_settings(tiny_model, tmp_path, args, said):
+    (tmp_path/'data').mkdir()
+    for cmd in (['train', 'robot', tiny_model, tmp_path/'data', 'a photo of sks robot'],
+                ['train-diffuser', 'robot', 'cft_a_b', tiny_model, tmp_path/'data', 'a photo of sks robot', '--url', 'http://127.0.0.1:9']):
+        one_line(run_cli(*cmd, '--training-args', args), 2, said)
+
+@pytest.mark.parametrize('device,said', [('cuda', 'PyTorch sees no CUDA GPU on this machine'), ('tpu', "device 'tpu': cerebrium-ft runs on cpu, cuda")])
+def test_a_device_this_machine_has_not(tiny_model, tmp_path, device, said):
+    import torch
+    if device == 'cuda' and torch.cuda.is_available(): pytest.skip('this machine has CUDA')
+    from cerebrium_ft.testing import make_subject_images
+    make_subject_images(tmp_path/'data', n=6, size=64)
+    r = run_cli('train', 'robot', tiny_model, tmp_path/'data', 'a photo of sks robot', '--device', device, '--output', tmp_path/'out')
+    one_line(r, 1, said)
+    assert not (tmp_path/'out').exists()  # refused before anything was written or loaded
+    one_line(run_cli('generate', tmp_path/'nothing.zip', 'a robot', '--device', device), 2, said)
+
+def test_generate_nothing(tmp_path):
+    one_line(run_cli('generate', tmp_path/'r.zip', 'a robot', '-n', '0'), 2, '-n and --steps must be 1 or more')
