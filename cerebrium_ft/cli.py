@@ -94,7 +94,7 @@ def _device(name:str|None):
     "The torch device for --device, checked before any model loads"
     from cerebrium_ft.train import TrainingError, resolve_device
     try: return resolve_device(name)
-    except TrainingError as e: raise CliError(f"--device: {e}") from None
+    except TrainingError as e: raise CliError(str(e)) from None
 
 @command('check-dataset')
 def check_dataset_cmd(
@@ -146,9 +146,10 @@ def train_cmd(
 ) -> int:
     "Train a DreamBooth LoRA on this machine and write the results folder"
     spec = spec_from_args(name, hf_model_path, dataset_path, training_prompt, **options)
+    dev = _device(device)
     quiet_libraries()
     from cerebrium_ft.train import TrainingError, train
-    try: out = train(spec, output or name, device=device)
+    try: out = train(spec, output or name, device=dev)
     except TrainingError as e:
         print(f"cerebrium-ft train: {e}", file=sys.stderr)
         return 1
@@ -385,7 +386,9 @@ def _job_lines(j:dict) -> str:
     t = lambda x: time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(x)) if x else '-'
     prog = f"{j['step']}/{j['total']}" if j['total'] else '-'
     rows = [('job', j['id']), ('name', j['name']), ('status', j['status']), ('phase', j['phase'] or '-'), ('progress', prog),
-            ('loss', f"{j['loss']:.4f}" if j['loss'] is not None else '-'), ('attempts', j['attempts']), ('created', t(j['created'])),
+            ('loss', f"{j['loss']:.4f}" if j['loss'] is not None else '-'), ('attempts', j['attempts'])]
+    rows += [('resumed', f"from the checkpoint of step {j['resumed_from']}")] if j.get('resumed_from') is not None else []
+    rows += [('created', t(j['created'])),
             ('started', t(j['started'])), ('finished', t(j['finished']))] + ([('error', j['error'])] if j['error'] else [])
     return '\n'.join(f"{k:9} {v}" for k, v in rows)
 

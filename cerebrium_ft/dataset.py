@@ -168,7 +168,7 @@ def _size_findings(info:ImageInfo, target:int) -> list[Finding]:
                            'crop it square yourself, around the subject'))
     return out
 
-# %% ../nbs/01_dataset.ipynb #4d255ad5
+# %% ../nbs/01_dataset.ipynb #09929927
 WORK_SIDE = 512 # the check measures an image on a copy whose short side is at least this many pixels
 
 def _decode_small(im:Image.Image) -> Image.Image:

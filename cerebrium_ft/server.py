@@ -54,7 +54,7 @@ def job_processes(job_dir, pgid:int|None=None) -> list[int]:
         except (OSError, ValueError): continue
     return [p for p in found if p != os.getpid()]
 
-# %% ../nbs/07_server.ipynb #1455ca7c
+# %% ../nbs/07_server.ipynb #6d6adb43
 def _signal(pids, sig):
     for pid in pids:
         try: os.kill(pid, sig)
@@ -78,7 +78,7 @@ def end_job(job_dir, leader:subprocess.Popen|None=None, grace:float=KILL_GRACE_S
         if not (pids := live()): break
     return 'SIGKILL'
 
-# %% ../nbs/07_server.ipynb #f4aa95c1
+# %% ../nbs/07_server.ipynb #9183737e
 def _out_of_space(job_dir:Path) -> str|None:
     "'no space left on device' and what is free, when the disk of `job_dir` is all but full (under 64 MB or 5% free)"
     try: du = shutil.disk_usage(job_dir if job_dir.exists() else job_dir.parent)
@@ -105,7 +105,7 @@ def is_out_of_space(e:BaseException, job_dir:Path) -> bool:
         e = e.__cause__ or e.__context__
     return _out_of_space(Path(job_dir)) is not None
 
-# %% ../nbs/07_server.ipynb #80a78e71
+# %% ../nbs/07_server.ipynb #64f4425f
 class _Complaints:
     "Print an error when it is new, and the same error again at most once a minute, with how often it happened meanwhile"
     def __init__(self, every:float=60, file=None): self.every, self.file, self.last, self.at, self.repeats = every, file, None, 0.0, 0
@@ -146,7 +146,7 @@ class Executor:
             self._fail_lost()
             while len(self.children) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()): self._start(j)
 
-# %% ../nbs/07_server.ipynb #521863ea
+# %% ../nbs/07_server.ipynb #1897532e
 @patch
 def _start(self:Executor, j:dict):
     "Start job `j`'s run-job process in the job's folder, in a session of its own, files owner-only; fail the job if it cannot start"
@@ -179,7 +179,7 @@ def _fail_lost(self:Executor):
         if j['id'] not in self.children and j['id'] not in self.unsettled:
             self._finish(j['id'], 'failed', dict(error="the job service lost track of the job's process; submit the job again"))
 
-# %% ../nbs/07_server.ipynb #fd071cfc
+# %% ../nbs/07_server.ipynb #f6951a29
 @patch
 def _watch(self:Executor, jid:str, p):
     "Record a child's progress; stop it if it stalled; record its end, then let go of it"
@@ -223,7 +223,7 @@ def _settle(self:Executor, jid:str, rc:int, stalled:bool=False):
     else: status, fields = 'failed', dict(error=_failure_reason(d/'job.log', rc))
     self.store.update(jid, 'running', status=status, finished=time.time(), pid=None, **fields)
 
-# %% ../nbs/07_server.ipynb #fb62a3ee
+# %% ../nbs/07_server.ipynb #549ca452
 @patch
 def recover(self:Executor):
     "Settle the jobs a previous server left running: end their processes, then resume or fail them, saying from where they resume"
@@ -312,7 +312,7 @@ class RequireKey:
         scope.setdefault('state', {})['project_id'] = pid
         await self.app(scope, receive, send)
 
-# %% ../nbs/07_server.ipynb #db796fa7
+# %% ../nbs/07_server.ipynb #abf83fd9
 class DataDirBusy(RuntimeError):
     "Another server holds the data folder"
 
@@ -337,7 +337,7 @@ def open_data_dir(data_dir) -> int:
 def close_data_dir(fd:int):
     fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
 
-# %% ../nbs/07_server.ipynb #dcef680a
+# %% ../nbs/07_server.ipynb #21e83c1b
 LOCAL_MODEL_REFUSED = ("local model folders are not open to jobs on this server: give a Hugging Face model id (owner/name), "
                        "or ask the server's operator to put the model in a folder given to `cerebrium-ft serve --model-dir`")
 _HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
@@ -387,7 +387,7 @@ def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
         out.append(p)
     return out
 
-# %% ../nbs/07_server.ipynb #e92c003f
+# %% ../nbs/07_server.ipynb #9a1cb899
 def _check_uploads(folder:Path, class_images:bool, resolution:int):
     "Raise 413 for an image with too many pixels, 400 with the findings for a dataset with errors; at most MAX_CHECKS uploads are checked at once"
     for sub in ['dataset'] + (['class_images'] if class_images else []):
@@ -410,7 +410,7 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
     return js
 
-# %% ../nbs/07_server.ipynb #62a6688e
+# %% ../nbs/07_server.ipynb #6fe218d0
 def _disk_full(e:Exception) -> bool: return getattr(e, 'errno', None) == errno.ENOSPC or 'disk is full' in str(e) or 'No space left' in str(e)
 
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
@@ -442,7 +442,7 @@ def _replayed(found, digest:str) -> dict:
     if was != digest: raise HTTPException(409, "this Idempotency-Key was already used for a different submission: use a new key for a new job")
     return job
 
-# %% ../nbs/07_server.ipynb #d581cef8
+# %% ../nbs/07_server.ipynb #c2516833
 def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
     "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
     data_dir = Path(data_dir).expanduser()
@@ -473,7 +473,7 @@ def project(request:Request) -> str:
     "The project of the request's API key (checked by `RequireKey`)"
     return request.state.project_id
 
-# %% ../nbs/07_server.ipynb #2af1b754
+# %% ../nbs/07_server.ipynb #5882563b
 def _routes(store:Store, executor:Executor, data_dir:Path, model_dirs:tuple) -> APIRouter:
     "The /v1 routes"
     r = APIRouter(prefix='/v1')

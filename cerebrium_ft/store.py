@@ -76,7 +76,7 @@ def _split_key(key:str):
     parts = (key or '').strip().split('_')
     return (parts[1], parts[2]) if len(parts) == 3 and parts[0] == 'cft' and parts[1] and parts[2] else (None, None)
 
-# %% ../nbs/06_store.ipynb #f9be41aa
+# %% ../nbs/06_store.ipynb #297cf77d
 def new_job_id() -> str: return 'j_' + secrets.token_hex(8)
 
 def _add_missing_columns(engine):

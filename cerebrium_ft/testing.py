@@ -157,7 +157,7 @@ class FakeHub:
         "The paths a recorded commit took through LFS"
         return sorted(o['value']['path'] for o in self.commits[commit] if o['key'] == 'lfsFile')
 
-# %% ../nbs/02_testing.ipynb #f1c69fee
+# %% ../nbs/02_testing.ipynb #7a21fd79
 def _hub_handler(hub:FakeHub):
     class Handler(http.server.BaseHTTPRequestHandler):
         def log_message(self, *a): pass

@@ -111,7 +111,7 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
         raise TrainingError(f"{run.root} already holds other files; give a new or empty --output folder")
     return report
 
-# %% ../nbs/04_train.ipynb #0351407e
+# %% ../nbs/04_train.ipynb #ad4aa889
 def resolve_device(name:str|None=None):
     "The torch device `name` names (default: cuda if there is one), checked before any model loads"
     import torch
@@ -240,7 +240,7 @@ def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
     return state['step']
 
-# %% ../nbs/04_train.ipynb #244ea937
+# %% ../nbs/04_train.ipynb #459adf05
 CHECKPOINT_OVERHEAD = 0.02 # epoch-end checkpoints take at most this fraction of the training time
 
 class CheckpointClock:
@@ -391,7 +391,7 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
     finally:
         log.removeHandler(handler); handler.close()
 
-# %% ../nbs/04_train.ipynb #7daa18b4
+# %% ../nbs/04_train.ipynb #355d156e
 def fresh_accelerator(precision:str, cpu:bool):
     "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used"
     from accelerate import Accelerator
@@ -400,7 +400,7 @@ def fresh_accelerator(precision:str, cpu:bool):
         AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
-# %% ../nbs/04_train.ipynb #93359b7d
+# %% ../nbs/04_train.ipynb #bae335d3
 def _epoch_on_device(batches:list, device) -> tuple[list, list]:
     "The instance and class index tensors of each batch of an epoch, copied to `device` in one transfer (none per step)"
     import torch

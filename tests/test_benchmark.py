@@ -4,11 +4,14 @@ from pathlib import Path
 
 def test_benchmark_prints_figures():
     script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
-    r = subprocess.run([sys.executable, script, '--models', 'tiny', '--steps', '8'], capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, script, '--models', 'tiny', '--steps', '8', '--prior', '2'], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith('tiny'))
     assert 'AdamW8bit' in line and len(line.split()) >= 8, r.stdout
     assert 'ours/ref' in r.stdout and 'reference' in r.stdout
+    assert 'ours/alike' in r.stdout and 'ref alike' in r.stdout  # like for like: the reference with our precision and class-image sampler
+    assert 'class images: DPM-Solver++ 25 steps' in r.stdout and 'class images: default scheduler, 50 steps' in r.stdout
+    assert 'checkpoint: ' in r.stdout and ' ms' in r.stdout.split('checkpoint: ')[1].splitlines()[0]
     import torch
     from cerebrium_ft.speed import resolve_precision
     if resolve_precision('auto', torch.device('cpu')) != 'no':  # half precision here: a fp32 run of ours checks the loss curve

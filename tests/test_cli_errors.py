@@ -60,7 +60,7 @@ def test_a_device_this_machine_has_not(tiny_model, tmp_path, device, said):
     from cerebrium_ft.testing import make_subject_images
     make_subject_images(tmp_path/'data', n=6, size=64)
     r = run_cli('train', 'robot', tiny_model, tmp_path/'data', 'a photo of sks robot', '--device', device, '--output', tmp_path/'out')
-    one_line(r, 1, said)
+    one_line(r, 2, said)
     assert not (tmp_path/'out').exists()  # refused before anything was written or loaded
     one_line(run_cli('generate', tmp_path/'nothing.zip', 'a robot', '--device', device), 2, said)
 

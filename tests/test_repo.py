@@ -44,3 +44,26 @@ def test_quarto_config_is_valid_yaml():
     q = yaml.safe_load((ROOT/'nbs'/'_quarto.yml').read_text())
     assert q['project']['type'] == 'website'
     assert yaml.safe_load((ROOT/'nbs'/'nbdev.yml').read_text())['website']['title'] == 'cerebrium-ft'
+
+def test_setup_takes_torch_from_the_index_it_is_given(tmp_path):
+    "tools/setup.sh installs torch first, from TORCH_INDEX_URL when it is set (a fake .venv python records what pip is asked)"
+    (tmp_path/'tools').mkdir(); shutil.copy(ROOT/'tools'/'setup.sh', tmp_path/'tools'/'setup.sh')
+    fake = tmp_path/'.venv'/'bin'/'python'; fake.parent.mkdir(parents=True)
+    fake.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path/'calls'}\n"); fake.chmod(0o755)
+    env = {'PATH': '/usr/bin:/bin', 'TORCH_INDEX_URL': 'https://download.pytorch.org/whl/cpu'}
+    subprocess.run(['bash', tmp_path/'tools'/'setup.sh'], check=True, env=env)
+    calls = (tmp_path/'calls').read_text().splitlines()
+    assert calls[0].endswith('torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu') and calls[1].endswith('-e .[dev]'), calls
+    (tmp_path/'calls').unlink()
+    subprocess.run(['bash', tmp_path/'tools'/'setup.sh'], check=True, env={'PATH': '/usr/bin:/bin'})
+    assert (tmp_path/'calls').read_text().splitlines()[0].endswith('--disable-pip-version-check torch==2.13.0')
+
+def test_the_commands_the_readme_says_take_json_do():
+    import re
+    from fastcore.script import anno_parser
+    from cerebrium_ft.cli import COMMANDS
+    readme = (ROOT/'README.md').read_text()
+    sentence = readme.split('These commands take `--json`', 1)[1].split('.\n', 1)[0]
+    named = re.findall(r'`([a-z-]+)`', sentence)
+    assert len(named) >= 8, sentence
+    for name in named: assert '--json' in anno_parser(COMMANDS[name])._option_string_actions, name

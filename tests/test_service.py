@@ -144,7 +144,7 @@ def test_kill9_of_the_server_then_restart_resumes_the_job(server, tiny_model, da
     s2.key = server.key
     try:
         j = wait_for(s2, jid, lambda j: j['status'] in ('succeeded', 'failed', 'cancelled'), timeout=300)
-        assert j['status'] == 'succeeded' and j['attempts'] == 2, j
+        assert j['status'] == 'succeeded' and j['attempts'] == 2 and j['resumed_from'] >= 20, j  # the record says where it resumed
         log = requests.get(f"{s2.url}/v1/jobs/{jid}/logs", headers={'Authorization': f"Bearer {server.key}"}).json()['text']
         assert 'resuming from step_' in log and '--- attempt 2' in log
     finally: s2.stop()

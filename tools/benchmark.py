@@ -47,13 +47,15 @@ def child(args):
     w = min(args.warmup, len(el) - 2)
     steady = (len(el) - 1 - w) / (el[-1] - el[w]) if el[-1] > el[w] else float('nan')
     # 2. where a step's time goes: the same pieces, timed one by one (synchronising, so slower than the real loop)
-    parts, flops, ceiling = breakdown(T, spec, device, args)
+    parts, flops, ceiling, extra = breakdown(T, spec, device, args)
     man = json.loads((root/'run'/'manifest.json').read_text())
     out = dict(model=args.model, trainer='ours', device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
                steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=man['optimizer'], precision=man['precision'],
                breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows],
                unet_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
+    out['checkpoint_mb'], out['checkpoint_ms'] = extra['checkpoint']
+    if 'attention_ms' in extra: out['attention_ms'] = extra['attention_ms']
     print(json.dumps(out))
 
 def reference(args):
@@ -83,11 +85,16 @@ def reference(args):
     t0 = time.perf_counter()
     class_files = []
     if args.prior:
-        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False).to(device)
+        gen_dtype = precision_dtype(args.reference_precision)
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, torch_dtype=gen_dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
+        if args.reference_sampler == 'dpm25':  # ours: DPM-Solver++ at 25 steps
+            from diffusers import DPMSolverMultistepScheduler
+            pipe.scheduler, sampler_kw = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config), dict(num_inference_steps=25)
+        else: sampler_kw = {}  # the example: the pipeline's own scheduler at its default 50 steps
         (root/'class').mkdir()
         for i in range(0, args.prior, 4):
-            for k, im in enumerate(pipe(['a photo of a robot'] * min(4, args.prior - i), height=res, width=res).images):
+            for k, im in enumerate(pipe(['a photo of a robot'] * min(4, args.prior - i), height=res, width=res, **sampler_kw).images):
                 im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
         del pipe
     tok = AutoTokenizer.from_pretrained(model, subfolder='tokenizer')
@@ -134,7 +141,7 @@ def reference(args):
     out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps, wall_s=round(wall, 2),
                steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=len(class_files),
-               precision=args.reference_precision)
+               precision=args.reference_precision, sampler=args.reference_sampler)
     if device.type == 'cuda': out['peak_allocated_mb'] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
 
@@ -176,9 +183,30 @@ def breakdown(T, spec, device, args, n=None):
         if i >= args.warmup:
             for k, a, b in zip(times, t, t[1:]): times[k].append((b - a) * 1000)
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as fc, torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
-    return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype)
+    def fwd_bwd():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
+    with FlopCounterMode(display=False) as fc: fwd_bwd()
+    extra = dict(checkpoint=checkpoint_cost(T, unet, opt, gen))
+    if device.type == 'cpu' and dtype == torch.bfloat16:  # attention trained through runs in fp32 on CPU: what that saves
+        from cerebrium_ft.speed import FusedLoraAttnProcessor
+        extra['attention_ms'] = {}
+        for name, fp32 in (('fp32', True), ('bf16', False)):
+            unet.set_attn_processor(FusedLoraAttnProcessor(fp32_scores=fp32))
+            extra['attention_ms'][name] = round(1000 * min(_timed(fwd_bwd) for _ in range(3)))
+    return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype), extra
+
+def _timed(f) -> float:
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+
+def checkpoint_cost(T, unet, opt, gen) -> tuple:
+    "(MB, ms) of one resumable checkpoint of this LoRA and optimizer, the fastest of 5 writes"
+    from diffusers.optimization import get_scheduler
+    run = T.RunDir(tempfile.mkdtemp(prefix='cft-ckpt-'))
+    sched = get_scheduler('constant', opt)
+    ms = min(_timed(lambda: T.save_checkpoint(run, i, unet, opt, sched, gen)) for i in range(1, 6)) * 1000
+    mb = sum(f.stat().st_size for f in run.latest_checkpoint().iterdir()) / 2**20
+    return round(mb, 1), round(ms)
 
 def _sync(device):
     "A function that waits for `device`'s queued work (nothing to wait for on a CPU)"
@@ -199,7 +227,7 @@ def matmul_ceiling(device, dtype) -> float:
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
     flags = sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
-                 if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision') and v is not None), [])
+                 if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision', 'reference_sampler') and v is not None), [])
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -216,6 +244,9 @@ def main():
     ap.add_argument('--precision', default='auto', help="our trainer's mixed_precision: auto, no, fp16, bf16")
     ap.add_argument('--reference-precision', default='no', choices=['no', 'fp16', 'bf16'],
                     help="the reference's --mixed_precision: 'no' (fp32) is the example's default")
+    ap.add_argument('--reference-sampler', default='default', choices=['default', 'dpm25'],
+                    help="the reference's class images: 'default' (the pipeline's scheduler, 50 steps, as the example) or 'dpm25' (DPM-Solver++ 25 steps, as ours)")
+    ap.add_argument('--no-like-for-like', action='store_true', help="skip the reference run in our precision and with our class-image sampler")
     ap.add_argument('--no-fp32-check', action='store_true', help="skip the run of our trainer in fp32 that checks the loss curve is unchanged")
     ap.add_argument('--no-reference', action='store_true', help="only our trainer")
     ap.add_argument('--model', help=argparse.SUPPRESS)
@@ -233,17 +264,23 @@ def main():
         if ours['precision'] != 'no' and not args.no_fp32_check:
             runs.append(('ours fp32', _run(name, 'ours', argparse.Namespace(**{**vars(args), 'precision': 'no'}))))
         if not args.no_reference: runs.append(('reference', _run(name, 'reference', args)))
+        same = dict(reference_precision=ours['precision'], reference_sampler='dpm25' if args.prior else args.reference_sampler)
+        if not args.no_reference and not args.no_like_for_like and any(getattr(args, k) != v for k, v in same.items()):
+            runs.append(('ref alike', _run(name, 'reference', argparse.Namespace(**{**vars(args), **same}))))
         for trainer, o in runs:
             note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
+                                           ('class images: ' + ('DPM-Solver++ 25 steps' if o.get('sampler', 'dpm25') == 'dpm25' else 'default scheduler, 50 steps')) if o.get('class_images') else '',
                                            f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
             if 'flop_fraction' in o: note += f"; UNet {o['unet_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
             if 'flop_fraction' in o and o['device'] == 'cuda': flop_fractions.append((o['model'], trainer, o['flop_fraction']))
             print(f"{o['model']:10} {trainer:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  {note}")
-        ref = dict(runs).get('reference')
-        if ref:
-            print(f"{'':10} {'ours/ref':10} {'':6} {'':>4} {ours['steps_per_s'] / ref['steps_per_s']:>7.2f}x {ours['wall_s'] / ref['wall_s']:>6.2f}x "
-                  f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:>10.2f}x  (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
+        for label, key, what in (('ours/ref', 'reference', 'defaults against defaults'), ('ours/alike', 'ref alike', 'like for like: the same precision and class-image sampler')):
+            if (ref := dict(runs).get(key)):
+                print(f"{'':10} {label:10} {'':6} {'':>4} {ours['steps_per_s'] / ref['steps_per_s']:>7.2f}x {ours['wall_s'] / ref['wall_s']:>6.2f}x "
+                      f"{ours['peak_rss_mb'] / ref['peak_rss_mb']:>10.2f}x  {what} (targets: steps/s >= 2.0x, wall <= {0.5 if args.prior else 0.6}x, memory <= 1.0x)")
+        if 'checkpoint_ms' in ours: print(f"{'':10} checkpoint: {ours['checkpoint_mb']} MB (LoRA, optimizer and RNG states) written in {ours['checkpoint_ms']} ms")
+        if 'attention_ms' in ours: print(f"{'':10} training step (forward and backward) with attention in fp32 {ours['attention_ms']['fp32']} ms, in bf16 {ours['attention_ms']['bf16']} ms")
         fp32 = dict(runs).get('ours fp32')
         if fp32: print(loss_agreement(ours, fp32))
     for model, trainer, f in flop_fractions: print(f"{model} {trainer}: {f:.1%} of the UNet's FLOP ceiling (target on a GPU: >= 30%)")
