@@ -206,8 +206,9 @@ def _read_progress(self:Executor, jid:str, p=None):
     except (OSError, ValueError): return
     if p is not None and p.seen == raw: return
     loss = pr.get('loss') if isinstance(pr.get('loss'), (int, float)) and math.isfinite(pr['loss']) else None
-    resumed = {'resumed_from': pr['resumed_from']} if isinstance(pr.get('resumed_from'), int) or pr.get('resumed_from', 0) is None else {}
-    self.store.update(jid, phase=str(pr.get('phase'))[:32], step=int(pr.get('step') or 0), total=int(pr.get('total') or 0), loss=loss, **resumed)
+    fields = dict(phase=str(pr['phase'])[:32] if pr.get('phase') else None, step=int(pr.get('step') or 0), total=int(pr.get('total') or 0), loss=loss)
+    if 'resumed_from' in pr and (pr['resumed_from'] is None or isinstance(pr['resumed_from'], int)): fields['resumed_from'] = pr['resumed_from']  # training phases say it
+    self.store.update(jid, **fields)
     if p is not None: p.seen = raw
 
 @patch
