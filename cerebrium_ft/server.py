@@ -42,9 +42,16 @@ def _alive(pid:int|None) -> bool:
     except OSError: return True
     return stat[stat.rindex(')') + 2] not in 'ZX'
 
+_HAS_PROC = Path('/proc/self/stat').exists()
+
+def _group_alive(pgid:int) -> bool:
+    try: os.killpg(pgid, 0); return True
+    except (ProcessLookupError, PermissionError): return False
+
 def job_processes(job_dir, pgid:int|None=None) -> list[int]:
     "Live processes (zombies excluded) of the job in `job_dir`: those in process group `pgid`, and those carrying `JOB_ENV`, even after they left the group"
     tag, found = f"{JOB_ENV}={job_dir}".encode(), []
+    if not _HAS_PROC: return [pgid] if pgid is not None and _group_alive(pgid) else []  # no /proc (macOS): the group alone
     for d in Path('/proc').glob('[0-9]*'):
         try:
             stat = (d/'stat').read_text()
@@ -55,14 +62,19 @@ def job_processes(job_dir, pgid:int|None=None) -> list[int]:
     return [p for p in found if p != os.getpid()]
 
 # %% ../nbs/07_server.ipynb #6d6adb43
-def _signal(pids, sig):
+def _signal(pids, sig, pgid:int|None=None):
+    "Send `sig` to each of `pids`, and to process group `pgid` when given"
     for pid in pids:
         try: os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError): pass
+    if pgid is not None:
+        try: os.killpg(pgid, sig)
         except (ProcessLookupError, PermissionError): pass
 
 def end_job(job_dir, leader:subprocess.Popen|None=None, grace:float=KILL_GRACE_S) -> str|None:
     "End every process of the job in `job_dir` (`leader`: its run-job process, if this server started it); the strongest signal needed, None if nothing ran"
     pgid = leader.pid if leader is not None else None
+    group = None if _HAS_PROC else pgid  # without /proc, the process group is all that can be found
     def live():
         if leader is not None: leader.poll()  # reap it the moment it exits
         return job_processes(job_dir, pgid)
@@ -70,11 +82,11 @@ def end_job(job_dir, leader:subprocess.Popen|None=None, grace:float=KILL_GRACE_S
     if not pids: return None
     end = time.monotonic() + grace
     while pids and time.monotonic() < end:
-        _signal(set(pids) - sent, signal.SIGTERM); sent |= set(pids)  # processes started meanwhile get theirs too
+        _signal(set(pids) - sent, signal.SIGTERM, group if not sent else None); sent |= set(pids)  # processes started meanwhile get theirs too
         time.sleep(0.02); pids = live()
     if not pids: return 'SIGTERM'
     for _ in range(100):
-        _signal(pids, signal.SIGKILL); time.sleep(0.02)
+        _signal(pids, signal.SIGKILL, group); time.sleep(0.02)
         if not (pids := live()): break
     return 'SIGKILL'
 
