@@ -12,9 +12,9 @@ from typing import Optional
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'LOG_LEVELS', 'SettingsError',
-           'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
-           'parse_training_args', 'model_problem', 'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'LOG_LEVELS',
+           'SettingsError', 'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
+           'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -202,6 +202,9 @@ def parse_training_args(text:str|None) -> TrainingSettings:
 
 # %% ../nbs/00_config.ipynb #7c98f057
 MOVED_MODELS = {'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5'}
+HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$') # what a Hugging Face model id looks like: owner/name
+
+def is_hub_id(model:str) -> bool: return bool(HUB_ID.match(model))
 
 def model_problem(hf_model_path:str) -> str|None:
     "Why `hf_model_path` cannot be used as a base model, or None"

@@ -15,8 +15,8 @@ from PIL import Image, ImageCms, ImageOps
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
-           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb',
-           'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
+           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'file_sha256', 'inspect_image',
+           'to_upright_rgb', 'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -180,7 +180,8 @@ def _decode_small(im:Image.Image) -> Image.Image:
     try: return im.reduce(k)
     except ValueError: return im.resize((max(1, im.width // k), max(1, im.height // k)), Image.Resampling.NEAREST)  # modes reduce lacks: 1, P, I;16
 
-def _file_sha256(path:Path) -> str:
+def file_sha256(path:Path) -> str:
+    "The sha256 of a file, read in blocks"
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
@@ -218,7 +219,7 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
         except Exception as e:
             return info, findings + [Finding('error', 'corrupt', name, f"cannot be decoded: {e}",
                                              'the file is truncated or damaged: copy or export the photo again, or delete it')]
-        info.decoded, info.sha256 = True, _file_sha256(path)
+        info.decoded, info.sha256 = True, file_sha256(path)
         up = to_upright_rgb(small, info.orientation)
     info.size = (h, w) if info.orientation in (5, 6, 7, 8) else (w, h)
     if info.orientation != 1:

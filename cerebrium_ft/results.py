@@ -9,7 +9,8 @@ from __future__ import annotations
 import json, shutil, tempfile, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .train import RunDir, file_sha256
+from .dataset import file_sha256
+from .train import RunDir
 
 # %% auto #0
 __all__ = ['SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results',

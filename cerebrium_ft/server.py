@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from fastcore.basics import patch
 from . import __version__
-from .config import MAX_JSON_DEPTH, JobSpec, SettingsError, json_depth, model_problem
+from .config import MAX_JSON_DEPTH, JobSpec, SettingsError, is_hub_id, json_depth, model_problem
 from .dataset import check_dataset
 from .store import FINAL, Store, new_job_id
 from .train import RunDir, model_path_problem
@@ -110,12 +110,12 @@ def _failure_reason(log:Path, rc:int) -> str:
     if not err: return full or f"the job process exited with status {rc}"
     return (err[-1][:2000] + (f" ({full})" if full else ''))
 
-def is_out_of_space(e:BaseException, job_dir:Path) -> bool:
-    "Whether exception `e` (or one it came from) is a write that failed for want of disk space"
+def is_out_of_space(e:BaseException, job_dir:Path|None=None) -> bool:
+    "Whether exception `e` (or one it came from) is a write that failed for want of disk space, or (given `job_dir`) its disk is all but full"
     while e is not None:
-        if getattr(e, 'errno', None) == errno.ENOSPC or 'No space left on device' in str(e) or 'os error 28' in str(e): return True
+        if getattr(e, 'errno', None) == errno.ENOSPC or any(m in str(e) for m in ('No space left on device', 'os error 28', 'database or disk is full')): return True
         e = e.__cause__ or e.__context__
-    return _out_of_space(Path(job_dir)) is not None
+    return job_dir is not None and _out_of_space(Path(job_dir)) is not None
 
 # %% ../nbs/07_server.ipynb #64f4425f
 class _Complaints:
@@ -353,12 +353,11 @@ def close_data_dir(fd:int):
 # %% ../nbs/07_server.ipynb #21e83c1b
 LOCAL_MODEL_REFUSED = ("local model folders are not open to jobs on this server: give a Hugging Face model id (owner/name), "
                        "or ask the server's operator to put the model in a folder given to `cerebrium-ft serve --model-dir`")
-_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
 
 def server_model(model:str, model_dirs=()) -> tuple[str, str|None]:
     "(what the job will load, why it cannot) for base model `model` on a server that opens `model_dirs` to jobs"
     if (problem := model_problem(model)): return model, problem
-    if _HUB_ID.match(model) and not model.startswith('.'): return model, None
+    if is_hub_id(model): return model, None
     p = Path(model).expanduser()
     if not p.is_absolute(): return model, LOCAL_MODEL_REFUSED
     p = p.resolve()
@@ -424,8 +423,6 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
     return js
 
 # %% ../nbs/07_server.ipynb #6fe218d0
-def _disk_full(e:Exception) -> bool: return getattr(e, 'errno', None) == errno.ENOSPC or 'disk is full' in str(e) or 'No space left' in str(e)
-
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
                idempotency_key:str|None=None) -> tuple[dict, bool]:
     "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job"
@@ -445,7 +442,7 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
             shutil.rmtree(jd, ignore_errors=True); return _replayed(store.job_for_key(pid, idempotency_key), digest), False
         except Exception: shutil.rmtree(jd, ignore_errors=True); raise
     except (OSError, SQLAlchemyError) as e:
-        if _disk_full(e): raise HTTPException(507, "the server's disk is full: nothing was stored. Try again later; the server's operator must free space") from None
+        if is_out_of_space(e): raise HTTPException(507, "the server's disk is full: nothing was stored. Try again later; the server's operator must free space") from None
         if isinstance(e, OperationalError): raise HTTPException(503, f"the job database is busy or unavailable ({str(e.orig)[:200]}); nothing was stored, try again") from None
         raise
     finally: shutil.rmtree(tmp, ignore_errors=True)

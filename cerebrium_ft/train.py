@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
-import csv, gc, hashlib, json, logging, math, random, re, shutil, time
+import csv, gc, json, logging, math, random, re, shutil, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from . import __version__
-from .config import JobSpec, TrainingSettings, SettingsError
-from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
+from .config import JobSpec, TrainingSettings, SettingsError, is_hub_id
+from .dataset import DatasetReport, check_dataset, crop_square, file_sha256, to_upright_rgb
 from .prior import class_images
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
@@ -23,7 +23,7 @@ __all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVER
            'write_progress', 'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'resolve_device',
            'load_models', 'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss',
            'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate',
-           'to_kohya', 'file_sha256', 'plot_loss', 'save_results', 'train', 'fresh_accelerator']
+           'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -81,15 +81,13 @@ def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:i
     return [(b % n_instance, b % n_class if n_class else None) for b in (perm[i:i + batch_size] for i in range(0, n, batch_size))]
 
 # %% ../nbs/04_train.ipynb #e7ac3a8a
-_HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$')
-
 def model_path_problem(model:str) -> str|None:
     "Why `model` is neither a diffusers folder nor a plausible hub id"
     p = Path(model).expanduser()
     if p.is_dir():
         return None if (p/'model_index.json').is_file() else f"{model} is a folder but not a diffusers pipeline (no model_index.json): give the folder that holds model_index.json, unet/, vae/, text_encoder/"
     if p.exists(): return f"{model} is a file; give a diffusers pipeline folder or a Hugging Face model id"
-    if model.startswith(('/', '.', '~')) or not _HUB_ID.match(model):
+    if not is_hub_id(model):
         return f"{model} does not exist, and is not a Hugging Face model id (owner/name) either"
     return None
 
@@ -319,13 +317,6 @@ def to_kohya(lora:dict, alpha:float) -> dict:
         out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
-
-def file_sha256(path:Path) -> str:
-    "The sha256 of a file, read in blocks"
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
 
 def plot_loss(metrics:Path, out:Path):
     "loss.png: the loss (instance and prior) and the learning rate per step"
