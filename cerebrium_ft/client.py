@@ -13,6 +13,7 @@ import requests
 from fastcore.basics import patch
 from .config import JobSpec
 from .dataset import read_dataset
+from .results import atomic_path
 
 # %% auto #0
 __all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client']
@@ -151,12 +152,12 @@ def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=No
 @patch
 def download(self:Client, job_id:str, dest, progress=None) -> Path:
     "Stream job `job_id`'s results zip to `dest`; a download cut short, or one that is not a zip, never gets the final name"
-    dest = Path(dest); tmp = dest.with_name(f".{dest.name}.partial")
+    dest = Path(dest)
     if dest.is_dir(): raise ApiError(f"{dest} is a folder: give the zip's file name, e.g. {dest/f'{job_id}.zip'}")
     if not dest.parent.is_dir(): raise ApiError(f"cannot write {dest}: the folder {dest.parent} does not exist")
     r = self._request('GET', f"/v1/jobs/{job_id}/results", stream=True)
     total, got = int(r.headers.get('content-length') or 0), 0
-    try:
+    with atomic_path(dest) as tmp:
         with open(tmp, 'wb') as f:
             try:
                 for chunk in r.iter_content(1 << 20):
@@ -166,8 +167,6 @@ def download(self:Client, job_id:str, dest, progress=None) -> Path:
         if total and got != total: raise ApiError(f"the download of {job_id} stopped at {got} of {total} bytes; run it again")
         if not zipfile.is_zipfile(tmp):
             raise ApiError(f"{self.url} sent {got} bytes of {r.headers.get('content-type') or 'unknown type'} that are not a results zip: is it a cerebrium-ft job service?")
-        tmp.replace(dest)
-    finally: tmp.unlink(missing_ok=True)
     return dest
 
 @patch

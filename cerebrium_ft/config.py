@@ -7,6 +7,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/config.html.md"""
 # %% ../nbs/00_config.ipynb #9509cfb1
 from __future__ import annotations
 import dataclasses, difflib, functools, json, math, re, reprlib, typing
+from pathlib import Path
 from dataclasses import dataclass, field, fields, asdict
 from typing import Optional
 from fastcore.basics import patch
@@ -206,12 +207,18 @@ HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$') # what a Hugging Face model
 
 def is_hub_id(model:str) -> bool: return bool(HUB_ID.match(model))
 
-def model_problem(hf_model_path:str) -> str|None:
-    "Why `hf_model_path` cannot be used as a base model, or None"
+def model_problem(hf_model_path:str, here:bool=True) -> str|None:
+    "Why `hf_model_path` cannot be a base model, or None; `here`: also look on this machine's disk (a spec checked away from where it trains checks its text only)"
     p = (hf_model_path or '').strip()
     if not p: return "hf_model_path is empty; give a Hugging Face model id (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5) or a local folder"
     if p.rstrip('/') in MOVED_MODELS:
         return f"'{p}' was removed from the Hugging Face Hub; its weights moved to '{MOVED_MODELS[p.rstrip('/')]}': use that id"
+    if not here: return None
+    path = Path(p).expanduser()
+    if path.is_dir():
+        return None if (path/'model_index.json').is_file() else f"{p} is a folder but not a diffusers pipeline (no model_index.json): give the folder that holds model_index.json, unet/, vae/, text_encoder/"
+    if path.exists(): return f"{p} is a file; give a diffusers pipeline folder or a Hugging Face model id"
+    if not is_hub_id(p): return f"{p} does not exist, and is not a Hugging Face model id (owner/name) either"
     return None
 
 # %% ../nbs/00_config.ipynb #4b38dccb
@@ -260,7 +267,7 @@ def _spec_problems(s:JobSpec) -> list:
     p = []
     if not _NAME_RE.match(s.name):
         p.append(f"name {_short(s.name)} must be 1-100 letters, digits, spaces, '.', '_' or '-', starting with a letter or digit")
-    if (mp := model_problem(s.hf_model_path)): p.append(mp)
+    if (mp := model_problem(s.hf_model_path, here=False)): p.append(mp)  # the disk is looked at where it trains
     if not s.dataset.strip(): p.append("dataset is empty; give a folder of 10-15 images or a JSON manifest")
     if not s.training_prompt: p.append('training_prompt is empty; describe the subject with a rare token, e.g. "a photo of sks dog"')
     if not s.revision.strip(): p.append("revision is empty; use 'main' for the latest")

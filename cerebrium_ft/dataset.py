@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+from .results import file_sha256
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
-           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'file_sha256', 'inspect_image',
-           'to_upright_rgb', 'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
+           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb',
+           'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -179,13 +180,6 @@ def _decode_small(im:Image.Image) -> Image.Image:
     if k < 2: return im
     try: return im.reduce(k)
     except ValueError: return im.resize((max(1, im.width // k), max(1, im.height // k)), Image.Resampling.NEAREST)  # modes reduce lacks: 1, P, I;16
-
-def file_sha256(path:Path) -> str:
-    "The sha256 of a file, read in blocks"
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
-    return h.hexdigest()
 
 # %% ../nbs/01_dataset.ipynb #7bd61531
 BLUR_THRESHOLD = 25.0 # sharpness below this is reported as blurred

@@ -8,8 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 from __future__ import annotations
 import json, os
 from pathlib import Path
-from .results import opened_results, verify_results
-from .train import RunDir
+from .results import RunDir, opened_results, verify_results
 
 # %% auto #0
 __all__ = ['LICENSES', 'model_card', 'HubError', 'push_to_hub']
@@ -18,9 +17,6 @@ __all__ = ['LICENSES', 'model_card', 'HubError', 'push_to_hub']
 LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-m', 'runwayml/stable-diffusion-v1-5': 'creativeml-openrail-m',
             'CompVis/stable-diffusion-v1-4': 'creativeml-openrail-m', 'stabilityai/stable-diffusion-2-1': 'openrail++',
             'stabilityai/stable-diffusion-2-1-base': 'openrail++'}
-
-def _validation_images(folder:Path) -> list[Path]:
-    return sorted((folder/'validation').glob('epoch_*/*.png'))
 
 def model_card(manifest:dict, images:list[str], repo_id:str) -> str:
     "README.md for a LoRA repo: YAML metadata the Hub reads, then how to use it"
@@ -86,7 +82,7 @@ def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None) 
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
     manifest, run = verify_results(folder), RunDir(folder)
-    images = _validation_images(folder)
+    images = run.validation_images()
     paths = [f"images/{p.parent.name}_{p.name}" for p in images]
     ops = [CommitOperationAdd(f"{run.weights.name}", str(run.weights)), CommitOperationAdd(run.kohya.name, str(run.kohya)),
            CommitOperationAdd('manifest.json', str(run.manifest)),

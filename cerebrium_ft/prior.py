@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc, hashlib, json, logging, os, re
 from pathlib import Path
 from .dataset import read_dataset, inspect_image
+from .results import atomic_path
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
@@ -73,7 +74,7 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
                 continue
             for i, im in zip(chunk, images):
                 p = out_dir/f"class_{i:05d}.png"
-                tmp = p.with_suffix('.tmp'); im.save(tmp, 'PNG'); tmp.replace(p)  # a killed run never leaves half an image
+                with atomic_path(p) as tmp: im.save(tmp, 'PNG')  # a killed run never leaves half an image
                 written.append(p)
             todo = todo[len(chunk):]; bar.update(len(chunk))
             if on_batch: on_batch(len(written), len(indices))

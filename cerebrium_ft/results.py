@@ -1,4 +1,4 @@
-"""The results folder and zip of a training run: check it, zip it, load it into a diffusers pipeline.
+"""The folder a training run writes and what it hands over: its layout, how it is written so that a reader never sees half a file, its check, its zip, and loading it into a diffusers pipeline.
 
 Docs: https://cerebrium-ft.github.io/cerebrium-ft/results.html.md"""
 
@@ -6,15 +6,73 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/results.html.md"""
 
 # %% ../nbs/05_results.ipynb #bb81dc66
 from __future__ import annotations
-import json, shutil, tempfile, zipfile
+import hashlib, json, math, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .dataset import file_sha256
-from .train import RunDir
 
 # %% auto #0
-__all__ = ['SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results',
+__all__ = ['PHASES', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'atomic_path', 'write_atomic',
+           'write_progress', 'file_sha256', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results',
            'opened_results', 'load_results']
+
+# %% ../nbs/05_results.ipynb #1e5634e0
+PHASES = ('class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
+
+class RunDir:
+    "The layout of a training run's output folder: the results contract, plus the run's own state"
+    def __init__(self, root): self.root = Path(root)
+    def __repr__(self): return f"RunDir({str(self.root)!r})"
+    job = property(lambda s: s.root/'job.json')  # the spec this folder belongs to
+    progress = property(lambda s: s.root/'progress.json')
+    metrics = property(lambda s: s.root/'metrics.csv')
+    logs = property(lambda s: s.root/'logs.txt')
+    loss_plot = property(lambda s: s.root/'loss.png')
+    manifest = property(lambda s: s.root/'manifest.json')  # written last: a run with a manifest is complete
+    kohya = property(lambda s: s.root/'lora_kohya.safetensors')
+    checkpoints = property(lambda s: s.root/'checkpoints')
+    attn_procs = property(lambda s: s.root/'checkpoints'/'final'/'attn_procs')
+    weights = property(lambda s: s.root/'checkpoints'/'final'/'attn_procs'/'pytorch_lora_weights.safetensors')
+    def validation(self, epoch:int) -> Path: return self.root/'validation'/f"epoch_{epoch:04d}"
+    def validation_images(self) -> list[Path]:
+        "The validation images written so far, oldest epoch first"
+        return sorted((self.root/'validation').glob('epoch_*/*.png'))
+    def step_checkpoint(self, step:int) -> Path: return self.checkpoints/f"step_{step:06d}"
+    def latest_checkpoint(self) -> Path|None:
+        "The newest complete step checkpoint"
+        done = [p for p in sorted(self.checkpoints.glob('step_*')) if (p/'state.pt').exists() and (p/'lora.safetensors').exists()]
+        return done[-1] if done else None
+
+# %% ../nbs/05_results.ipynb #a275b336
+def _remove(p:Path):
+    if p.is_dir() and not p.is_symlink(): shutil.rmtree(p, ignore_errors=True)
+    else: p.unlink(missing_ok=True)
+
+@contextmanager
+def atomic_path(dest):
+    "A temporary path beside `dest` (its folder made if need be) to write a file or a folder to: renamed to `dest` when the block ends, removed if it fails"
+    dest = Path(dest); tmp = dest.with_name(f".{dest.name}.partial")
+    dest.parent.mkdir(parents=True, exist_ok=True); _remove(tmp)
+    try: yield tmp
+    except BaseException: _remove(tmp); raise
+    if tmp.is_dir() and dest.is_dir(): shutil.rmtree(dest)  # a folder replaces a folder only once it is gone
+    tmp.replace(dest)
+
+def write_atomic(path, data:str|bytes):
+    "Write `data` to `path` so that a reader never sees half of it"
+    with atomic_path(path) as tmp: tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+
+def write_progress(run:RunDir, phase:str, step:int=0, total:int=0, loss:float|None=None, **extra):
+    "Record where the run is, for a job server to read; a loss that is not finite is written as null (JSON has no inf or NaN)"
+    assert phase in PHASES, phase
+    loss = loss if loss is not None and math.isfinite(loss) else None
+    write_atomic(run.progress, json.dumps(dict(phase=phase, step=step, total=total, loss=loss, updated=time.time(), **extra)))
+
+def file_sha256(path) -> str:
+    "The sha256 of a file, read in blocks"
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''): h.update(block)
+    return h.hexdigest()
 
 # %% ../nbs/05_results.ipynb #178b9dee
 class ResultsError(ValueError):
@@ -39,13 +97,11 @@ def zip_results(folder, dest) -> Path:
     "Zip the finished results `folder` into `dest`; the zip appears under its name only when complete"
     folder, dest = Path(folder), Path(dest)
     verify_results(folder)
-    tmp = dest.with_name(f".{dest.name}.partial")
-    with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
+    with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
         for f in sorted(folder.rglob('*')):
             rel = f.relative_to(folder).as_posix()
             if f.is_file() and not rel.startswith(SKIP_IN_ZIP) and not f.name.startswith('.'):
                 z.write(f, rel, compress_type=zipfile.ZIP_STORED if f.suffix in ('.png', '.safetensors') else zipfile.ZIP_DEFLATED)
-    tmp.replace(dest)
     return dest
 
 MAX_UNZIPPED_BYTES = 8 * 2**30 # a results zip that would unpack to more is refused before anything is extracted

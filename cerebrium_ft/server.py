@@ -14,7 +14,7 @@ from . import __version__
 from .config import MAX_JSON_DEPTH, JobSpec, SettingsError, is_hub_id, json_depth, model_problem
 from .dataset import check_dataset
 from .store import FINAL, Store, new_job_id
-from .train import RunDir, model_path_problem
+from .results import RunDir
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -356,13 +356,13 @@ LOCAL_MODEL_REFUSED = ("local model folders are not open to jobs on this server:
 
 def server_model(model:str, model_dirs=()) -> tuple[str, str|None]:
     "(what the job will load, why it cannot) for base model `model` on a server that opens `model_dirs` to jobs"
-    if (problem := model_problem(model)): return model, problem
+    if (problem := model_problem(model, here=False)): return model, problem
     if is_hub_id(model): return model, None
     p = Path(model).expanduser()
     if not p.is_absolute(): return model, LOCAL_MODEL_REFUSED
     p = p.resolve()
     if not any(p.is_relative_to(Path(d).expanduser().resolve()) for d in model_dirs): return model, LOCAL_MODEL_REFUSED
-    return str(p), model_path_problem(str(p))
+    return str(p), model_problem(str(p))
 
 # %% ../nbs/07_server.ipynb #9a09493a
 MAX_FILES = 64
@@ -532,8 +532,8 @@ def _routes(store:Store, executor:Executor, data_dir:Path, model_dirs:tuple) -> 
     @r.get('/jobs/{job_id}/images')
     def images(job:dict=Depends(own_job)):
         "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
-        root = RunDir(executor.job_dir(job['id'])/'results').root/'validation'
-        return [p.relative_to(root).as_posix() for p in sorted(root.glob('epoch_*/*.png'))]
+        run = RunDir(executor.job_dir(job['id'])/'results')
+        return [p.relative_to(run.root/'validation').as_posix() for p in run.validation_images()]
 
     @r.get('/jobs/{job_id}/images/{epoch}/{name}')
     def image(epoch:str, name:str, job:dict=Depends(own_job)):

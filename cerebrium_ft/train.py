@@ -11,59 +11,27 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from . import __version__
-from .config import JobSpec, TrainingSettings, SettingsError, is_hub_id
-from .dataset import DatasetReport, check_dataset, crop_square, file_sha256, to_upright_rgb
+from .config import JobSpec, TrainingSettings, SettingsError, model_problem
+from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .prior import class_images
+from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'LORA_TARGETS', 'PHASES', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'RunDir',
-           'write_progress', 'plan_steps', 'epoch_batches', 'model_path_problem', 'preflight', 'resolve_device',
-           'load_models', 'load_pixels', 'encode_images', 'encode_prompts', 'sample_latents', 'denoising_loss',
-           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate',
-           'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator']
+__all__ = ['log', 'LORA_TARGETS', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps',
+           'epoch_batches', 'preflight', 'resolve_device', 'load_models', 'load_pixels', 'encode_images',
+           'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
+           'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'plot_loss', 'save_results', 'train',
+           'fresh_accelerator']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
     "A training run cannot start or go on; the message says why and what to do"
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-PHASES = ('class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
 KEEP_CHECKPOINTS = 2
-
-class RunDir:
-    "The layout of a training run's output folder: the results contract, plus the run's own state"
-    def __init__(self, root): self.root = Path(root)
-    def __repr__(self): return f"RunDir({str(self.root)!r})"
-    job = property(lambda s: s.root/'job.json')  # the spec this folder belongs to
-    progress = property(lambda s: s.root/'progress.json')
-    metrics = property(lambda s: s.root/'metrics.csv')
-    logs = property(lambda s: s.root/'logs.txt')
-    loss_plot = property(lambda s: s.root/'loss.png')
-    manifest = property(lambda s: s.root/'manifest.json')  # written last: a run with a manifest is complete
-    kohya = property(lambda s: s.root/'lora_kohya.safetensors')
-    checkpoints = property(lambda s: s.root/'checkpoints')
-    attn_procs = property(lambda s: s.root/'checkpoints'/'final'/'attn_procs')
-    weights = property(lambda s: s.root/'checkpoints'/'final'/'attn_procs'/'pytorch_lora_weights.safetensors')
-    def validation(self, epoch:int) -> Path: return self.root/'validation'/f"epoch_{epoch:04d}"
-    def step_checkpoint(self, step:int) -> Path: return self.checkpoints/f"step_{step:06d}"
-    def latest_checkpoint(self) -> Path|None:
-        "The newest complete step checkpoint"
-        done = [p for p in sorted(self.checkpoints.glob('step_*')) if (p/'state.pt').exists() and (p/'lora.safetensors').exists()]
-        return done[-1] if done else None
-
-def _write_atomic(path:Path, text:str):
-    "Write `text` to `path` so that a reader never sees half of it"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text); tmp.replace(path)
-
-def write_progress(run:RunDir, phase:str, step:int=0, total:int=0, loss:float|None=None, **extra):
-    "Record where the run is, for a job server to read; a loss that is not finite is written as null (JSON has no inf or NaN)"
-    assert phase in PHASES, phase
-    loss = loss if loss is not None and math.isfinite(loss) else None
-    _write_atomic(run.progress, json.dumps(dict(phase=phase, step=step, total=total, loss=loss, updated=time.time(), **extra)))
 
 # %% ../nbs/04_train.ipynb #458358da
 def plan_steps(n_instance:int, n_class:int, s:TrainingSettings) -> dict:
@@ -81,20 +49,10 @@ def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:i
     return [(b % n_instance, b % n_class if n_class else None) for b in (perm[i:i + batch_size] for i in range(0, n, batch_size))]
 
 # %% ../nbs/04_train.ipynb #e7ac3a8a
-def model_path_problem(model:str) -> str|None:
-    "Why `model` is neither a diffusers folder nor a plausible hub id"
-    p = Path(model).expanduser()
-    if p.is_dir():
-        return None if (p/'model_index.json').is_file() else f"{model} is a folder but not a diffusers pipeline (no model_index.json): give the folder that holds model_index.json, unet/, vae/, text_encoder/"
-    if p.exists(): return f"{model} is a file; give a diffusers pipeline folder or a Hugging Face model id"
-    if not is_hub_id(model):
-        return f"{model} does not exist, and is not a Hugging Face model id (owner/name) either"
-    return None
-
 def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
-    if (problem := model_path_problem(spec.hf_model_path)): raise TrainingError(problem)
+    if (problem := model_problem(spec.hf_model_path)): raise TrainingError(problem)
     report = check_dataset(spec.dataset, size=s.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
@@ -218,13 +176,11 @@ def save_checkpoint(run:RunDir, step:int, unet, optimizer, lr_scheduler, gen):
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-    tmp = run.checkpoints/f".step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir(parents=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}, tmp/'lora.safetensors')
-    torch.save(dict(step=step, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), generator=gen.get_state(),
-                    python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp/'state.pt')
-    final = run.step_checkpoint(step)
-    shutil.rmtree(final, ignore_errors=True); tmp.rename(final)
+    with atomic_path(run.step_checkpoint(step)) as tmp:
+        tmp.mkdir()
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}, tmp/'lora.safetensors')
+        torch.save(dict(step=step, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), generator=gen.get_state(),
+                        python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp/'state.pt')
     for old in sorted(run.checkpoints.glob('step_*'))[:-KEEP_CHECKPOINTS]: shutil.rmtree(old, ignore_errors=True)
 
 def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
@@ -262,7 +218,7 @@ class MetricsLog:
     def __init__(self, path:Path, resume_step:int=0, flush_every:int=10):
         self.path, self.flush_every, self.pending = Path(path), flush_every, []
         rows = self.read(self.path) if self.path.exists() and resume_step else []
-        with open(self.path, 'w', newline='') as f:
+        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:  # a kill while rewriting keeps the old file
             w = csv.DictWriter(f, METRIC_FIELDS); w.writeheader()
             w.writerows(r for r in rows if int(r['step']) <= resume_step)
         self.last = None
@@ -354,7 +310,7 @@ def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict):
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
                                            'torch': torch.__version__, 'transformers': transformers.__version__},
                     sha256={str(f.relative_to(run.root)): file_sha256(f) for f in files}, **extra)
-    _write_atomic(run.manifest, json.dumps(manifest, indent=2, default=str))
+    write_atomic(run.manifest, json.dumps(manifest, indent=2, default=str))
 
 # %% ../nbs/04_train.ipynb #817feaed
 def _log_to(run:RunDir, level:str):
@@ -373,7 +329,7 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
     if run.manifest.exists():
         log.info(f"{run.root} already holds the finished run of {spec.name}"); return run.root
     run.root.mkdir(parents=True, exist_ok=True)
-    if not run.job.exists(): _write_atomic(run.job, spec.to_json())
+    if not run.job.exists(): write_atomic(run.job, spec.to_json())
     handler = _log_to(run, spec.log_level)
     try: return _train(spec, run, report, device, cache, progress)
     except Exception as e:
