@@ -347,12 +347,13 @@ def keys(
 @command('run-job')
 def run_job_cmd(
     job_dir:str, # A job folder written by the job service
+    cache:str=None, # Folder of the class-image cache (the service passes its own)
 ):
     "Run one job of the job service (the executor's child process)"
     quiet_libraries()
-    from cerebrium_ft.server import EXIT_NO_SPACE, is_out_of_space, run_job
+    from cerebrium_ft.executor import EXIT_NO_SPACE, is_out_of_space, run_job
     from cerebrium_ft.train import TrainingError
-    try: print(f"results: {run_job(job_dir)}")
+    try: print(f"results: {run_job(job_dir, cache)}")
     except TrainingError as e:
         print(f"cerebrium-ft run-job: {e}", file=sys.stderr)
         return 1

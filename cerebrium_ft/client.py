@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from pathlib import Path
 import requests
 from fastcore.basics import patch
-from .config import JobSpec
+from .config import FINAL, JobSpec
 from .dataset import read_dataset
 from .results import atomic_path
 
@@ -177,6 +177,6 @@ def wait(self:Client, job_id:str, poll:float=1.0, on_update=None, timeout:float|
         j = self.job(job_id)
         lg = self.logs(job_id, offset); offset = lg['next_offset']
         if on_update: on_update(j, lg['text'])
-        if j['status'] in ('succeeded', 'failed', 'cancelled'): return j
+        if j['status'] in FINAL: return j
         if timeout and time.time() - t0 > timeout: raise ApiError(f"job {job_id} is still {j['status']} after {timeout:.0f} s")
         time.sleep(poll)

@@ -13,9 +13,9 @@ from typing import Optional
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'LOG_LEVELS',
-           'SettingsError', 'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
-           'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL',
+           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth',
+           'parse_json_object', 'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -220,6 +220,10 @@ def model_problem(hf_model_path:str, here:bool=True) -> str|None:
     if path.exists(): return f"{p} is a file; give a diffusers pipeline folder or a Hugging Face model id"
     if not is_hub_id(p): return f"{p} does not exist, and is not a Hugging Face model id (owner/name) either"
     return None
+
+# %% ../nbs/00_config.ipynb #90f91682
+STATES = ('queued', 'running', 'succeeded', 'failed', 'cancelled')
+FINAL = ('succeeded', 'failed', 'cancelled') # a job in one of these never changes again
 
 # %% ../nbs/00_config.ipynb #4b38dccb
 LOG_LEVELS = ("DEBUG", "INFO")

@@ -8,11 +8,12 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/store.html.md"""
 from __future__ import annotations
 import hashlib, hmac, json, math, os, secrets, time
 from pathlib import Path
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, create_engine, event, inspect, select, text, update
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, case, create_engine, event, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from .config import FINAL, STATES
 
 # %% auto #0
-__all__ = ['STATES', 'FINAL', 'JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'Store']
+__all__ = ['JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'Store']
 
 # %% ../nbs/06_store.ipynb #a3957c60
 class Base(DeclarativeBase): pass
@@ -54,8 +55,6 @@ class Job(Base):
     request_sha256: Mapped[str|None] = mapped_column(String(64), nullable=True)  # what was submitted under that key
     __table_args__ = (Index('ix_jobs_idempotency', 'project_id', 'idempotency_key', unique=True),)
 
-STATES = ('queued', 'running', 'succeeded', 'failed', 'cancelled')
-FINAL = ('succeeded', 'failed', 'cancelled')
 JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss',
               'resumed_from')
 
@@ -183,6 +182,30 @@ class Store:
         "Set `fields` of job `job_id` (only while its status is one of `only`, when given); whether a row changed"
         q = update(Job).where(Job.id == job_id, *([Job.status.in_(only)] if only else []))
         with self.session() as s, s.begin(): return s.execute(q.values(**fields)).rowcount > 0
+
+    # -- the job's state changes, each only from the states it may come from --
+    def started(self, job_id:str, pid:int) -> bool:
+        "The claimed job's process runs as `pid`"
+        return self.update(job_id, 'running', pid=pid, phase='starting')
+
+    def record_progress(self, job_id:str, **fields) -> bool:
+        "What a running job's progress says (phase, step, total, loss, resumed_from)"
+        return self.update(job_id, 'running', **fields)
+
+    def finish(self, job_id:str, status:str, **fields) -> bool:
+        "End a queued or running job in final `status`, with `fields` (the error...); False if it had ended already"
+        assert status in FINAL, status
+        return self.update(job_id, 'queued', 'running', status=status, finished=time.time(), pid=None, **fields)
+
+    def requeue(self, job_id:str, reason:str|None=None, keep_attempt:bool=True) -> bool:
+        "Queue a running job again to resume; `keep_attempt=False` gives its attempt back (the server stopped it, not the job)"
+        back = {} if keep_attempt else dict(attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0))
+        return self.update(job_id, 'running', status='queued', pid=None, phase='queued', error=reason, **back)
+
+    def request_cancel(self, job_id:str) -> str|None:
+        "Cancel a queued job at once ('cancelled'), or ask the executor to end a running one ('running'); None if the job had ended"
+        if self.update(job_id, 'queued', status='cancelled', finished=time.time(), cancel_requested=1): return 'cancelled'
+        return 'running' if self.update(job_id, 'running', cancel_requested=1) else None
 
     def claim_next(self) -> dict|None:
         "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
