@@ -92,9 +92,9 @@ def _output_file(path:str, flag:str='--output') -> Path:
 
 def _device(name:str|None):
     "The torch device for --device, checked before any model loads"
-    from cerebrium_ft.train import TrainingError, resolve_device
+    from cerebrium_ft.speed import DeviceError, resolve_device
     try: return resolve_device(name)
-    except TrainingError as e: raise CliError(str(e)) from None
+    except DeviceError as e: raise CliError(str(e)) from None
 
 @command('check-dataset')
 def check_dataset_cmd(
@@ -171,22 +171,11 @@ def generate(
     "Render images with a trained LoRA loaded into its base model"
     if N < 1 or steps < 1: raise CliError(f"-n and --steps must be 1 or more (got -n {N}, --steps {steps})")
     out = _output_file(output)
+    dev = _device(device)
     quiet_libraries()
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-    from cerebrium_ft.results import ResultsError, load_results, opened_results, verify_results
-    dev = _device(device)
-    try:
-        with opened_results(results) as folder:  # a zip is unpacked to a temporary folder, removed once the LoRA is loaded
-            base = verify_results(folder)['base_model']
-            src = model or base['path']
-            kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision', 'main'))
-            dtype = torch.float16 if dev.type == 'cuda' else torch.float32
-            try: pipe = StableDiffusionPipeline.from_pretrained(src, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw)
-            except (OSError, ValueError) as e: raise CliError(f"could not load the base model {src}: {e}; give --model PATH if it moved") from None
-            pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
-            pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
-            load_results(pipe, folder)
+    from cerebrium_ft.results import ResultsError, load_pipeline
+    try: pipe = load_pipeline(results, model, dev)
     except ResultsError as e: raise CliError(str(e)) from None
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
     images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
@@ -223,13 +212,11 @@ def sample_dataset_cmd(
 DEMO_PROMPT = "a photo of sks robot"
 
 def _grid(images, cols:int=4):
-    "Paste equal-sized PIL images into a grid"
+    "diffusers' `make_image_grid` of `images`, `cols` wide, the last row filled out with white"
+    from diffusers.utils import make_image_grid
     from PIL import Image
-    w, h = images[0].size
-    rows = (len(images) + cols - 1) // cols
-    g = Image.new('RGB', (w * min(cols, len(images)), h * rows), 'white')
-    for i, im in enumerate(images): g.paste(im, (w * (i % cols), h * (i // cols)))
-    return g
+    cols = min(cols, len(images)); rows = -(-len(images) // cols)
+    return make_image_grid(images + [Image.new('RGB', images[0].size, 'white')] * (rows * cols - len(images)), rows, cols)
 
 @command()
 def demo(
@@ -239,9 +226,8 @@ def demo(
     "Run the main job offline on the embedded default model: dataset checked, LoRA trained, loaded and sampled"
     quiet_libraries()
     import torch
-    from diffusers import StableDiffusionPipeline
     from cerebrium_ft.config import JobSpec
-    from cerebrium_ft.results import load_results
+    from cerebrium_ft.results import load_pipeline
     from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
     from cerebrium_ft.train import train
     work = Path(workdir)
@@ -257,11 +243,10 @@ def demo(
                                                                                    validation_epochs=5, num_validation_images=2))
     print(f"4/5 training {steps} steps into {results}")
     train(spec, results, progress=False)
-    pipe = StableDiffusionPipeline.from_pretrained(model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(results, device='cpu')
     sample = lambda: pipe(DEMO_PROMPT, num_images_per_prompt=4, num_inference_steps=20, generator=torch.Generator().manual_seed(42)).images
-    before = sample()
-    load_results(pipe, results)
+    pipe.disable_lora(); before = sample()  # the base model alone
+    pipe.enable_lora()
     out = work/'samples.png'
     _grid(before + sample()).save(out)
     print(f"5/5 images: {out} (top row: the base model; bottom row: with the LoRA loaded; the tiny model's weights are random, so both are noise)")

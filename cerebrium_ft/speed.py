@@ -11,8 +11,8 @@ import logging
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'precision_dtype', 'fused_linear', 'FusedLoraAttnProcessor',
-           'use_fused_attention']
+__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'precision_dtype', 'DeviceError', 'resolve_device',
+           'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention']
 
 # %% ../nbs/02a_speed.ipynb #7778f9c2
 def cpu_has_amx() -> bool:
@@ -42,6 +42,24 @@ def precision_dtype(precision:str):
     "The torch dtype of a resolved precision: 'no' (fp32), 'fp16' or 'bf16'"
     import torch
     return {'no': torch.float32, 'fp16': torch.float16, 'bf16': torch.bfloat16}[precision]
+
+# %% ../nbs/02a_speed.ipynb #ebcd5daa
+class DeviceError(ValueError):
+    "A device this machine does not have; the message says which it has"
+
+def resolve_device(name=None):
+    "The torch device `name` names (default: cuda if there is one), checked before any model loads"
+    import torch
+    if name is None: return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if isinstance(name, torch.device): name = str(name)
+    try: dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError): dev = None
+    if dev is None or dev.type not in ('cpu', 'cuda', 'mps'): raise DeviceError(f"device {name!r}: cerebrium-ft runs on cpu, cuda (or cuda:N) and mps")
+    if dev.type == 'cuda' and not torch.cuda.is_available(): raise DeviceError(f"device {name!r}: PyTorch sees no CUDA GPU on this machine; use cpu")
+    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    if dev.type == 'mps' and not torch.backends.mps.is_available(): raise DeviceError(f"device {name!r}: MPS (Apple GPUs) is not available here; use cpu")
+    return dev
 
 # %% ../nbs/02a_speed.ipynb #9882ff94
 def _lora_parts(layer):

@@ -15,14 +15,14 @@ from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .prior import class_images
 from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
-from .speed import precision_dtype, resolve_precision, use_fused_attention
+from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'LORA_TARGETS', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps',
-           'epoch_batches', 'preflight', 'resolve_device', 'load_models', 'load_pixels', 'encode_images',
-           'encode_prompts', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
+           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'encode_prompts',
+           'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
            'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'plot_loss', 'save_results', 'train',
            'fresh_accelerator']
 
@@ -66,20 +66,6 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     elif run.root.exists() and any(run.root.iterdir()):
         raise TrainingError(f"{run.root} already holds other files; give a new or empty --output folder")
     return report
-
-# %% ../nbs/04_train.ipynb #ad4aa889
-def resolve_device(name:str|None=None):
-    "The torch device `name` names (default: cuda if there is one), checked before any model loads"
-    import torch
-    if name is None: return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try: dev = torch.device(name)
-    except (RuntimeError, ValueError, TypeError): dev = None
-    if dev is None or dev.type not in ('cpu', 'cuda', 'mps'): raise TrainingError(f"device {name!r}: cerebrium-ft runs on cpu, cuda (or cuda:N) and mps")
-    if dev.type == 'cuda' and not torch.cuda.is_available(): raise TrainingError(f"device {name!r}: PyTorch sees no CUDA GPU on this machine; use cpu")
-    if dev.type == 'cuda' and (dev.index or 0) >= torch.cuda.device_count():
-        raise TrainingError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
-    if dev.type == 'mps' and not torch.backends.mps.is_available(): raise TrainingError(f"device {name!r}: MPS (Apple GPUs) is not available here; use cpu")
-    return dev
 
 # %% ../nbs/04_train.ipynb #29f0b70c
 def load_models(model:str, revision:str='main') -> dict:
@@ -324,7 +310,8 @@ def _log_to(run:RunDir, level:str):
 
 def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True) -> Path:
     "Train a LoRA for `spec` into `output_dir` (the results folder); resumes a run that was stopped"
-    run, device = RunDir(output_dir), resolve_device(device)
+    try: run, device = RunDir(output_dir), resolve_device(device)
+    except DeviceError as e: raise TrainingError(str(e)) from None
     report = preflight(spec, run.root)
     if run.manifest.exists():
         log.info(f"{run.root} already holds the finished run of {spec.name}"); return run.root
