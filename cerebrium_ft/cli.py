@@ -255,7 +255,8 @@ def demo(
 def data_dir_default() -> Path:
     "Where the job service keeps its database, jobs and cache"
     if os.environ.get('CEREBRIUM_FT_DATA'): return Path(os.environ['CEREBRIUM_FT_DATA']).expanduser()
-    return Path(os.environ.get('XDG_DATA_HOME') or Path.home()/'.local'/'share')/'cerebrium-ft'
+    from fastcore.xdg import xdg_data_home
+    return xdg_data_home()/'cerebrium-ft'
 
 def _store(data_dir):
     from cerebrium_ft.store import Store

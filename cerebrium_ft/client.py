@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from pathlib import Path
 import requests
 from fastcore.basics import patch
+from fastcore.xdg import xdg_config_home
 from .config import FINAL, JobSpec
 from .dataset import read_dataset
 from .results import atomic_path
@@ -23,8 +24,7 @@ DEFAULT_URL = 'http://127.0.0.1:8642'
 
 def login_file() -> Path:
     "Where `cerebrium-ft login` keeps the API key and URL"
-    base = os.environ.get('XDG_CONFIG_HOME') or Path.home()/'.config'
-    return Path(base)/'cerebrium-ft'/'login.json'
+    return xdg_config_home()/'cerebrium-ft'/'login.json'
 
 def save_login(api_key:str, url:str|None=None) -> Path:
     "Save `api_key` (and `url`) for later commands, readable by this user only"

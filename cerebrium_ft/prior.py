@@ -8,6 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/prior.html.md"""
 from __future__ import annotations
 import gc, hashlib, json, logging, os, re
 from pathlib import Path
+from fastcore.xdg import xdg_cache_home
 from .dataset import read_dataset, inspect_image
 from .results import atomic_path
 from .speed import precision_dtype, resolve_precision, use_fused_attention
@@ -21,7 +22,7 @@ __all__ = ['log', 'cache_root', 'model_fingerprint', 'class_cache_dir', 'generat
 def cache_root() -> Path:
     "Where cerebrium-ft caches generated class images: `$CEREBRIUM_FT_CACHE`, else `$XDG_CACHE_HOME/cerebrium-ft`, else `~/.cache/cerebrium-ft`"
     if os.environ.get('CEREBRIUM_FT_CACHE'): return Path(os.environ['CEREBRIUM_FT_CACHE']).expanduser()
-    return Path(os.environ.get('XDG_CACHE_HOME') or Path.home()/'.cache').expanduser()/'cerebrium-ft'
+    return xdg_cache_home()/'cerebrium-ft'
 
 def model_fingerprint(model:str, revision:str='main') -> str:
     "What identifies a base model's weights: the hub id and revision, or a local folder's path and its weights' sizes and times"
