@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/dataset.html.md"""
 
 # %% ../nbs/01_dataset.ipynb #74794af8
 from __future__ import annotations
-import base64, hashlib, html, io, json, shutil, textwrap, warnings
+import base64, html, io, json, shutil, textwrap, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np

@@ -23,15 +23,6 @@ KILL_GRACE_S = 5.0
 JOB_ENV = 'CEREBRIUM_FT_JOB' # every process of a job inherits its folder in this variable: how its whole tree is found
 EXIT_NO_SPACE = 28 # run-job's exit status when the disk is full (errno ENOSPC)
 
-def _alive(pid:int|None) -> bool:
-    "Whether process `pid` exists and is not a zombie (exited, waiting to be reaped)"
-    if not pid: return False
-    try: os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError): return False
-    try: stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError: return True
-    return stat[stat.rindex(')') + 2] not in 'ZX'
-
 _HAS_PROC = Path('/proc/self/stat').exists()
 
 def _group_alive(pgid:int) -> bool:

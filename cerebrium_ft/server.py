@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/08_server.ipynb #047c0ec5
 from __future__ import annotations
-import errno, fcntl, hashlib, json, os, re, shutil, threading, time
+import fcntl, hashlib, json, os, re, shutil, threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from . import __version__
@@ -177,7 +177,8 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
     "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job"
     if len(images) + len(class_images) > MAX_FILES:
         raise HTTPException(413, f"{len(images) + len(class_images)} files: at most {MAX_FILES} per job (10-15 instance images, the rest class images)")
-    d, digest = _parse_spec(spec), _submission_sha256(spec, images, class_images)
+    d = _parse_spec(spec)
+    digest = _submission_sha256(spec, images, class_images) if idempotency_key else None  # read the uploads again only to match a retry
     if idempotency_key and (found := store.job_for_key(pid, idempotency_key)): return _replayed(found, digest), False
     job_id = new_job_id()
     tmp, jd = data_dir/'uploads'/job_id, executor.job_dir(job_id)

@@ -10,7 +10,7 @@ import hashlib, hmac, json, math, os, secrets, time
 from pathlib import Path
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, case, create_engine, event, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
-from .config import FINAL, STATES
+from .config import FINAL
 
 # %% auto #0
 __all__ = ['JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'Store']

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/testing.html.md"""
 
 # %% ../nbs/02_testing.ipynb #0d121575
 from __future__ import annotations
-import base64, hashlib, http.server, json, os, threading
+import base64, hashlib, http.server, json, threading
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter

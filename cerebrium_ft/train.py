@@ -324,6 +324,7 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
         raise
     finally:
         log.removeHandler(handler); handler.close()
+        gc.collect()  # the run's models and optimizer, gone with _train's frame: a notebook trains again with that memory back
 
 # %% ../nbs/04_train.ipynb #355d156e
 def fresh_accelerator(precision:str, cpu:bool):
@@ -455,5 +456,4 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
                                               train_seconds=round(time.time() - t0, 1)))
     write_progress(run, 'done', step, plan['max_train_steps'], metrics.last)
     log.info(f"done: {step} steps in {time.time() - t0:.0f} s; LoRA in {run.weights}")
-    del m, unet, optimizer; gc.collect()
     return run.root

@@ -1,6 +1,5 @@
 "Every way a user can get a command wrong ends in one line that says what to do and a non-zero exit status: never a traceback"
-import http.server, json, threading
-from pathlib import Path
+import http.server, threading
 import pytest
 from conftest import run_cli
 

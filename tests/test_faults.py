@@ -1,9 +1,9 @@
 "The job service under faults and hostile input, as a user or an attacker meets it: a real server process on loopback"
-import json, os, socket, stat, subprocess, time
+import json, socket, subprocess, time
 from pathlib import Path
 import pytest
 import requests
-from conftest import BIN, run_cli
+from conftest import run_cli
 from test_service import Server, job, submit, wait_for
 
 @pytest.fixture
