@@ -37,6 +37,7 @@ def _usage() -> str:
     lines = [f"  {n.ljust(w)}  {(f.__doc__ or '').splitlines()[0]}" for n, f in COMMANDS.items()]
     return '\n'.join(["usage: cerebrium-ft COMMAND [ARGS...]   (cerebrium-ft COMMAND --help for its options)", '', 'commands:', *lines])
 
+# %% ../nbs/10_cli.ipynb #941f8405_s0b
 def main(argv:list|None=None) -> int:
     "Run the `cerebrium-ft` command line with `argv` (default: `sys.argv[1:]`); returns the exit status"
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -263,6 +264,7 @@ def _store(data_dir):
     d = Path(data_dir).expanduser() if data_dir else data_dir_default()
     return Store(d/'cerebrium-ft.sqlite')
 
+# %% ../nbs/10_cli.ipynb #632ecbe3_s0b
 @command()
 def serve(
     host:str='127.0.0.1', # Address to listen on
@@ -283,7 +285,7 @@ def serve(
     os.umask(0o077)  # the data folder holds photos and key hashes: everything in it is its owner's only
     try: app = create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes, model_dirs=model_dirs)
     except DataDirBusy as e: print(f"cerebrium-ft serve: {e}", file=sys.stderr); return 1
-    store = app.state.store
+    store = app.state.service.store
     if not store.projects():
         pid, key = store.create_project('default')
         print(f"Created project 'default' ({pid}). Its API key, shown this once:\n  {key}\nSave it with: cerebrium-ft login {key} --url http://{host}:{port}", flush=True)
@@ -291,6 +293,7 @@ def serve(
     print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)}{opened})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level='warning')
 
+# %% ../nbs/10_cli.ipynb #632ecbe3_s1b
 @command(pos=['name'])
 def projects(
     action:str, # 'create' or 'list'
@@ -330,6 +333,7 @@ def keys(
         _print_json(dict(revoked=target)) if json else print(f"revoked {target}")
     else: raise CliError(f"unknown action {action!r}: use create or revoke")
 
+# %% ../nbs/10_cli.ipynb #632ecbe3_s2b
 @command('run-job')
 def run_job_cmd(
     job_dir:str, # A job folder written by the job service
@@ -363,6 +367,7 @@ def login(
     pid = c.me()['project_id']  # a wrong key or an unreachable server stops here, before anything is saved
     print(f"key for project {pid} saved to {save_login(api_key, c.url)}")
 
+# %% ../nbs/10_cli.ipynb #9edcd165_s0b
 def _client(url, api_key): return Client(url, api_key)
 
 def _bar(total, desc, unit='B'):
@@ -379,6 +384,7 @@ def _job_lines(j:dict) -> str:
             ('started', t(j['started'])), ('finished', t(j['finished']))] + ([('error', j['error'])] if j['error'] else [])
     return '\n'.join(f"{k:9} {v}" for k, v in rows)
 
+# %% ../nbs/10_cli.ipynb #9edcd165_s1b
 @command('train-diffuser')
 @delegates(job_options)
 def train_diffuser(
@@ -416,6 +422,7 @@ def train_diffuser(
     _print_json(j) if json else print(f"{j['id']}: {j['status']}" + (f" ({j['error']})" if j['error'] else ''))
     return 0 if j['status'] == 'succeeded' else 1
 
+# %% ../nbs/10_cli.ipynb #9edcd165_s2b
 @command('download-model', pos=['api_key'])
 def download_model(
     job_id:str, # The job's id
@@ -451,6 +458,7 @@ def get_most_recent_jobs(
     w = [max(len(str(r[i])) for r in rows + [('JOB', 'NAME', 'STATUS', 'CREATED', 'DURATION')]) for i in range(5)]
     for r in [('JOB', 'NAME', 'STATUS', 'CREATED', 'DURATION')] + rows: print('  '.join(str(x).ljust(n) for x, n in zip(r, w)).rstrip())
 
+# %% ../nbs/10_cli.ipynb #9edcd165_s3b
 @command('check-job-status', pos=['api_key'])
 def check_job_status(
     job_id:str, # The job's id

@@ -107,30 +107,47 @@ class Client:
                 if r.status_code not in RETRY_STATUS or attempt == self.retries: raise _error(r, url)
             time.sleep(self.backoff * 2 ** attempt)
 
-    def _json(self, method:str, path:str, shape, **kw):
-        "The JSON answer to a request, checked to have the `shape` the job service sends"
-        r = self._request(method, path, **kw)
-        try: obj = r.json()
-        except ValueError:
-            raise ApiError(f"{self.url}{path} answered {r.status_code} with {r.headers.get('content-type') or 'an unknown type'}, not JSON: "
-                           f"is {self.url} a cerebrium-ft job service?") from None
-        if not shape(obj): raise ApiError(f"{self.url}{path} answered JSON that the job service does not send ({str(obj)[:120]}): is {self.url} a cerebrium-ft job service of this version?")
-        return obj
-
-    def health(self) -> dict: return self._json('GET', '/v1/health', lambda o: isinstance(o, dict) and 'ok' in o)
-    def me(self) -> dict: return self._json('GET', '/v1/me', lambda o: isinstance(o, dict) and isinstance(o.get('project_id'), str))
-    def job(self, job_id:str) -> dict: return self._json('GET', f"/v1/jobs/{job_id}", _is_job)
-    def logs(self, job_id:str, offset:int=0) -> dict: return self._json('GET', f"/v1/jobs/{job_id}/logs", _is_log, params=dict(offset=offset))
-    def jobs(self, project_id:str, limit:int=10) -> list:
-        return self._json('GET', f"/v1/projects/{project_id}/jobs", lambda o: isinstance(o, list) and all(map(_is_job, o)), params=dict(limit=limit))
-    def cancel(self, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{job_id}/cancel", _is_job)
-    def images(self, job_id:str) -> list[str]:
-        return self._json('GET', f"/v1/jobs/{job_id}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
-    def image(self, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
-
 JOB_KEYS = ('id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss', 'duration')
 def _is_job(o) -> bool: return isinstance(o, dict) and all(k in o for k in JOB_KEYS) and isinstance(o['id'], str) and isinstance(o['status'], str)
 def _is_log(o) -> bool: return isinstance(o, dict) and isinstance(o.get('text'), str) and isinstance(o.get('next_offset'), int)
+
+# %% ../nbs/09_client.ipynb #c712787f_p0b
+@patch
+def _json(self:Client, method:str, path:str, shape, **kw):
+    "The JSON answer to a request, checked to have the `shape` the job service sends"
+    r = self._request(method, path, **kw)
+    try: obj = r.json()
+    except ValueError:
+        raise ApiError(f"{self.url}{path} answered {r.status_code} with {r.headers.get('content-type') or 'an unknown type'}, not JSON: "
+                       f"is {self.url} a cerebrium-ft job service?") from None
+    if not shape(obj): raise ApiError(f"{self.url}{path} answered JSON that the job service does not send ({str(obj)[:120]}): is {self.url} a cerebrium-ft job service of this version?")
+    return obj
+
+@patch
+def health(self:Client) -> dict: return self._json('GET', '/v1/health', lambda o: isinstance(o, dict) and 'ok' in o)
+
+@patch
+def me(self:Client) -> dict: return self._json('GET', '/v1/me', lambda o: isinstance(o, dict) and isinstance(o.get('project_id'), str))
+
+@patch
+def job(self:Client, job_id:str) -> dict: return self._json('GET', f"/v1/jobs/{job_id}", _is_job)
+
+@patch
+def logs(self:Client, job_id:str, offset:int=0) -> dict: return self._json('GET', f"/v1/jobs/{job_id}/logs", _is_log, params=dict(offset=offset))
+
+@patch
+def jobs(self:Client, project_id:str, limit:int=10) -> list:
+    return self._json('GET', f"/v1/projects/{project_id}/jobs", lambda o: isinstance(o, list) and all(map(_is_job, o)), params=dict(limit=limit))
+
+@patch
+def cancel(self:Client, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{job_id}/cancel", _is_job)
+
+@patch
+def images(self:Client, job_id:str) -> list[str]:
+    return self._json('GET', f"/v1/jobs/{job_id}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
+
+@patch
+def image(self:Client, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
 
 # %% ../nbs/09_client.ipynb #74f9c5fe
 def _images(path) -> list[Path]:

@@ -17,7 +17,7 @@ from .results import file_sha256
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
            'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb',
-           'check_dataset', 'DatasetReport', 'Prepared', 'crop_square', 'prepare_dataset']
+           'DatasetReport', 'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -300,25 +300,6 @@ def _count_findings(infos:list[ImageInfo]) -> list[Finding]:
     if n > MAX_IMAGES: return [Finding('warning', 'count', None, f"{n} usable images: more than {MAX_IMAGES} often fails to converge", f"keep the {MAX_IMAGES} most varied")]
     return []
 
-# %% ../nbs/01_dataset.ipynb #c7c3562a
-def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
-    "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'"
-    if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
-    if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
-    entries, findings = read_dataset(path)
-    infos = []
-    for e in entries:
-        try: info, fs = inspect_image(e, size)
-        except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
-            info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
-        infos.append(info); findings += fs
-    findings += _duplicate_findings(infos)
-    if mode == 'style': findings += _colour_findings(infos)
-    if entries or not any(f.severity == 'error' for f in findings): findings += _count_findings(infos)  # else the dataset's own error says it
-    order = {s: i for i, s in enumerate(SEVERITIES)}
-    findings.sort(key=lambda f: order[f.severity])
-    return DatasetReport(str(path), mode, size, infos, findings)
-
 # %% ../nbs/01_dataset.ipynb #fbaeabe4
 def _n(k:int, noun:str) -> str: return f"{k} {noun}{'s' * (k != 1)}"
 
@@ -388,6 +369,25 @@ def _html_report(r:DatasetReport) -> str:
         rows.append(f"<tr><td></td><td>{esc(file)}</td><td></td><td style='text-align:left'>{cell(fs)}</td></tr>")
     return (f"<div><p><b>Dataset check</b>: {esc(r.summary())}</p><table><thead><tr><th></th><th>file</th><th>size</th><th>findings</th></tr></thead>"
             f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+# %% ../nbs/01_dataset.ipynb #c7c3562a
+def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
+    "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'"
+    if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
+    if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
+    entries, findings = read_dataset(path)
+    infos = []
+    for e in entries:
+        try: info, fs = inspect_image(e, size)
+        except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
+            info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
+        infos.append(info); findings += fs
+    findings += _duplicate_findings(infos)
+    if mode == 'style': findings += _colour_findings(infos)
+    if entries or not any(f.severity == 'error' for f in findings): findings += _count_findings(infos)  # else the dataset's own error says it
+    order = {s: i for i, s in enumerate(SEVERITIES)}
+    findings.sort(key=lambda f: order[f.severity])
+    return DatasetReport(str(path), mode, size, infos, findings)
 
 # %% ../nbs/01_dataset.ipynb #adece1ce
 @dataclass

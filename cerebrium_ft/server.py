@@ -8,6 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 from __future__ import annotations
 import fcntl, hashlib, json, os, re, shutil, threading
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from . import __version__
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, is_hub_id, json_depth, model_problem
@@ -22,8 +23,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'BodyLimit', 'RequireKey', 'DataDirBusy',
-           'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'create_app', 'project']
+__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'service_routes', 'job_routes', 'project_routes',
+           'result_routes', 'ROUTERS', 'BodyLimit', 'RequireKey', 'DataDirBusy', 'open_data_dir', 'close_data_dir',
+           'server_model', 'create_job', 'Service', 'service', 'project', 'own_job', 'health', 'me', 'submit',
+           'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -203,97 +206,119 @@ def _replayed(found, digest:str) -> dict:
     return job
 
 # %% ../nbs/08_server.ipynb #bdb2200d
-def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
-    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
-    data_dir = Path(data_dir).expanduser()
-    lock = open_data_dir(data_dir)
-    store = Store(data_dir/'cerebrium-ft.sqlite')
-    executor = Executor(store, data_dir, workers, stall_s=stall_minutes * 60)
+@dataclass
+class Service:
+    "What every route shares: the job store, the executor, the data folder and the folders local models may load from"
+    store:Store
+    executor:Executor
+    data_dir:Path
+    model_dirs:tuple = ()
 
-    @asynccontextmanager
-    async def lifespan(app):
-        if start_executor: executor.start()
-        yield
-        executor.stop(); close_data_dir(lock)
+def service(request:Request) -> Service:
+    "The `Service` of the app serving `request`"
+    return request.app.state.service
 
-    app = FastAPI(title='cerebrium-ft job service', version=__version__, lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=max_request_mb * 2**20)
-    app.add_middleware(RequireKey, store=store)  # the outer one: no key, no body read
-    app.state.store, app.state.executor, app.state.data_dir, app.state.model_dirs = store, executor, data_dir, tuple(model_dirs)
-    app.add_exception_handler(RequestValidationError, _bad_request)
-    app.include_router(_routes(store, executor, data_dir, tuple(model_dirs)))
-    return app
+def project(request:Request) -> str:
+    "The project of the request's API key (checked by `RequireKey`)"
+    return request.state.project_id
+
+def own_job(job_id:str, pid:str=Depends(project), svc:Service=Depends(service)) -> dict:
+    "Job `job_id` of the request's project; 404, the same as for a job that does not exist, for another project's"
+    j = svc.store.job(job_id, pid)
+    if j is None: raise HTTPException(404, f"no job {job_id}")
+    return j
 
 async def _bad_request(request, exc):
     "400, not FastAPI's 422, for a parameter out of range: the message names it"
     where = lambda e: '.'.join(str(x) for x in e.get('loc', ()) if x not in ('query', 'path', 'body', 'header'))
     return JSONResponse(status_code=400, content={'detail': '; '.join(f"{where(e)}: {e.get('msg')}" for e in exc.errors())})
 
-def project(request:Request) -> str:
-    "The project of the request's API key (checked by `RequireKey`)"
-    return request.state.project_id
+# %% ../nbs/08_server.ipynb #bea56c1a
+service_routes = APIRouter(prefix='/v1', tags=['service'])
+
+@service_routes.get('/health')
+def health(): return dict(ok=True, version=__version__)
+
+@service_routes.get('/me')
+def me(pid:str=Depends(project)): return dict(project_id=pid)
+
+# %% ../nbs/08_server.ipynb #c7be1ef7
+job_routes = APIRouter(prefix='/v1/jobs', tags=['jobs'])
+
+@job_routes.post('', status_code=201)
+def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
+           pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
+    "Queue a job; a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
+    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key)
+    if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
+    return job
+
+@job_routes.get('/{job_id}')
+def get_job(job:dict=Depends(own_job)): return job
+
+@job_routes.get('/{job_id}/logs')
+def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0, le=2**53), limit:int=Query(1 << 20, ge=1, le=8 << 20), svc:Service=Depends(service)):
+    "Up to `limit` bytes of the job's log from byte `offset`, and the offset to ask for next"
+    f, text = svc.executor.job_dir(job['id'])/'job.log', b''
+    if f.exists():
+        with open(f, 'rb') as fh: fh.seek(offset); text = fh.read(limit)
+    return dict(job_id=job['id'], status=job['status'], offset=offset, next_offset=offset + len(text), text=text.decode('utf-8', 'replace'))
+
+@job_routes.post('/{job_id}/cancel')
+def cancel(job:dict=Depends(own_job), svc:Service=Depends(service)):
+    "Cancel a queued job, or ask the executor to end a running one; a finished job is returned as it is"
+    return job if job['status'] in FINAL else svc.executor.cancel(job['id'])
+
+# %% ../nbs/08_server.ipynb #2956799e
+project_routes = APIRouter(prefix='/v1/projects', tags=['projects'])
+
+@project_routes.get('/{project_id}/jobs')
+def list_jobs(project_id:str, limit:int=Query(10, ge=1, le=500), pid:str=Depends(project), svc:Service=Depends(service)):
+    if project_id != pid: raise HTTPException(404, f"no project {project_id}")
+    return svc.store.jobs(pid, limit)
+
+result_routes = APIRouter(prefix='/v1/jobs/{job_id}', tags=['results'])
+
+@result_routes.get('/results')
+def results(job:dict=Depends(own_job), svc:Service=Depends(service)):
+    z = svc.executor.job_dir(job['id'])/'results.zip'
+    if job['status'] != 'succeeded' or not z.is_file():
+        raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
+    return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
+
+@result_routes.get('/images')
+def images(job:dict=Depends(own_job), svc:Service=Depends(service)):
+    "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
+    run = RunDir(svc.executor.job_dir(job['id'])/'results')
+    return [p.relative_to(run.root/'validation').as_posix() for p in run.validation_images()]
+
+@result_routes.get('/images/{epoch}/{name}')
+def image(epoch:str, name:str, job:dict=Depends(own_job), svc:Service=Depends(service)):
+    f = svc.executor.job_dir(job['id'])/'results'/'validation'/epoch/name
+    if not (re.fullmatch(r'epoch_\d{4}', epoch) and re.fullmatch(r'\d{2}\.png', name) and f.is_file()):
+        raise HTTPException(404, f"no image {epoch}/{name} in job {job['id']}")
+    return FileResponse(f, media_type='image/png')
 
 # %% ../nbs/08_server.ipynb #d0b24ddc
-def _routes(store:Store, executor:Executor, data_dir:Path, model_dirs:tuple) -> APIRouter:
-    "The /v1 routes"
-    r = APIRouter(prefix='/v1')
-    def own_job(job_id:str, pid:str=Depends(project)) -> dict:
-        j = store.job(job_id, pid)
-        if j is None: raise HTTPException(404, f"no job {job_id}")
-        return j
+ROUTERS = (service_routes, job_routes, project_routes, result_routes)
 
-    @r.get('/health')
-    def health(): return dict(ok=True, version=__version__)
+def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
+    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
+    data_dir = Path(data_dir).expanduser()
+    lock = open_data_dir(data_dir)
+    store = Store(data_dir/'cerebrium-ft.sqlite')
+    svc = Service(store, Executor(store, data_dir, workers, stall_s=stall_minutes * 60), data_dir, tuple(model_dirs))
 
-    @r.get('/me')
-    def me(pid:str=Depends(project)): return dict(project_id=pid)
+    @asynccontextmanager
+    async def lifespan(app):
+        if start_executor: svc.executor.start()
+        yield
+        svc.executor.stop(); close_data_dir(lock)
 
-    @r.post('/jobs', status_code=201)
-    def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
-               pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200)):
-        "Queue a job; a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
-        job, new = create_job(store, executor, data_dir, model_dirs, pid, spec, images, class_images, idempotency_key)
-        if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
-        return job
-
-    @r.get('/jobs/{job_id}')
-    def get_job(job:dict=Depends(own_job)): return job
-
-    @r.get('/jobs/{job_id}/logs')
-    def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0, le=2**53), limit:int=Query(1 << 20, ge=1, le=8 << 20)):
-        f = executor.job_dir(job['id'])/'job.log'
-        text = b''
-        if f.exists():
-            with open(f, 'rb') as fh: fh.seek(offset); text = fh.read(limit)
-        return dict(job_id=job['id'], status=job['status'], offset=offset, next_offset=offset + len(text), text=text.decode('utf-8', 'replace'))
-
-    @r.get('/projects/{project_id}/jobs')
-    def list_jobs(project_id:str, limit:int=Query(10, ge=1, le=500), pid:str=Depends(project)):
-        if project_id != pid: raise HTTPException(404, f"no project {project_id}")
-        return store.jobs(pid, limit)
-
-    @r.get('/jobs/{job_id}/results')
-    def results(job:dict=Depends(own_job)):
-        z = executor.job_dir(job['id'])/'results.zip'
-        if job['status'] != 'succeeded' or not z.is_file():
-            raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
-        return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
-
-    @r.get('/jobs/{job_id}/images')
-    def images(job:dict=Depends(own_job)):
-        "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
-        run = RunDir(executor.job_dir(job['id'])/'results')
-        return [p.relative_to(run.root/'validation').as_posix() for p in run.validation_images()]
-
-    @r.get('/jobs/{job_id}/images/{epoch}/{name}')
-    def image(epoch:str, name:str, job:dict=Depends(own_job)):
-        f = executor.job_dir(job['id'])/'results'/'validation'/epoch/name
-        if not (re.fullmatch(r'epoch_\d{4}', epoch) and re.fullmatch(r'\d{2}\.png', name) and f.is_file()):
-            raise HTTPException(404, f"no image {epoch}/{name} in job {job['id']}")
-        return FileResponse(f, media_type='image/png')
-
-    @r.post('/jobs/{job_id}/cancel')
-    def cancel(job:dict=Depends(own_job)):
-        if job['status'] in FINAL: return job
-        return executor.cancel(job['id'])
-    return r
+    app = FastAPI(title='cerebrium-ft job service', version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_request_mb * 2**20)
+    app.add_middleware(RequireKey, store=store)  # the outer one: no key, no body read
+    app.state.service = svc
+    app.add_exception_handler(RequestValidationError, _bad_request)
+    for r in ROUTERS: app.include_router(r)
+    return app

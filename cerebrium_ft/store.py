@@ -8,6 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/store.html.md"""
 from __future__ import annotations
 import hashlib, hmac, json, math, os, secrets, time
 from pathlib import Path
+from fastcore.basics import patch
 from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, case, create_engine, event, inspect, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .config import FINAL
@@ -107,112 +108,145 @@ class Store:
 
     def session(self) -> Session: return Session(self.engine, expire_on_commit=False)
 
-    # -- projects and keys --
-    def create_project(self, name:str) -> tuple[str, str]:
-        "A new project's id and its first API key"
-        pid = 'p_' + secrets.token_hex(8)
-        with self.session() as s, s.begin(): s.add(Project(id=pid, name=name, created=time.time()))
-        return pid, self.create_key(pid)
+# %% ../nbs/06_store.ipynb #2d400491
+@patch
+def create_project(self:Store, name:str) -> tuple[str, str]:
+    "A new project's id and its first API key"
+    pid = 'p_' + secrets.token_hex(8)
+    with self.session() as s, s.begin(): s.add(Project(id=pid, name=name, created=time.time()))
+    return pid, self.create_key(pid)
 
-    def projects(self) -> list[dict]:
-        with self.session() as s: return [dict(id=p.id, name=p.name, created=p.created) for p in s.scalars(select(Project).order_by(Project.created))]
 
-    def create_key(self, project_id:str) -> str:
-        "A new API key for `project_id`; only its hash is kept, so it is shown once"
-        kid, secret = secrets.token_hex(6), secrets.token_urlsafe(32).replace('_', '-')
+@patch
+def projects(self:Store) -> list[dict]:
+    with self.session() as s: return [dict(id=p.id, name=p.name, created=p.created) for p in s.scalars(select(Project).order_by(Project.created))]
+
+
+@patch
+def create_key(self:Store, project_id:str) -> str:
+    "A new API key for `project_id`; only its hash is kept, so it is shown once"
+    kid, secret = secrets.token_hex(6), secrets.token_urlsafe(32).replace('_', '-')
+    with self.session() as s, s.begin():
+        if s.get(Project, project_id) is None: raise KeyError(f"no project {project_id}")
+        s.add(ApiKey(id=kid, project_id=project_id, secret_sha256=_hash(secret), created=time.time()))
+    return f"cft_{kid}_{secret}"
+
+
+@patch
+def revoke_key(self:Store, key_or_id:str) -> bool:
+    "Revoke a key given whole or by its id; False if there is no such key"
+    kid = _split_key(key_or_id)[0] or key_or_id
+    with self.session() as s, s.begin():
+        k = s.get(ApiKey, kid)
+        if k is None: return False
+        k.revoked = k.revoked or time.time()
+    return True
+
+
+@patch
+def authenticate(self:Store, key:str) -> str|None:
+    "The project id of a valid, unrevoked `key`, else None"
+    kid, secret = _split_key(key)
+    if kid is None: return None
+    with self.session() as s: k = s.get(ApiKey, kid)
+    ok = hmac.compare_digest(_hash(secret), k.secret_sha256 if k else _hash('-'))
+    return k.project_id if ok and k and not k.revoked else None
+
+# %% ../nbs/06_store.ipynb #7c7f2937
+@patch
+def add_job(self:Store, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None) -> dict:
+    "Queue a new job; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
+    with self.session() as s, s.begin():
+        j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued',
+                created=time.time(), attempts=0, step=0, total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256)
+        s.add(j)
+    return _job_dict(j)
+
+
+@patch
+def job_for_key(self:Store, project_id:str, idempotency_key:str) -> tuple[dict, str|None]|None:
+    "The project's job submitted under `idempotency_key` and the sha256 of that submission, or None"
+    with self.session() as s:
+        j = s.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == idempotency_key)).first()
+        return (_job_dict(j), j.request_sha256) if j else None
+
+
+@patch
+def job(self:Store, job_id:str, project_id:str|None=None) -> dict|None:
+    "Job `job_id`, or None if it does not exist or (given `project_id`) belongs to another project"
+    with self.session() as s:
+        j = s.get(Job, job_id)
+        return _job_dict(j) if j and (project_id is None or j.project_id == project_id) else None
+
+
+@patch
+def jobs(self:Store, project_id:str, limit:int=10) -> list[dict]:
+    "The project's most recent jobs, newest first"
+    with self.session() as s:
+        return [_job_dict(j) for j in s.scalars(select(Job).where(Job.project_id == project_id).order_by(Job.created.desc(), Job.id).limit(limit))]
+
+# %% ../nbs/06_store.ipynb #712a2930
+@patch
+def jobs_in(self:Store, *states) -> list[dict]:
+    "Jobs in `states`, oldest first, with the executor's own fields (pid, cancel_requested)"
+    with self.session() as s: return [_row(j) for j in s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created))]
+
+
+@patch
+def row(self:Store, job_id:str) -> dict|None:
+    "Job `job_id` with the executor's own fields (pid, cancel_requested)"
+    with self.session() as s:
+        j = s.get(Job, job_id)
+        return _row(j) if j else None
+
+
+@patch
+def update(self:Store, job_id:str, *only:str, **fields) -> bool:
+    "Set `fields` of job `job_id` (only while its status is one of `only`, when given); whether a row changed"
+    q = update(Job).where(Job.id == job_id, *([Job.status.in_(only)] if only else []))
+    with self.session() as s, s.begin(): return s.execute(q.values(**fields)).rowcount > 0
+
+# %% ../nbs/06_store.ipynb #4b3a2c0d
+@patch
+def started(self:Store, job_id:str, pid:int) -> bool:
+    "The claimed job's process runs as `pid`"
+    return self.update(job_id, 'running', pid=pid, phase='starting')
+
+
+@patch
+def record_progress(self:Store, job_id:str, **fields) -> bool:
+    "What a running job's progress says (phase, step, total, loss, resumed_from)"
+    return self.update(job_id, 'running', **fields)
+
+
+@patch
+def finish(self:Store, job_id:str, status:str, **fields) -> bool:
+    "End a queued or running job in final `status`, with `fields` (the error...); False if it had ended already"
+    assert status in FINAL, status
+    return self.update(job_id, 'queued', 'running', status=status, finished=time.time(), pid=None, **fields)
+
+
+@patch
+def requeue(self:Store, job_id:str, reason:str|None=None, keep_attempt:bool=True) -> bool:
+    "Queue a running job again to resume; `keep_attempt=False` gives its attempt back (the server stopped it, not the job)"
+    back = {} if keep_attempt else dict(attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0))
+    return self.update(job_id, 'running', status='queued', pid=None, phase='queued', error=reason, **back)
+
+
+@patch
+def request_cancel(self:Store, job_id:str) -> str|None:
+    "Cancel a queued job at once ('cancelled'), or ask the executor to end a running one ('running'); None if the job had ended"
+    if self.update(job_id, 'queued', status='cancelled', finished=time.time(), cancel_requested=1): return 'cancelled'
+    return 'running' if self.update(job_id, 'running', cancel_requested=1) else None
+
+
+@patch
+def claim_next(self:Store) -> dict|None:
+    "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
+    while True:
         with self.session() as s, s.begin():
-            if s.get(Project, project_id) is None: raise KeyError(f"no project {project_id}")
-            s.add(ApiKey(id=kid, project_id=project_id, secret_sha256=_hash(secret), created=time.time()))
-        return f"cft_{kid}_{secret}"
-
-    def revoke_key(self, key_or_id:str) -> bool:
-        "Revoke a key given whole or by its id; False if there is no such key"
-        kid = _split_key(key_or_id)[0] or key_or_id
-        with self.session() as s, s.begin():
-            k = s.get(ApiKey, kid)
-            if k is None: return False
-            k.revoked = k.revoked or time.time()
-        return True
-
-    def authenticate(self, key:str) -> str|None:
-        "The project id of a valid, unrevoked `key`, else None"
-        kid, secret = _split_key(key)
-        if kid is None: return None
-        with self.session() as s: k = s.get(ApiKey, kid)
-        ok = hmac.compare_digest(_hash(secret), k.secret_sha256 if k else _hash('-'))
-        return k.project_id if ok and k and not k.revoked else None
-
-    # -- jobs --
-    def add_job(self, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None) -> dict:
-        "Queue a new job; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
-        with self.session() as s, s.begin():
-            j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued',
-                    created=time.time(), attempts=0, step=0, total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256)
-            s.add(j)
-        return _job_dict(j)
-
-    def job_for_key(self, project_id:str, idempotency_key:str) -> tuple[dict, str|None]|None:
-        "The project's job submitted under `idempotency_key` and the sha256 of that submission, or None"
-        with self.session() as s:
-            j = s.scalars(select(Job).where(Job.project_id == project_id, Job.idempotency_key == idempotency_key)).first()
-            return (_job_dict(j), j.request_sha256) if j else None
-
-    def job(self, job_id:str, project_id:str|None=None) -> dict|None:
-        "Job `job_id`, or None if it does not exist or (given `project_id`) belongs to another project"
-        with self.session() as s:
-            j = s.get(Job, job_id)
-            return _job_dict(j) if j and (project_id is None or j.project_id == project_id) else None
-
-    def jobs(self, project_id:str, limit:int=10) -> list[dict]:
-        "The project's most recent jobs, newest first"
-        with self.session() as s:
-            return [_job_dict(j) for j in s.scalars(select(Job).where(Job.project_id == project_id).order_by(Job.created.desc(), Job.id).limit(limit))]
-
-    def jobs_in(self, *states) -> list[dict]:
-        "Jobs in `states`, oldest first, with the executor's own fields (pid, cancel_requested)"
-        with self.session() as s: return [_row(j) for j in s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created))]
-
-    def row(self, job_id:str) -> dict|None:
-        "Job `job_id` with the executor's own fields (pid, cancel_requested)"
-        with self.session() as s:
-            j = s.get(Job, job_id)
-            return _row(j) if j else None
-
-    def update(self, job_id:str, *only:str, **fields) -> bool:
-        "Set `fields` of job `job_id` (only while its status is one of `only`, when given); whether a row changed"
-        q = update(Job).where(Job.id == job_id, *([Job.status.in_(only)] if only else []))
-        with self.session() as s, s.begin(): return s.execute(q.values(**fields)).rowcount > 0
-
-    # -- the job's state changes, each only from the states it may come from --
-    def started(self, job_id:str, pid:int) -> bool:
-        "The claimed job's process runs as `pid`"
-        return self.update(job_id, 'running', pid=pid, phase='starting')
-
-    def record_progress(self, job_id:str, **fields) -> bool:
-        "What a running job's progress says (phase, step, total, loss, resumed_from)"
-        return self.update(job_id, 'running', **fields)
-
-    def finish(self, job_id:str, status:str, **fields) -> bool:
-        "End a queued or running job in final `status`, with `fields` (the error...); False if it had ended already"
-        assert status in FINAL, status
-        return self.update(job_id, 'queued', 'running', status=status, finished=time.time(), pid=None, **fields)
-
-    def requeue(self, job_id:str, reason:str|None=None, keep_attempt:bool=True) -> bool:
-        "Queue a running job again to resume; `keep_attempt=False` gives its attempt back (the server stopped it, not the job)"
-        back = {} if keep_attempt else dict(attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0))
-        return self.update(job_id, 'running', status='queued', pid=None, phase='queued', error=reason, **back)
-
-    def request_cancel(self, job_id:str) -> str|None:
-        "Cancel a queued job at once ('cancelled'), or ask the executor to end a running one ('running'); None if the job had ended"
-        if self.update(job_id, 'queued', status='cancelled', finished=time.time(), cancel_requested=1): return 'cancelled'
-        return 'running' if self.update(job_id, 'running', cancel_requested=1) else None
-
-    def claim_next(self) -> dict|None:
-        "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
-        while True:
-            with self.session() as s, s.begin():
-                j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
-                if j is None: return None
-                n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
-                    status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None, resumed_from=None)).rowcount
-            if n: return self.job(j.id)
+            j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
+            if j is None: return None
+            n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
+                status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None, resumed_from=None)).rowcount
+        if n: return self.job(j.id)

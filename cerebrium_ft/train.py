@@ -8,6 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 from __future__ import annotations
 import csv, gc, json, logging, math, random, re, shutil, time
 from pathlib import Path
+from fastcore.basics import patch
 import numpy as np
 from PIL import Image
 from . import __version__
@@ -24,7 +25,7 @@ __all__ = ['log', 'LORA_TARGETS', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'ME
            'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'encode_prompts',
            'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
            'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'plot_loss', 'save_results', 'train',
-           'fresh_accelerator']
+           'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -345,115 +346,186 @@ def _epoch_on_device(batches:list, device) -> tuple[list, list]:
     return list(inst), list(torch.as_tensor(np.concatenate([c for _, c in batches])).to(device).split(sizes))
 
 # %% ../nbs/04_train.ipynb #e676bfd1
-def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
+class Training:
+    "One run of `spec` into `run` on `device`, phase by phase: `_train` calls the methods below in their order"
+    def __init__(self, spec:JobSpec, run:RunDir, report, device, cache=None, progress:bool=True):
+        import torch
+        self.spec, self.s, self.run, self.device, self.cache, self.progress = spec, spec.training_args, run, device, cache, progress
+        self.t0, self.inst, self.cls_paths, self.step = time.time(), report.usable, [], 0
+        self.precision = resolve_precision(self.s.mixed_precision, device)
+        self.weight_dtype = precision_dtype(self.precision)
+        if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+        log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision}, {device.type}, precision {self.precision}")
+
+# %% ../nbs/04_train.ipynb #d599c3dd
+@patch
+def get_class_images(self:Training):
+    "Phase 1, with prior preservation: the class images, reused or generated"
+    spec, s, run = self.spec, self.s, self.run
+    if not spec.prior_preservation: return
+    write_progress(run, 'class images')
+    self.cls_paths, made = class_images(spec.prior_class_prompt, spec.num_prior_class_images, spec.prior_class_image_dir, spec.hf_model_path,
+                                        spec.revision, s.resolution, s.sample_batch_size, self.cache, self.device, self.progress,
+                                        on_batch=lambda done, total: write_progress(run, 'class images', done, total))
+    log.info(f"prior preservation: {len(self.cls_paths)} class images of {spec.prior_class_prompt!r} ({made} generated now)")
+    if not self.cls_paths: raise TrainingError(f"prior preservation has no class images: {spec.prior_class_image_dir} holds none, and --num-prior-class-images is 0")
+
+# %% ../nbs/04_train.ipynb #5981970e
+@patch
+def setup_models(self:Training):
+    "Phase 2: the pipeline's models, frozen, and the LoRA on the UNet"
     import torch
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
-    from tqdm.auto import tqdm
-    s, t0 = spec.training_args, time.time()
-    precision = resolve_precision(s.mixed_precision, device)
-    weight_dtype = precision_dtype(precision)
-    if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-    log.info(f"job {spec.name}: {len(report.usable)} instance images, model {spec.hf_model_path}@{spec.revision}, {device.type}, precision {precision}")
-    # class images
-    cls_paths = []
-    if spec.prior_preservation:
-        write_progress(run, 'class images')
-        cls_paths, made = class_images(spec.prior_class_prompt, spec.num_prior_class_images, spec.prior_class_image_dir, spec.hf_model_path,
-                                       spec.revision, s.resolution, s.sample_batch_size, cache, device, progress,
-                                       on_batch=lambda done, total: write_progress(run, 'class images', done, total))
-        log.info(f"prior preservation: {len(cls_paths)} class images of {spec.prior_class_prompt!r} ({made} generated now)")
-        if not cls_paths: raise TrainingError(f"prior preservation has no class images: {spec.prior_class_image_dir} holds none, and --num-prior-class-images is 0")
-    # models
-    write_progress(run, 'loading')
-    m = load_models(spec.hf_model_path, spec.revision)
-    accelerator = fresh_accelerator(precision, cpu=device.type == 'cpu')
-    unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
-    for mod in (unet, vae, text_encoder): mod.requires_grad_(False)
-    unet.to(device, *([weight_dtype] if precision != 'no' else []))
+    s, device = self.s, self.device
+    write_progress(self.run, 'loading')
+    self.m = load_models(self.spec.hf_model_path, self.spec.revision)
+    self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu')
+    self.unet = unet = self.m['unet']
+    for mod in (unet, self.m['vae'], self.m['text_encoder']): mod.requires_grad_(False)
+    unet.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=LORA_TARGETS))
-    if precision != 'no': cast_training_params(unet, dtype=torch.float32)
+    if self.precision != 'no': cast_training_params(unet, dtype=torch.float32)
     use_fused_attention(unet, device)  # same sums, fewer products (cerebrium_ft.speed)
     if s.gradient_checkpointing: unet.enable_gradient_checkpointing()
-    # cache latents and text embeddings once; then the encoders leave the accelerator
-    write_progress(run, 'caching')
-    vae.to(device, *([weight_dtype] if precision == 'bf16' else [])); text_encoder.to(device, *([weight_dtype] if precision != 'no' else []))  # fp16 VAE encodes overflow
-    inst = report.usable
-    prompts = sorted({i.entry.caption or spec.training_prompt for i in inst} | ({spec.prior_class_prompt} if cls_paths else set()))
-    val_prompt = s.validation_prompt or spec.training_prompt
-    embeds = encode_prompts(m['tokenizer'], text_encoder, prompts + [val_prompt, ''], device, weight_dtype)
-    val_cond, val_uncond, embeds = embeds[-2:-1], embeds[-1:], embeds[:-2]
-    inst_prompt = torch.tensor([prompts.index(i.entry.caption or spec.training_prompt) for i in inst], device=device)
-    inst_mean, inst_std = encode_images(vae, load_pixels([i.entry.path for i in inst], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, weight_dtype)
-    if cls_paths:
-        cls_mean, cls_std = encode_images(vae, load_pixels(cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, weight_dtype)
-        cls_prompt = prompts.index(spec.prior_class_prompt)
-    scaling = vae.config.scaling_factor
+    self.params = [p for p in unet.parameters() if p.requires_grad]
+
+# %% ../nbs/04_train.ipynb #40acecd9
+@patch
+def encode_inputs(self:Training):
+    "Phase 3: latents and text embeddings, computed once; then the encoders leave the accelerator"
+    import torch
+    s, spec, device, dtype, m = self.s, self.spec, self.device, self.weight_dtype, self.m
+    vae, text_encoder = m['vae'], m['text_encoder']
+    write_progress(self.run, 'caching')
+    vae.to(device, *([dtype] if self.precision == 'bf16' else [])); text_encoder.to(device, *([dtype] if self.precision != 'no' else []))  # fp16 VAE encodes overflow
+    caption = lambda i: i.entry.caption or spec.training_prompt
+    prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()))
+    embeds = encode_prompts(m['tokenizer'], text_encoder, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype)
+    self.val_cond, self.val_uncond, self.embeds = embeds[-2:-1], embeds[-1:], embeds[:-2]
+    self.inst_prompt = torch.tensor([prompts.index(caption(i)) for i in self.inst], device=device)
+    self.inst_mean, self.inst_std = encode_images(vae, load_pixels([i.entry.path for i in self.inst], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
+    if self.cls_paths:
+        self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
+        self.cls_prompt = prompts.index(spec.prior_class_prompt)
+    self.scaling = vae.config.scaling_factor
     if device.type != 'cpu': vae.to('cpu'); text_encoder.to('cpu'); torch.cuda.empty_cache()
-    # optimizer, schedule, resume
-    plan = plan_steps(len(inst), len(cls_paths), s)
-    lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * accelerator.num_processes if s.scale_lr else 1)
-    params = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = accelerator.prepare(make_optimizer(params, s, lr, device))
-    lr_scheduler = get_scheduler(s.lr_schedule, optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
-                                 num_cycles=s.lr_num_cycles, power=s.lr_power)
-    gen = torch.Generator(device).manual_seed(s.seed)
-    step, ckpt = 0, run.latest_checkpoint()
+
+# %% ../nbs/04_train.ipynb #260cf5f1
+@patch
+def setup_optimizer(self:Training):
+    "Phase 4: optimizer, learning-rate schedule and step plan, restored from the newest checkpoint of a stopped run"
+    import torch
+    from diffusers.optimization import get_scheduler
+    s, run = self.s, self.run
+    self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s)
+    self.lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * self.accelerator.num_processes if s.scale_lr else 1)
+    self.optimizer = self.accelerator.prepare(make_optimizer(self.params, s, self.lr, self.device))
+    self.lr_scheduler = get_scheduler(s.lr_schedule, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
+                                      num_cycles=s.lr_num_cycles, power=s.lr_power)
+    self.gen = torch.Generator(self.device).manual_seed(s.seed)
+    ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        step = load_checkpoint(ckpt, unet, optimizer, lr_scheduler, gen)
-        log.info(f"resuming from {ckpt.name}: step {step} of {plan['max_train_steps']}")
+        self.step = load_checkpoint(ckpt, self.unet, self.optimizer, self.lr_scheduler, self.gen)
+        log.info(f"resuming from {ckpt.name}: step {self.step} of {plan['max_train_steps']}")
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
-    resumed = dict(resumed_from=step if ckpt is not None else None)
-    metrics, clock = MetricsLog(run.metrics, resume_step=step), CheckpointClock(s, step=step)
-    def checkpoint():
-        started = clock.now(); metrics.flush(); save_checkpoint(run, step, unet, optimizer, lr_scheduler, gen); clock.saved(started, step)
-    log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {lr:g} ({s.lr_schedule}), "
-             f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(optimizer.optimizer).__name__}")
-    # the loop
-    write_progress(run, 'training', step, plan['max_train_steps'], **resumed)
-    bar = tqdm(total=plan['max_train_steps'], initial=step, desc='training', unit='step', disable=not progress)
-    unet.train()
-    first_epoch = step // plan['steps_per_epoch']
-    for epoch in range(first_epoch, plan['epochs']):
-        batches = epoch_batches(epoch, len(inst), len(cls_paths), s.train_batch_size, s.seed)
-        skip = (step - epoch * plan['steps_per_epoch']) * s.gradient_accumulation_steps  # batches a resumed run already trained on
-        for k, (ii, ci) in enumerate(zip(*_epoch_on_device(batches, device))):
-            if k < skip: continue
-            latents = sample_latents(inst_mean, inst_std, ii, s.random_flip, gen, scaling)
-            emb = embeds[inst_prompt[ii]]
-            if ci is not None:
-                latents = torch.cat([latents, sample_latents(cls_mean, cls_std, ci, s.random_flip, gen, scaling)])
-                emb = torch.cat([emb, embeds[cls_prompt].expand(len(ci), -1, -1)])
-            with accelerator.autocast():
-                loss, inst_loss, prior_loss = denoising_loss(unet, m['noise_scheduler'], latents, emb, gen, 0 if ci is None else len(ci), s.prior_loss_weight)
-            accelerator.backward(loss / s.gradient_accumulation_steps)
-            if (k + 1) % s.gradient_accumulation_steps and k + 1 < len(batches): continue
-            accelerator.clip_grad_norm_(params, s.max_grad_norm)
-            step_lr = lr_scheduler.get_last_lr()[0]  # the rate this step applies
-            optimizer.step(); lr_scheduler.step(); optimizer.zero_grad(set_to_none=True)
-            step += 1
-            metrics.add(step, epoch + 1, loss, inst_loss, prior_loss, step_lr, time.time() - t0)
-            bar.update(1)
-            if step % metrics.flush_every == 0:
-                metrics.flush(); bar.set_postfix(loss=f"{metrics.last:.4f}"); write_progress(run, 'training', step, plan['max_train_steps'], metrics.last, **resumed)
-            if step < plan['max_train_steps'] and clock.due(step, epoch_end=False): checkpoint()
-            if step >= plan['max_train_steps']: break
-        if (epoch + 1) % s.validation_epochs == 0 and step < plan['max_train_steps']:
-            metrics.flush(); write_progress(run, 'validation', step, plan['max_train_steps'], metrics.last, epoch=epoch + 1)
-            validate(run, epoch + 1, m, val_cond, val_uncond, s, device, weight_dtype)
-            write_progress(run, 'training', step, plan['max_train_steps'], metrics.last, **resumed)
-        if step < plan['max_train_steps'] and clock.due(step, epoch_end=True): checkpoint()  # after validation: a resumed run does not redo it
-        if step >= plan['max_train_steps']: break
-    bar.close(); metrics.flush()
-    write_progress(run, 'validation', step, plan['max_train_steps'], metrics.last, epoch=epoch + 1)
-    validate(run, epoch + 1, m, val_cond, val_uncond, s, device, weight_dtype)
-    write_progress(run, 'saving', step, plan['max_train_steps'], metrics.last)
-    save_results(run, spec, unet, step, dict(plan=plan, optimizer=type(optimizer.optimizer).__name__, precision=precision, device=device.type,
-                                              learning_rate=lr, instance_images=[i.name for i in inst], class_images=len(cls_paths),
-                                              train_seconds=round(time.time() - t0, 1)))
-    write_progress(run, 'done', step, plan['max_train_steps'], metrics.last)
-    log.info(f"done: {step} steps in {time.time() - t0:.0f} s; LoRA in {run.weights}")
+    self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
+    self.metrics, self.clock = MetricsLog(run.metrics, resume_step=self.step), CheckpointClock(s, step=self.step)
+    log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g} ({s.lr_schedule}), "
+             f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(self.optimizer.optimizer).__name__}")
+
+@patch
+def checkpoint(self:Training):
+    "Save a checkpoint of the run at its current step (the metrics so far flushed first)"
+    started = self.clock.now(); self.metrics.flush()
+    save_checkpoint(self.run, self.step, self.unet, self.optimizer, self.lr_scheduler, self.gen)
+    self.clock.saved(started, self.step)
+
+# %% ../nbs/04_train.ipynb #aa6f988b
+@patch
+def backward(self:Training, ii, ci) -> tuple:
+    "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
+    import torch
+    s = self.s
+    latents, emb = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling), self.embeds[self.inst_prompt[ii]]
+    if ci is not None:
+        latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling)])
+        emb = torch.cat([emb, self.embeds[self.cls_prompt].expand(len(ci), -1, -1)])
+    with self.accelerator.autocast():
+        losses = denoising_loss(self.unet, self.m['noise_scheduler'], latents, emb, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight)
+    self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)
+    return losses
+
+@patch
+def optimizer_step(self:Training, epoch:int, losses:tuple):
+    "Apply the gradients gathered so far (clipped), step the schedule, and log the step with `losses`"
+    self.accelerator.clip_grad_norm_(self.params, self.s.max_grad_norm)
+    step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
+    self.optimizer.step(); self.lr_scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
+    self.step += 1
+    self.metrics.add(self.step, epoch + 1, *losses, step_lr, time.time() - self.t0)
+    self.bar.update(1)
+    if self.step % self.metrics.flush_every == 0:
+        self.metrics.flush(); self.bar.set_postfix(loss=f"{self.metrics.last:.4f}")
+        write_progress(self.run, 'training', self.step, self.plan['max_train_steps'], self.metrics.last, **self.resumed)
+
+# %% ../nbs/04_train.ipynb #f5c31cb8
+@patch
+def train_epoch(self:Training, epoch:int):
+    "The steps of `epoch` still to train, an optimizer step every `gradient_accumulation_steps` batches"
+    s, max_steps = self.s, self.plan['max_train_steps']
+    batches = epoch_batches(epoch, len(self.inst), len(self.cls_paths), s.train_batch_size, s.seed)
+    skip = (self.step - epoch * self.plan['steps_per_epoch']) * s.gradient_accumulation_steps  # batches a resumed run already trained on
+    for k, (ii, ci) in enumerate(zip(*_epoch_on_device(batches, self.device))):
+        if k < skip: continue
+        losses = self.backward(ii, ci)
+        if (k + 1) % s.gradient_accumulation_steps and k + 1 < len(batches): continue
+        self.optimizer_step(epoch, losses)
+        if self.step < max_steps and self.clock.due(self.step, epoch_end=False): self.checkpoint()
+        if self.step >= max_steps: break
+
+@patch
+def validation(self:Training, epoch:int):
+    "Validation images for `epoch`, the progress saying so meanwhile"
+    self.metrics.flush()
+    write_progress(self.run, 'validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch)
+    validate(self.run, epoch, self.m, self.val_cond, self.val_uncond, self.s, self.device, self.weight_dtype)
+
+@patch
+def loop(self:Training):
+    "Phase 5: the epochs, validation images every `validation_epochs`, checkpoints when the clock says"
+    from tqdm.auto import tqdm
+    plan = self.plan; max_steps = plan['max_train_steps']
+    write_progress(self.run, 'training', self.step, max_steps, **self.resumed)
+    self.bar = tqdm(total=max_steps, initial=self.step, desc='training', unit='step', disable=not self.progress)
+    self.unet.train()
+    for self.epoch in range(self.step // plan['steps_per_epoch'], plan['epochs']):
+        self.train_epoch(self.epoch)
+        if (self.epoch + 1) % self.s.validation_epochs == 0 and self.step < max_steps:
+            self.validation(self.epoch + 1)
+            write_progress(self.run, 'training', self.step, max_steps, self.metrics.last, **self.resumed)
+        if self.step < max_steps and self.clock.due(self.step, epoch_end=True): self.checkpoint()
+        if self.step >= max_steps: break
+    self.bar.close(); self.metrics.flush()
+
+# %% ../nbs/04_train.ipynb #32672853
+@patch
+def finish(self:Training) -> Path:
+    "Phase 6: the last validation images and the results; the results folder back"
+    run, plan = self.run, self.plan
+    self.validation(self.epoch + 1)
+    write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
+    save_results(run, self.spec, self.unet, self.step, dict(plan=plan, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
+                                                            device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
+                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)))
+    write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last)
+    log.info(f"done: {self.step} steps in {time.time() - self.t0:.0f} s; LoRA in {run.weights}")
     return run.root
+
+def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
+    "Run every phase of a `Training`"
+    t = Training(spec, run, report, device, cache, progress)
+    t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
+    return t.finish()

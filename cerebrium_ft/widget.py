@@ -46,6 +46,7 @@ def _jobs_html(jobs:list) -> str:
                    f"<td>{j['step']}/{j['total']}</td><td>{t(j['created'])}</td></tr>" for j in jobs)
     return f"<table><tr><th>job</th><th>name</th><th>status</th><th>steps</th><th>created</th></tr>{rows}</table>"
 
+# %% ../nbs/12_widget.ipynb #11b4c907_a0b
 class JobPanel:
     "An ipywidgets panel to start, watch, download, cancel and share fine-tuning jobs through `client`"
     def __init__(self, client:Client|None=None, refresh_s:float=3.0, autorefresh:bool=True):
@@ -86,22 +87,27 @@ class JobPanel:
         self._thread = threading.Thread(target=self._loop, daemon=True, name='cerebrium-ft-panel')
         if autorefresh: self._thread.start()
 
-    def _ipython_display_(self):
-        from IPython.display import display
-        display(self.widget)
+# %% ../nbs/12_widget.ipynb #11b4c907_p0b
+@patch
+def _ipython_display_(self:JobPanel):
+    from IPython.display import display
+    display(self.widget)
 
-    def _safe(self, f):
-        "Run a handler; any error becomes the panel's message, never a traceback"
-        try: return f()
-        except (ApiError, SettingsError, ValueError, OSError, RuntimeError) as e: self.message.value = _err(str(e))
-        except Exception as e: self.message.value = _err(f"{type(e).__name__}: {e}")
+@patch
+def _safe(self:JobPanel, f):
+    "Run a handler; any error becomes the panel's message, never a traceback"
+    try: return f()
+    except (ApiError, SettingsError, ValueError, OSError, RuntimeError) as e: self.message.value = _err(str(e))
+    except Exception as e: self.message.value = _err(f"{type(e).__name__}: {e}")
 
-    def _loop(self):
-        while not self._stop.wait(self.refresh_s): self._safe(self.refresh)
+@patch
+def _loop(self:JobPanel):
+    while not self._stop.wait(self.refresh_s): self._safe(self.refresh)
 
-    def close(self):
-        "Stop refreshing and close the widgets"
-        self._stop.set(); self.widget.close()
+@patch
+def close(self:JobPanel):
+    "Stop refreshing and close the widgets"
+    self._stop.set(); self.widget.close()
 
 # %% ../nbs/12_widget.ipynb #2d3c2a7e
 @patch

@@ -8,4 +8,5 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 OMP_NUM_THREADS=1 .venv/bin/nbdev-test --n-workers 2   # one thread per notebook: two workers share the two cores
+.venv/bin/python tools/docs_stage.py   # the docs build's first stage (Quarto renders the rest where it is installed)
 .venv/bin/python -m pytest tests
