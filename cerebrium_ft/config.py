@@ -6,15 +6,15 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/config.html.md"""
 
 # %% ../nbs/00_config.ipynb #9509cfb1
 from __future__ import annotations
-import dataclasses, difflib, functools, json, math, re, reprlib, typing
+import difflib, json, math, re, reprlib, typing
 from pathlib import Path
-from dataclasses import dataclass, field, fields, asdict
-from typing import Optional
+from typing import Literal, Optional
 from fastcore.basics import patch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL',
-           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'TrainingSettings', 'setting_names', 'json_depth',
+           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'TrainingSettings', 'setting_names', 'json_depth',
            'parse_json_object', 'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
@@ -72,108 +72,145 @@ def coerce_value(v, typ, name:str='value'):
         raise ValueError(f"{name} must be text, got {_short(v)}")
     raise TypeError(f"no coercion for {typ!r}")
 
-# %% ../nbs/00_config.ipynb #6ec8f588
-LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
-ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps'} # diffusers spelling -> ours
+# %% ../nbs/00_config.ipynb #4fdbb86c
+def _base_type(annotation):
+    "What `coerce_value` coerces to for a field annotated `annotation` (a `Literal` of text is text)"
+    inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is Literal: return str
+    if type(None) in typing.get_args(annotation): return Optional[_base_type(inner[0])]
+    return annotation
 
-@dataclass
-class TrainingSettings:
-    "Training kwargs: the original fine-tuner's table with its defaults, plus the trainer's own settings"
-    # -- the original fine-tuner's kwargs table --
-    gradient_accumulation_steps:int=1 # Number of update steps to accumulate the gradient over before the backward/update pass
-    learning_rate:float=5e-4 # Initial learning rate to use in training
-    lr_schedule:str="constant" # Schedule for the learning rate: one of LR_SCHEDULES
-    max_train_steps:Optional[int]=None # Total number of training steps to perform; overrides num_train_epochs if given
-    num_train_epochs:int=30 # Number of epochs to train for; one epoch is an iteration over the dataset
-    train_batch_size:int=2 # Batch size per device for the training image dataloader
-    scale_lr:bool=False # Scale the learning rate by the number of GPUs, gradient accumulation steps and batch size
-    warmup_steps:int=0 # Number of learning-rate warmup steps before training
-    validation_epochs:int=10 # Number of epochs between validation steps
-    use_8bit_adam:bool=True # Use 8-bit AdamW from bitsandbytes (plain AdamW where it cannot run)
-    # -- the trainer's own settings --
-    seed:int=42 # Random seed for noise, timesteps, dropout and validation images
-    resolution:int=512 # Training resolution in pixels (square); a multiple of 8
-    rank:int=4 # LoRA rank of the UNet attention projections
-    lora_alpha:Optional[float]=None # LoRA alpha; None means equal to `rank` (scale 1.0)
-    mixed_precision:str="auto" # "auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"
-    checkpointing_steps:int=500 # Save a resumable checkpoint every this many optimizer steps
-    checkpointing_minutes:float=5.0 # Also save one when this long has passed since the last (and at epoch ends when that costs under 2% of the time)
-    validation_prompt:Optional[str]=None # Prompt for validation images; None means the training prompt
-    num_validation_images:int=4 # Images generated at each validation
-    prior_loss_weight:float=1.0 # Weight of the prior-preservation loss against the instance loss
-    max_grad_norm:float=1.0 # Gradient clipping norm
-    adam_beta1:float=0.9 # AdamW beta1
-    adam_beta2:float=0.999 # AdamW beta2
-    adam_weight_decay:float=1e-2 # AdamW weight decay
-    adam_epsilon:float=1e-8 # AdamW epsilon
-    lr_num_cycles:int=1 # Hard restarts for the cosine_with_restarts schedule
-    lr_power:float=1.0 # Power of the polynomial schedule
-    random_flip:bool=False # Also train on horizontally flipped images
-    center_crop:bool=True # Centre crop (True) or random crop (False) to the resolution
-    gradient_checkpointing:bool=False # Trade compute for memory in the UNet
-    sample_batch_size:int=4 # Batch size when generating class images for prior preservation
-
-    def __post_init__(self):
-        problems = []
-        for f in fields(self):
-            try: setattr(self, f.name, _check(f.name, coerce_value(getattr(self, f.name), _hints()[f.name], f.name)))
-            except ValueError as e: problems.append(f"{e}{_hint_for(f.name)}")
-        if problems: raise SettingsError(problems)
-
-# %% ../nbs/00_config.ipynb #ddc54eca
-_RULES = dict(  # name: (lowest, highest) or a tuple of choices
-    gradient_accumulation_steps=(1, 1024), learning_rate=(1e-8, 1.0), lr_schedule=LR_SCHEDULES,
-    max_train_steps=(1, 10_000_000), num_train_epochs=(1, 100_000), train_batch_size=(1, 1024),
-    warmup_steps=(0, 10_000_000), validation_epochs=(1, 100_000), seed=(0, 2**32-1), resolution=(64, 4096),
-    rank=(1, 1024), lora_alpha=(1e-6, 1e6), mixed_precision=MIXED_PRECISIONS, checkpointing_steps=(1, 10_000_000),
-    checkpointing_minutes=(0.01, 1e6),
-    num_validation_images=(0, 64), prior_loss_weight=(0.0, 1e3), max_grad_norm=(1e-6, 1e6),
-    adam_beta1=(0.0, 0.999999), adam_beta2=(0.0, 0.999999), adam_weight_decay=(0.0, 10.0), adam_epsilon=(1e-12, 1.0),
-    lr_num_cycles=(1, 1000), lr_power=(1e-3, 100.0), sample_batch_size=(1, 256))
-
-@functools.cache
-def _hints(): return typing.get_type_hints(TrainingSettings)
-
-def _check(name, v):
-    "Check `v` against `_RULES[name]`, returning it (choices are matched case-insensitively)"
-    rule = _RULES.get(name)
-    if rule is None or v is None: return v
-    if isinstance(rule[0], str):
-        if isinstance(v, str) and v.strip().lower() in rule: return v.strip().lower()
-        raise ValueError(f"{name} must be one of {', '.join(rule)}; got {_short(v)}")
-    lo, hi = rule
-    if not lo <= v <= hi: raise ValueError(f"{name} must be between {lo:g} and {hi:g}; got {_short(v)}")
-    if name == 'resolution' and v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
+def _coerce_field(model, v, name:str):
+    "JSON value `v` for field `name` of `model`: coerced leniently (`coerce_value`), a choice matched whatever its case"
+    ann = model.model_fields[name].annotation
+    typ = _base_type(ann)
+    if (typing.get_args(typ) or (typ,))[0] not in (int, float, bool, str): return v  # a nested model checks its own
+    v = coerce_value(v, typ, name)
+    choices = typing.get_args(ann) if typing.get_origin(ann) is Literal else ()
+    if isinstance(v, str) and choices: v = next((c for c in choices if c.lower() == v.strip().lower()), v)
     return v
 
-def _hint_for(name):
-    "Extra advice for a few settings users get wrong"
-    return {'learning_rate': " (LoRA usually trains well between 1e-4 and 1e-3; the default is 5e-4)"}.get(name, '')
+def _limits(model, name:str) -> tuple:
+    "The (lowest, highest) of field `name` of `model`"
+    lo = next((m.ge for m in model.model_fields[name].metadata if hasattr(m, 'ge')), None)
+    return lo, next((m.le for m in model.model_fields[name].metadata if hasattr(m, 'le')), None)
 
-# %% ../nbs/00_config.ipynb #95e5f322
+def _problems(model, err:ValidationError, what:str) -> list[str]:
+    "pydantic's errors for `model` in our words: each names the field, what it must be, what it got"
+    out = []
+    for e in sorted(err.errors(), key=lambda e: e['type'] != 'extra_forbidden'):  # unknown keys first: often the cause of the rest
+        name, got = '.'.join(str(x) for x in e['loc']), _short(e.get('input'))
+        if isinstance(x := e.get('ctx', {}).get('error'), SettingsError): raise x  # a nested model's problems, said in its own words
+        if e['type'] in ('greater_than_equal', 'less_than_equal'):
+            lo, hi = _limits(model, name); out.append(f"{name} must be between {lo:g} and {hi:g}; got {got}")
+        elif e['type'] == 'literal_error':
+            cs = typing.get_args(model.model_fields[name].annotation)
+            out.append(f"{name} must be {' or '.join(cs) if len(cs) == 2 else 'one of ' + ', '.join(cs)}; got {got}")
+        elif e['type'] == 'extra_forbidden': out.append(f"'{name}' is not {what}{_closest(name, list(model.model_fields))}")
+        elif e['type'] == 'missing': out.append(f"'{name}' is missing")
+        elif e['type'] == 'value_error': out.append(str(e['ctx']['error']))
+        else: out.append(f"{name}: {e['msg']}")
+        if name in _HINTS: out[-1] += _HINTS[name]
+    return out
+
+_HINTS = {'learning_rate': " (LoRA usually trains well between 1e-4 and 1e-3; the default is 5e-4)"}  # advice for settings users get wrong
+
 def _closest(key, valid):
     "A 'did you mean' for `key` among `valid`"
     m = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.4)
     return f"; did you mean '{m[0]}'?" if m else f"; valid keys are: {', '.join(sorted(valid))}"
 
-def setting_names(): return [f.name for f in fields(TrainingSettings)]
 
-@patch(cls_method=True)
-def from_dict(cls:TrainingSettings, d:dict):
-    "Build `TrainingSettings` from a user dict: aliases resolved, unknown keys refused with the closest valid key"
-    if not isinstance(d, dict): raise SettingsError(f"expected a JSON object of settings, got {type(d).__name__}: {_short(d)}")
-    names, kw, problems = setting_names(), {}, []
-    for k, v in d.items():
-        key = ALIASES.get(k, k)
-        if key not in names: problems.append(f"'{k}' is not a training setting{_closest(k, names + list(ALIASES))}"); continue
-        if key in kw: problems.append(f"'{k}' and '{key}' name the same setting; give only one"); continue
-        kw[key] = v
-    if problems: raise SettingsError(problems)
-    return cls(**kw)
+class Checked(BaseModel):
+    "A pydantic model whose values are coerced leniently from JSON, and whose problems are all reported at once, as a `SettingsError` in our words"
+    model_config = ConfigDict(extra='forbid')
+    kind: typing.ClassVar[str] = 'a field'           # an unknown key "is not" this
+    where: typing.ClassVar[str] = 'training settings' # what a `SettingsError` says it is about
 
-@patch
-def to_dict(self:TrainingSettings) -> dict: return asdict(self)
+    def __init__(self, /, **data):
+        try: super().__init__(**data)
+        except ValidationError as e: raise SettingsError(_problems(type(self), e, self.kind), self.where) from None
+
+    @field_validator('*', mode='before')
+    @classmethod
+    def _coerce(cls, v, info): return _coerce_field(cls, v, info.field_name)
+
+    @classmethod
+    def from_dict(cls, d:dict):
+        "Build one from a user's dict (refused, saying so, if `d` is not one)"
+        if not isinstance(d, dict):
+            what = f" of settings, got {type(d).__name__}: {_short(d)}" if cls.where == 'training settings' else f", got {type(d).__name__}"
+            raise SettingsError(f"expected a JSON object{what}", cls.where)
+        return cls(**d)
+
+    def to_dict(self) -> dict: return self.model_dump()
+
+# %% ../nbs/00_config.ipynb #6ec8f588
+LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps'} # diffusers spelling -> ours
+_BIG = 10_000_000
+
+class TrainingSettings(Checked):
+    "Training kwargs: the original fine-tuner's table with its defaults, plus the trainer's own settings"
+    model_config = ConfigDict(title="Training settings")
+    kind: typing.ClassVar[str] = "a training setting"
+    # -- the original fine-tuner's kwargs table --
+    gradient_accumulation_steps:int = Field(1, ge=1, le=1024, description="Number of update steps to accumulate the gradient over before the backward/update pass")
+    learning_rate:float = Field(5e-4, ge=1e-8, le=1.0, description="Initial learning rate to use in training")
+    lr_schedule:Literal[LR_SCHEDULES] = Field("constant", description="Schedule for the learning rate")
+    max_train_steps:Optional[int] = Field(None, ge=1, le=_BIG, description="Total number of training steps to perform; overrides num_train_epochs if given")
+    num_train_epochs:int = Field(30, ge=1, le=100_000, description="Number of epochs to train for; one epoch is an iteration over the dataset")
+    train_batch_size:int = Field(2, ge=1, le=1024, description="Batch size per device for the training image dataloader")
+    scale_lr:bool = Field(False, description="Scale the learning rate by the number of GPUs, gradient accumulation steps and batch size")
+    warmup_steps:int = Field(0, ge=0, le=_BIG, description="Number of learning-rate warmup steps before training")
+    validation_epochs:int = Field(10, ge=1, le=100_000, description="Number of epochs between validation steps")
+    use_8bit_adam:bool = Field(True, description="Use 8-bit AdamW from bitsandbytes (plain AdamW where it cannot run)")
+    # -- the trainer's own settings --
+    seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
+    resolution:int = Field(512, ge=64, le=4096, description="Training resolution in pixels (square); a multiple of 8")
+    rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the UNet attention projections")
+    lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
+    mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
+    checkpointing_steps:int = Field(500, ge=1, le=_BIG, description="Save a resumable checkpoint every this many optimizer steps")
+    checkpointing_minutes:float = Field(5.0, ge=0.01, le=1e6, description="Also save one when this long has passed since the last (and at epoch ends when that costs under 2% of the time)")
+    validation_prompt:Optional[str] = Field(None, description="Prompt for validation images; None means the training prompt")
+    num_validation_images:int = Field(4, ge=0, le=64, description="Images generated at each validation")
+    prior_loss_weight:float = Field(1.0, ge=0.0, le=1e3, description="Weight of the prior-preservation loss against the instance loss")
+    max_grad_norm:float = Field(1.0, ge=1e-6, le=1e6, description="Gradient clipping norm")
+    adam_beta1:float = Field(0.9, ge=0.0, le=0.999999, description="AdamW beta1")
+    adam_beta2:float = Field(0.999, ge=0.0, le=0.999999, description="AdamW beta2")
+    adam_weight_decay:float = Field(1e-2, ge=0.0, le=10.0, description="AdamW weight decay")
+    adam_epsilon:float = Field(1e-8, ge=1e-12, le=1.0, description="AdamW epsilon")
+    lr_num_cycles:int = Field(1, ge=1, le=1000, description="Hard restarts for the cosine_with_restarts schedule")
+    lr_power:float = Field(1.0, ge=1e-3, le=100.0, description="Power of the polynomial schedule")
+    random_flip:bool = Field(False, description="Also train on horizontally flipped images")
+    center_crop:bool = Field(True, description="Centre crop (True) or random crop (False) to the resolution")
+    gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the UNet")
+    sample_batch_size:int = Field(4, ge=1, le=256, description="Batch size when generating class images for prior preservation")
+
+    @model_validator(mode='before')
+    @classmethod
+    def _keys(cls, d):
+        "Aliases resolved; unknown and doubled keys refused, each with what to do"
+        if not isinstance(d, dict): return d
+        names, kw, given, problems = list(cls.model_fields), {}, {}, []
+        for k, v in d.items():
+            key = ALIASES.get(k, k)
+            if key not in names: problems.append(f"'{k}' is not a training setting{_closest(k, names + list(ALIASES))}"); continue
+            if key in kw: problems.append(f"'{given[key]}' and '{k}' name the same setting; give only one"); continue
+            kw[key], given[key] = v, k
+        if problems: raise SettingsError(problems)
+        return kw
+
+    @field_validator('resolution')
+    @classmethod
+    def _multiple_of_8(cls, v:int) -> int:
+        if v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
+        return v
+
+# %% ../nbs/00_config.ipynb #95e5f322
+def setting_names() -> list[str]: return list(TrainingSettings.model_fields)
 
 # %% ../nbs/00_config.ipynb #426f85b1
 MAX_JSON_DEPTH = 16 # settings and specs are flat; deeper JSON is refused before it is walked
@@ -229,36 +266,41 @@ FINAL = ('succeeded', 'failed', 'cancelled') # a job in one of these never chang
 LOG_LEVELS = ("DEBUG", "INFO")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._-]{0,99}$")
 
-@dataclass
-class JobSpec:
+class JobSpec(Checked):
     "A fine-tuning job: what the original `train-diffuser` command takes"
-    name:str # A unique name for this fine-tuning
-    hf_model_path:str # Hugging Face model id or a local diffusers folder
-    dataset:str # Folder of images or a JSON manifest
-    training_prompt:str # Prompt that describes the subject, e.g. "a photo of sks dog"
-    revision:str="main" # Hugging Face revision of the model
-    prior_class_prompt:Optional[str]=None # Prompt for class images, e.g. "a photo of a dog"
-    prior_class_image_dir:Optional[str]=None # Folder of class images made beforehand
-    num_prior_class_images:int=0 # Number of class images to use; missing ones are generated
-    training_args:TrainingSettings=field(default_factory=TrainingSettings) # Training settings
-    log_level:str="INFO" # "DEBUG" or "INFO"
+    model_config = ConfigDict(title="Job spec")
+    kind: typing.ClassVar[str] = "a job spec field"
+    where: typing.ClassVar[str] = "job spec"
+    name:str = Field(description="A unique name for this fine-tuning")
+    hf_model_path:str = Field(description="Hugging Face model id or a local diffusers folder")
+    dataset:str = Field(description="Folder of images or a JSON manifest")
+    training_prompt:str = Field(description='Prompt that describes the subject, e.g. "a photo of sks dog"')
+    revision:str = Field("main", description="Hugging Face revision of the model")
+    prior_class_prompt:Optional[str] = Field(None, description='Prompt for class images, e.g. "a photo of a dog"')
+    prior_class_image_dir:Optional[str] = Field(None, description="Folder of class images made beforehand")
+    num_prior_class_images:int = Field(0, ge=0, le=10_000, description="Number of class images to use; missing ones are generated")
+    training_args:TrainingSettings = Field(default_factory=TrainingSettings, description="Training settings")
+    log_level:Literal[LOG_LEVELS] = Field("INFO", description='"DEBUG" or "INFO"')
 
-    def __post_init__(self):
-        if isinstance(self.training_args, dict): self.training_args = TrainingSettings.from_dict(self.training_args)
-        if not isinstance(self.training_args, TrainingSettings):
-            raise SettingsError(f"training_args must be a JSON object of settings, got {_short(self.training_args)}", 'job spec')
-        problems = []
-        for f in fields(self):
-            if f.name == 'training_args': continue
-            try: setattr(self, f.name, coerce_value(getattr(self, f.name), typing.get_type_hints(JobSpec)[f.name], f.name))
-            except ValueError as e: problems.append(str(e))
-        if problems: raise SettingsError(problems, 'job spec')
+    def __init__(self, /, *args, **data):
+        "Fields by keyword, or the first four (name, hf_model_path, dataset, training_prompt) by position as well"
+        super().__init__(**dict(zip(list(type(self).model_fields), args)), **data)
+
+    @field_validator('training_args', mode='before')
+    @classmethod
+    def _settings(cls, v):
+        if isinstance(v, dict): return TrainingSettings.from_dict(v)
+        if not isinstance(v, TrainingSettings): raise SettingsError(f"training_args must be a JSON object of settings, got {_short(v)}", 'job spec')
+        return v
+
+    @model_validator(mode='after')
+    def _whole(self):
+        "Text trimmed, then the spec checked as a whole"
         self.name, self.training_prompt = self.name.strip(), self.training_prompt.strip()
         self.prior_class_prompt = (self.prior_class_prompt or '').strip() or None
         self.prior_class_image_dir = (self.prior_class_image_dir or '').strip() or None
-        self.log_level = self.log_level.strip().upper()
-        problems = _spec_problems(self)
-        if problems: raise SettingsError(problems, 'job spec')
+        if (problems := _spec_problems(self)): raise SettingsError(problems, 'job spec')
+        return self
 
     @property
     def prior_preservation(self) -> bool:
@@ -275,9 +317,6 @@ def _spec_problems(s:JobSpec) -> list:
     if not s.dataset.strip(): p.append("dataset is empty; give a folder of 10-15 images or a JSON manifest")
     if not s.training_prompt: p.append('training_prompt is empty; describe the subject with a rare token, e.g. "a photo of sks dog"')
     if not s.revision.strip(): p.append("revision is empty; use 'main' for the latest")
-    if s.log_level not in LOG_LEVELS: p.append(f"log_level must be DEBUG or INFO; got {_short(s.log_level)}")
-    if not 0 <= s.num_prior_class_images <= 10_000:
-        p.append(f"num_prior_class_images must be between 0 and 10000; got {s.num_prior_class_images}")
     if s.prior_preservation and not s.prior_class_prompt:
         what = (f"{s.num_prior_class_images} class images" if s.num_prior_class_images else f"the class images in {s.prior_class_image_dir}")
         p.append(f"prior preservation with {what} needs --prior-class-prompt (e.g. \"a photo of a dog\"): "
@@ -289,21 +328,7 @@ def _spec_problems(s:JobSpec) -> list:
 
 # %% ../nbs/00_config.ipynb #96f02258
 @patch
-def to_dict(self:JobSpec) -> dict: return {**asdict(self), 'training_args': self.training_args.to_dict()}
-
-@patch
 def to_json(self:JobSpec, indent:int=2) -> str: return json.dumps(self.to_dict(), indent=indent)
-
-@patch(cls_method=True)
-def from_dict(cls:JobSpec, d:dict) -> JobSpec:
-    "Build a `JobSpec` from a user dict, refusing unknown keys with the closest valid one"
-    if not isinstance(d, dict): raise SettingsError(f"expected a JSON object, got {type(d).__name__}", 'job spec')
-    names = [f.name for f in fields(cls)]
-    required = [f.name for f in fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    problems = [f"'{k}' is not a job spec field{_closest(k, names)}" for k in d if k not in names]
-    problems += [f"'{k}' is missing" for k in required if k not in d]
-    if problems: raise SettingsError(problems, 'job spec')
-    return cls(**d)
 
 @patch(cls_method=True)
 def from_json(cls:JobSpec, text:str) -> JobSpec:

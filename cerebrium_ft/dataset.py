@@ -327,6 +327,7 @@ class DatasetReport:
                                  usable=i.usable, duplicate_of=i.duplicate_of, caption=i.entry.caption) for i in self.images],
                     findings=[f.to_dict() for f in self.findings])
     def __str__(self): return _text_table(self)
+    def __repr__(self): return f"<DatasetReport {self.summary()}>"
     def _repr_html_(self): return _html_report(self)
 
 # %% ../nbs/01_dataset.ipynb #d6e59995

@@ -11,7 +11,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from . import __version__
-from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, is_hub_id, json_depth, model_problem
+from typing import Literal
+from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
 from .dataset import check_dataset
 from .executor import Executor, is_out_of_space
 from .results import RunDir
@@ -23,10 +24,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'service_routes', 'job_routes', 'project_routes',
-           'result_routes', 'ROUTERS', 'BodyLimit', 'RequireKey', 'DataDirBusy', 'open_data_dir', 'close_data_dir',
-           'server_model', 'create_job', 'Service', 'service', 'project', 'own_job', 'health', 'me', 'submit',
-           'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
+__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'service_routes', 'SCHEMAS', 'job_routes',
+           'project_routes', 'result_routes', 'ROUTERS', 'BodyLimit', 'RequireKey', 'DataDirBusy', 'open_data_dir',
+           'close_data_dir', 'server_model', 'create_job', 'Service', 'service', 'project', 'own_job', 'health', 'me',
+           'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -64,7 +65,7 @@ async def _answer(send, status:int, detail:str, headers=()):
 
 class RequireKey:
     "ASGI middleware: a /v1 request without a valid API key is refused with 401 before its body is read; the key's project goes to `request.state.project_id`"
-    def __init__(self, app, store:Store, open_paths=('/v1/health',)): self.app, self.store, self.open_paths = app, store, open_paths
+    def __init__(self, app, store:Store, open_paths=('/v1/health', '/v1/schemas/training-settings', '/v1/schemas/job-spec')): self.app, self.store, self.open_paths = app, store, open_paths
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or not scope['path'].startswith('/v1/') or scope['path'] in self.open_paths:
             return await self.app(scope, receive, send)
@@ -235,12 +236,18 @@ async def _bad_request(request, exc):
 
 # %% ../nbs/08_server.ipynb #bea56c1a
 service_routes = APIRouter(prefix='/v1', tags=['service'])
+SCHEMAS = {'training-settings': TrainingSettings, 'job-spec': JobSpec}  # published without a key: they describe, they hold nothing
 
 @service_routes.get('/health')
 def health(): return dict(ok=True, version=__version__)
 
 @service_routes.get('/me')
 def me(pid:str=Depends(project)): return dict(project_id=pid)
+
+@service_routes.get('/schemas/{name}')
+def schema(name:Literal['training-settings', 'job-spec']):
+    "The JSON Schema of the training settings or of the job spec: fields, defaults, limits, choices, descriptions"
+    return SCHEMAS[name].model_json_schema()
 
 # %% ../nbs/08_server.ipynb #c7be1ef7
 job_routes = APIRouter(prefix='/v1/jobs', tags=['jobs'])

@@ -82,3 +82,33 @@ def test_layers_import_only_what_is_on_their_left():
         top = {n.module.split('.')[0] for n in ast.parse(f.read_text()).body if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
         assert top <= LAYERS[name], f"{name} imports {sorted(top - LAYERS[name])}, which stand to its right"
         if name in ('results', 'hub', 'server', 'executor', 'client', 'widget'): assert 'train' not in top, name
+
+def _notebook(*cells) -> str:
+    import json
+    cell = lambda i, src: dict(cell_type='code', id=f"c{i}", metadata={}, execution_count=None, outputs=[], source=src)
+    return json.dumps(dict(cells=[dict(cell_type='markdown', id='title', metadata={}, source='# Docs\n\n> a module')] + [cell(i, s) for i, s in enumerate(cells)],
+                           metadata=dict(kernelspec=dict(display_name='python3', language='python', name='python3')), nbformat=4, nbformat_minor=5))
+
+def test_the_docs_stage_fails_on_a_notebook_whose_docs_break(tmp_path):
+    "tools/docs_stage.py (in the test command) runs the cells show_doc needs: a show_doc of a type defined later fails it, in order it passes"
+    shutil.copy(ROOT/'pyproject.toml', tmp_path); (tmp_path/'nbs').mkdir()
+    for f in ['_quarto.yml', 'nbdev.yml']: shutil.copy(ROOT/'nbs'/f, tmp_path/'nbs'/f)
+    uses, type_ = "#| export\nfrom __future__ import annotations\ndef make() -> Made: return Made()", "#| export\nclass Made: pass"
+    run = lambda: subprocess.run([sys.executable, ROOT/'tools'/'docs_stage.py', tmp_path/'nbs'], capture_output=True, text=True)
+    (tmp_path/'nbs'/'00_docs.ipynb').write_text(_notebook('#| default_exp docs', uses, type_))
+    r = run()
+    assert r.returncode == 1 and "NameError: name 'Made' is not defined" in r.stderr, r.stderr[-2000:]
+    (tmp_path/'nbs'/'00_docs.ipynb').write_text(_notebook('#| default_exp docs', type_, uses))
+    r = run()
+    assert r.returncode == 0 and 'docs stage: 1 notebooks processed' in r.stdout, r.stderr[-2000:]
+
+def test_notebooks_keep_the_outputs_a_reader_sees():
+    "The dataset report, a loss plot and validation grid, a --help: kept in the notebooks (tools/keep_outputs.py), none of them megabytes"
+    import json
+    sys.path.insert(0, str(ROOT/'tools'))
+    from keep_outputs import MAX_NOTEBOOK_BYTES, READER_OUTPUTS
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')): assert nb.stat().st_size < MAX_NOTEBOOK_BYTES, f"{nb.name} is {nb.stat().st_size // 1000} KB"
+    for name, needles in READER_OUTPUTS.items():
+        outs = [json.dumps(o) for c in json.loads((ROOT/'nbs'/name).read_text())['cells'] for o in c.get('outputs', [])]
+        for n in set(needles):
+            assert sum(n in o for o in outs) >= needles.count(n), f"{name} lost its output {n!r}: run python tools/keep_outputs.py nbs/{name}"

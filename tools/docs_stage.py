@@ -9,7 +9,8 @@ from nbdev.serve import proc_nbs
 ROOT = Path(__file__).resolve().parent.parent
 
 if __name__ == '__main__':
-    try: cache = proc_nbs(str(ROOT/'nbs'), n_workers=2, force=True)
+    nbs = Path(sys.argv[1]).resolve() if sys.argv[1:] else ROOT/'nbs'  # another project's notebooks (its pyproject.toml above them)
+    try: cache = proc_nbs(str(nbs), n_workers=2, force=True)
     except Exception as e: sys.exit(f"docs stage failed: {e}")
     n = len(list(Path(cache).rglob('*.ipynb')))
-    print(f"docs stage: {n} notebooks processed into {Path(cache).relative_to(ROOT)}/")
+    print(f"docs stage: {n} notebooks processed into {cache}")
