@@ -15,6 +15,7 @@ from typing import Literal
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
 from .dataset import check_dataset
 from .executor import Executor, is_out_of_space
+from .families import FamilyError, HubUnreachable, model_family
 from .results import RunDir
 from .store import Store, new_job_id
 import anyio
@@ -169,6 +170,9 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
     except SettingsError as e: raise HTTPException(400, str(e)) from None
     model, problem = server_model(js.hf_model_path, model_dirs)
     if problem: raise HTTPException(400, f"on the server: {problem}")
+    try: model_family(model, js.revision)  # an SD3 or a video pipeline is refused now, not after its download
+    except HubUnreachable: pass  # the Hub is down or out of reach from here: the job checks again when it starts
+    except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
     _check_uploads(tmp, class_images, js.training_args.resolution)
     server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model, 'dataset': str(jd/'dataset'),
                                      'prior_class_image_dir': str(jd/'class_images') if class_images else None})

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'sd_models', 'build_tiny_pipeline',
-           'make_subject_images', 'FakeHub']
+__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'sd_models',
+           'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -36,8 +36,9 @@ def write_byte_tokenizer(dst) -> Path:
 
 # %% ../nbs/02_testing.ipynb #e71488dd
 def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:int=8, vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1,
-              text_width:int=32, text_layers:int=2, text_heads:int=4, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
-    "A Stable-Diffusion-1.5-shaped UNet, VAE and CLIP text encoder with random weights (under `torch.device('meta')`: their shapes only)"
+              text_width:int=32, text_layers:int=2, text_heads:int=4, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513),
+              text_act:str='quick_gelu', linear_projection:bool=False) -> dict:
+    "A Stable-Diffusion-1.5-shaped UNet, VAE and CLIP text encoder with random weights (under `torch.device('meta')`: their shapes only); 2.x-shaped with OpenCLIP's `text_act='gelu'` and `linear_projection`"
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     n_vae = len(vae_channels)
@@ -46,7 +47,7 @@ def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:in
         block_out_channels=tuple(unet_channels), norm_num_groups=min(32, unet_channels[0]),
         down_block_types=("CrossAttnDownBlock2D",) * (len(unet_channels) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
-        cross_attention_dim=text_width, attention_head_dim=attention_heads)
+        cross_attention_dim=text_width, attention_head_dim=attention_heads, use_linear_projection=linear_projection)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels), layers_per_block=vae_layers_per_block,
         down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
@@ -54,22 +55,27 @@ def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:in
     bos, eos, pad = special_ids
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=text_layers,
-        num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_width,
+        num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_width, hidden_act=text_act,
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
     return dict(unet=unet, vae=vae, text_encoder=text_encoder)
 
-def build_tiny_pipeline(dst, seed:int=0, **kw) -> Path:
-    "Build a Stable-Diffusion-1.5-shaped pipeline with random weights (`sd_models`' sizes, `kw`) and save it to `dst` in the diffusers layout"
+TINY_FAMILIES = ('sd1', 'sd2-v') # what build_tiny_pipeline builds: SD 1.x, and SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction)
+
+def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
+    "Build a Stable-Diffusion-shaped pipeline of `family` with random weights (`sd_models`' sizes, `kw`) and save it to `dst` in the diffusers layout"
+    if family not in TINY_FAMILIES: raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}")
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTokenizer
     dst = Path(dst)
     tok = CLIPTokenizer.from_pretrained(write_byte_tokenizer(dst/'_tokenizer_src'))
     torch.manual_seed(seed)
+    if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False)  # SD1.5's scheduler settings
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,  # SD1.5's scheduler settings
+                              prediction_type='v_prediction' if family == 'sd2-v' else 'epsilon')
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(dst, safe_serialization=True)
@@ -134,9 +140,9 @@ def make_subject_images(dst, n:int=12, size:int=512, seed:int=0) -> list[Path]:
 LFS_SUFFIXES = ('.safetensors', '.png', '.bin', '.ckpt', '.pt', '.zip', '.jpg', '.jpeg', '.webp') # what the Hub's default .gitattributes sends to LFS
 
 class FakeHub:
-    "A recording stand-in for the Hub's upload API on 127.0.0.1, regular and LFS uploads"
+    "A recording stand-in for the Hub on 127.0.0.1: its upload API (regular and LFS uploads), and file downloads from the repos it `serve`s"
     def __init__(self):
-        self.calls, self.commits, self.lfs = [], [], {}  # lfs: sha256 -> the bytes uploaded
+        self.calls, self.commits, self.lfs, self.repos = [], [], {}, {}  # lfs: sha256 -> the bytes uploaded; repos: id -> folder
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
     env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
@@ -148,6 +154,7 @@ class FakeHub:
         from huggingface_hub import constants
         constants.HF_HUB_DISABLE_XET = self._xet
         self.server.shutdown(); self.server.server_close()
+    def serve(self, repo_id:str, folder): self.repos[repo_id] = Path(folder); return self
     def files(self, commit:int=-1) -> dict:
         "path -> bytes of the files in a recorded commit, inline and LFS alike"
         ops = self.commits[commit]
@@ -165,6 +172,19 @@ def _hub_handler(hub:FakeHub):
             data = json.dumps(obj if obj is not None else {}).encode()
             self.send_response(status); self.send_header('Content-Type', 'application/json')
             self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
+        def do_HEAD(self): self._download(body=False)
+        def do_GET(self): self._download(body=True)
+        def _download(self, body:bool):  # GET/HEAD /{repo}/resolve/{revision}/{file}, as hf_hub_download asks
+            path = self.path.split('?')[0]; hub.calls.append(f"{self.command} {path}")
+            repo, _, rest = path.lstrip('/').partition('/resolve/')
+            file = Path(hub.repos[repo], rest.partition('/')[2]) if repo in hub.repos and rest else None
+            if file is None or not file.is_file():
+                self.send_response(404); self.send_header('X-Error-Code', 'EntryNotFound' if repo in hub.repos else 'RepoNotFound')
+                self.send_header('Content-Length', '0'); return self.end_headers()
+            data = file.read_bytes()
+            self.send_response(200); self.send_header('ETag', f'"{hashlib.sha1(data).hexdigest()}"'); self.send_header('X-Repo-Commit', 'cd' * 20)
+            self.send_header('Content-Length', str(len(data))); self.end_headers()
+            if body: self.wfile.write(data)
         def do_PUT(self):  # the bytes of an LFS object, to the URL the batch API gave
             body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
             hub.calls.append(path); oid = path.rsplit('/', 1)[1]

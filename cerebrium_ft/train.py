@@ -14,6 +14,7 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
+from .families import FamilyError, ModelInfo, kohya_base_model, model_family
 from .prior import class_images
 from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -54,6 +55,8 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
     if (problem := model_problem(spec.hf_model_path)): raise TrainingError(problem)
+    try: model_family(spec.hf_model_path, spec.revision)  # before any weights are downloaded
+    except FamilyError as e: raise TrainingError(str(e)) from None
     report = check_dataset(spec.dataset, size=s.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
@@ -275,8 +278,8 @@ def plot_loss(metrics:Path, out:Path):
     a.set_ylabel('loss'); a.legend(); b.plot(step, col('lr'), lw=1, color='gray'); b.set_ylabel('lr'); b.set_xlabel('step')
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
 
-def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict):
-    "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json"
+def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict, model:ModelInfo):
+    "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family)"
     import diffusers, peft, torch, transformers
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -288,11 +291,11 @@ def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict):
     lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
     StableDiffusionPipeline.save_lora_weights(run.attn_procs, unet_lora_layers=lora, safe_serialization=True,
                                               unet_lora_adapter_metadata=unet.peft_config['default'].to_dict())
-    save_file(to_kohya(lora, alpha), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank),
-                                                             ss_network_alpha=str(alpha), ss_base_model_version='sd_v1'))
+    save_file(to_kohya(lora, alpha), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank), ss_network_alpha=str(alpha),
+                                                             **kohya_base_model(model)))
     plot_loss(run.metrics, run.loss_plot)
     files = [run.weights, run.kohya]
-    manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision),
+    manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
                     lora=dict(rank=s.rank, alpha=alpha, targets=LORA_TARGETS, format='diffusers', weights=str(run.weights.relative_to(run.root))),
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
                                            'torch': torch.__version__, 'transformers': transformers.__version__},
@@ -355,7 +358,9 @@ class Training:
         self.precision = resolve_precision(self.s.mixed_precision, device)
         self.weight_dtype = precision_dtype(self.precision)
         if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
-        log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision}, {device.type}, precision {self.precision}")
+        self.model = model_family(spec.hf_model_path, spec.revision)
+        log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision} ({self.model.family.name}, "
+                 f"{self.model.prediction}), {device.type}, precision {self.precision}")
 
 # %% ../nbs/04_train.ipynb #d599c3dd
 @patch
@@ -519,7 +524,7 @@ def finish(self:Training) -> Path:
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
     save_results(run, self.spec, self.unet, self.step, dict(plan=plan, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
-                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)))
+                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)), self.model)
     write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last)
     log.info(f"done: {self.step} steps in {time.time() - self.t0:.0f} s; LoRA in {run.weights}")
     return run.root

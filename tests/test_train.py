@@ -1,5 +1,5 @@
 "Training on the tiny pipeline: the results contract, loading, learning, prior preservation, and every seed kwarg's effect"
-import csv, json, math
+import csv, json, math, re
 from pathlib import Path
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from cerebrium_ft import train as T
 from cerebrium_ft.config import JobSpec, SettingsError
-from cerebrium_ft.results import load_results
+from cerebrium_ft.results import load_pipeline, load_results
 from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
 
 @pytest.fixture(scope='module')
@@ -219,5 +219,42 @@ def test_unreadable_model_path(data, tmp_path, no_loading):
     (tmp_path/'junk').mkdir()
     with pytest.raises(T.TrainingError, match='no model_index.json'): T.train(spec(str(tmp_path/'junk'), data), tmp_path/'o')
 
+def test_a_family_that_does_not_train_is_refused_before_loading(data, tmp_path, no_loading):
+    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x'),
+                      ('StableDiffusionXLPipeline', 'is Stable Diffusion XL (StableDiffusionXLPipeline), which cerebrium-ft does not train yet')]:
+        m = tmp_path/cls; m.mkdir(); (m/'model_index.json').write_text(json.dumps({'_class_name': cls}))
+        with pytest.raises(T.TrainingError, match=re.escape(said)): T.train(spec(str(m), data), tmp_path/'o')
+    assert not (tmp_path/'o').exists()
+
 def test_class_prompt_without_number(model, data, no_loading):
     with pytest.raises(SettingsError, match='add --num-prior-class-images'): spec(model, data, prior_class_prompt='a photo of a robot')
+
+# --- Stable Diffusion 2.x: the OpenCLIP text encoder, v-prediction ------------------------------------------
+
+def test_sd2_v_prediction_trains_towards_the_velocity_and_its_results_load(data, tmp_path, monkeypatch):
+    "A tiny SD 2.x 768-v-shaped model: recognised as sd2, trained on the velocity target, its loss lowered, its results loaded as they were trained"
+    model = str(build_tiny_pipeline(tmp_path/'sd2', family='sd2-v'))
+    kinds, loss = [], T.denoising_loss  # the loss gets a v-prediction scheduler (the notebook tests that it then targets the velocity)
+    monkeypatch.setattr(T, 'denoising_loss', lambda unet, sched, *a, **k: kinds.append(sched.config.prediction_type) or loss(unet, sched, *a, **k))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=40, learning_rate=1e-2, num_validation_images=1, validation_epochs=10)), tmp_path/'run', progress=False)
+    assert set(kinds) == {'v_prediction'} and len(kinds) == 40
+    monkeypatch.setattr(T, 'denoising_loss', loss)
+    m = manifest(out)
+    assert (m['base_model']['family'], m['base_model']['prediction']) == ('sd2', 'v_prediction')
+    from safetensors import safe_open
+    with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f: meta = f.metadata()
+    assert (meta['ss_base_model_version'], meta['ss_v2'], meta['ss_v_parameterization']) == ('sd_v2', 'True', 'True')
+    pipe = tiny_pipe(model)
+    pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
+    with torch.no_grad():
+        latents = pipe.vae.encode(pix).latent_dist.mean * pipe.vae.config.scaling_factor
+        emb = T.encode_prompts(pipe.tokenizer, pipe.text_encoder, ['a photo of sks robot'], 'cpu', torch.float32).expand(len(pix), -1, -1)
+        from diffusers import DDPMScheduler
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the trainer's noise scheduler
+        assert sched.config.prediction_type == 'v_prediction'
+        def loss(): return T.denoising_loss(pipe.unet, sched, latents, emb, torch.Generator().manual_seed(123))[0].item()
+        base = loss(); load_results(pipe, out); tuned = loss()
+    assert tuned < base * 0.9, (base, tuned)  # the velocity loss, the one it trained on, went down
+    loaded = load_pipeline(out, device='cpu')
+    assert loaded.scheduler.config.prediction_type == 'v_prediction' and loaded.get_active_adapters()
+    assert loaded('a photo of sks robot', num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0].size == (64, 64)
