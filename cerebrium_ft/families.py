@@ -12,7 +12,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['FAMILIES', 'Family', 'trained_families', 'FamilyError', 'HubUnreachable', 'read_config', 'ModelInfo', 'model_family',
-           'kohya_base_model']
+           'kohya_base_model', 'text_encoders', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs',
+           'pipeline_class', 'pretrained_kwargs', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class Family:
 FAMILIES = {f.key: f for f in [
     Family('sd1', 'Stable Diffusion 1.x', 'StableDiffusionPipeline', True, 'creativeml-openrail-m', 'sd_v1'),
     Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2'),
-    Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', False, 'openrail++', 'sdxl_base_v1-0'),
+    Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0'),
     Family('flux', 'FLUX.1', 'FluxPipeline', False, 'other', 'flux1')]}
 
 def trained_families() -> str:
@@ -86,3 +87,70 @@ def kohya_base_model(model:ModelInfo) -> dict:
     if model.family.key == 'sd2': meta['ss_v2'] = 'True'
     if model.prediction == 'v_prediction': meta['ss_v_parameterization'] = 'True'
     return meta
+
+# %% ../nbs/00a_families.ipynb #1b4e47f2
+def text_encoders(m:dict) -> list:
+    "The (tokenizer, text encoder) pairs of a pipeline's parts `m`, in order"
+    return [(m[f'tokenizer{s}'], m[f'text_encoder{s}']) for s in ('', '_2') if f'text_encoder{s}' in m]
+
+def load_parts(model:str, revision:str, family:Family) -> dict:
+    "The tokenizers, text encoders, VAE, UNet and noise scheduler of pipeline `model` of `family` (a local folder or a Hub id)"
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    kw = {} if Path(model).expanduser().is_dir() else dict(revision=revision)
+    m = dict(tokenizer=AutoTokenizer.from_pretrained(model, subfolder='tokenizer', **kw),
+             text_encoder=CLIPTextModel.from_pretrained(model, subfolder='text_encoder', **kw))
+    if family.key == 'sdxl':
+        m.update(tokenizer_2=AutoTokenizer.from_pretrained(model, subfolder='tokenizer_2', **kw),
+                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model, subfolder='text_encoder_2', **kw))
+    return dict(m, vae=AutoencoderKL.from_pretrained(model, subfolder='vae', **kw), unet=UNet2DConditionModel.from_pretrained(model, subfolder='unet', **kw),
+                noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder='scheduler', **kw))
+
+# %% ../nbs/00a_families.ipynb #1a133360
+def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
+    "One text encoder's last hidden states for each prompt, [P, 77, D]"
+    import torch
+    ids = tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
+    with torch.no_grad(): return text_encoder(ids.to(device))[0].to(dtype)
+
+def encode_text(family:Family, m:dict, prompts:list, device, dtype) -> dict:
+    "Each prompt's conditioning as a dict of tensors whose first axis is the prompt: 'embeds', and for SDXL 'pooled'"
+    import torch
+    if family.key != 'sdxl': return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
+    hidden = []
+    for tok, enc in text_encoders(m):
+        ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids
+        with torch.no_grad(): out = enc(ids.to(device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype))  # pooled: the second encoder's projected output
+
+def denoiser_inputs(family:Family, cond:dict, resolution:int) -> tuple:
+    "The UNet's encoder hidden states and extra keyword arguments for a batch whose conditioning is `cond`"
+    import torch
+    if family.key != 'sdxl': return cond['embeds'], {}
+    n, r = len(cond['embeds']), resolution
+    time_ids = torch.tensor([r, r, 0, 0, r, r], device=cond['embeds'].device, dtype=cond['embeds'].dtype).repeat(n, 1)
+    return cond['embeds'], dict(added_cond_kwargs=dict(text_embeds=cond['pooled'], time_ids=time_ids))
+
+# %% ../nbs/00a_families.ipynb #61c24046
+def pipeline_class(family:Family):
+    "The diffusers pipeline class of `family`"
+    import diffusers
+    return getattr(diffusers, family.pipeline)
+
+def pretrained_kwargs(family:Family) -> dict:
+    "What `from_pretrained` of `family`'s pipeline needs besides the model: no safety checker where the pipeline has one"
+    return dict(safety_checker=None, requires_safety_checker=False) if family.pipeline == 'StableDiffusionPipeline' else {}
+
+def assemble_pipeline(family:Family, m:dict, scheduler):
+    "`family`'s pipeline from the parts `m` (as `load_parts` gives them) and `scheduler`"
+    parts = {k: v for k, v in m.items() if k.startswith(('tokenizer', 'text_encoder')) or k in ('vae', 'unet')}
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.pipeline == 'StableDiffusionPipeline' else {}
+    return pipeline_class(family)(scheduler=scheduler, **parts, **extra)
+
+def prompt_kwargs(cond:dict, uncond:dict, n:int, device, dtype) -> dict:
+    "A pipeline call's prompt arguments from cached conditioning (`encode_text` of one prompt and of the empty prompt), for `n` images"
+    rep = lambda t: t.expand(n, *t.shape[1:]).to(device, dtype)
+    kw = dict(prompt_embeds=rep(cond['embeds']), negative_prompt_embeds=rep(uncond['embeds']))
+    if 'pooled' in cond: kw.update(pooled_prompt_embeds=rep(cond['pooled']), negative_pooled_prompt_embeds=rep(uncond['pooled']))
+    return kw

@@ -10,6 +10,7 @@ import gc, hashlib, json, logging, os, re
 from pathlib import Path
 from fastcore.xdg import xdg_cache_home
 from .dataset import read_dataset, inspect_image
+from .families import model_family, pipeline_class, pretrained_kwargs
 from .results import atomic_path
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
@@ -46,15 +47,16 @@ def _free(device):
 
 def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision:str='main', resolution:int=512,
                           batch_size:int=4, steps:int=25, device=None, progress:bool=True, on_batch=None) -> list[Path]:
-    "Generate class image `i` of `prompt` with seed `i` for each of `indices`, into `out_dir` as `class_NNNNN.png`"
+    "Generate class image `i` of `prompt` with seed `i` for each of `indices`, into `out_dir` as `class_NNNNN.png`, with the pipeline of `model`'s family"
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
     from tqdm.auto import tqdm
     if not indices: return []
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     dtype = precision_dtype(resolve_precision('auto', device))
     kw = dict(revision=revision) if not Path(model).expanduser().is_dir() else {}
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, **kw).to(device)
+    family = model_family(model, revision).family
+    pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype, **pretrained_kwargs(family), **kw).to(device)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     use_fused_attention(pipe.unet, device)

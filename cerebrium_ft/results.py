@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, json, math, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import FAMILIES
+from .families import FAMILIES, pipeline_class, pretrained_kwargs
 from .speed import resolve_device
 
 # %% auto #0
@@ -149,16 +149,15 @@ def load_results(pipeline, results, adapter_name:str|None=None):
     return manifest
 def load_pipeline(results, model:str|None=None, device=None):
     "The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with their LoRA loaded: ready to generate"
-    import diffusers, torch
+    import torch
     from diffusers import DPMSolverMultistepScheduler
     dev = resolve_device(device)
     with opened_results(results) as folder:
         base = verify_results(folder)['base_model']
         src = model or base['path']
         kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision') or 'main')  # a revision means something on the Hub only
-        pipeline = getattr(diffusers, FAMILIES[base.get('family', 'sd1')].pipeline)  # results made before families were recorded are SD 1.x
-        try: pipe = pipeline.from_pretrained(src, torch_dtype=torch.float16 if dev.type == 'cuda' else torch.float32,
-                                             safety_checker=None, requires_safety_checker=False, **kw)
+        family = FAMILIES[base.get('family', 'sd1')]  # results made before families were recorded are SD 1.x
+        try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=torch.float16 if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
         pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
         pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)

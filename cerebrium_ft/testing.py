@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
 __all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'sd_models',
-           'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
+           'sdxl_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -59,7 +59,22 @@ def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:in
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
     return dict(unet=unet, vae=vae, text_encoder=text_encoder)
 
-TINY_FAMILIES = ('sd1', 'sd2-v') # what build_tiny_pipeline builds: SD 1.x, and SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction)
+def sdxl_models(unet_channels=(32, 64), text_width:int=32, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
+    "An SDXL-shaped UNet (size and crop conditioning, pooled text embeddings), VAE and two CLIP text encoders (the second with a projection), random weights"
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    m = sd_models(unet_channels=unet_channels, text_width=text_width, image_size=image_size, vocab_size=vocab_size, special_ids=special_ids)
+    unet = UNet2DConditionModel(
+        sample_size=image_size // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=tuple(unet_channels),
+        norm_num_groups=min(32, unet_channels[0]), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=2 * text_width,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + text_width)  # 6 time ids, and the pooled text
+    bos, eos, pad = special_ids
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=77, projection_dim=text_width, hidden_act='gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return dict(unet=unet, vae=m['vae'], text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config))
+
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a Stable-Diffusion-shaped pipeline of `family` with random weights (`sd_models`' sizes, `kw`) and save it to `dst` in the diffusers layout"
@@ -70,6 +85,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     dst = Path(dst)
     tok = CLIPTokenizer.from_pretrained(write_byte_tokenizer(dst/'_tokenizer_src'))
     torch.manual_seed(seed)
+    if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)))
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
@@ -78,10 +94,19 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
                               prediction_type='v_prediction' if family == 'sd2-v' else 'epsilon')
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=scheduler,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _save_tiny(dst, pipe)
+
+def _save_tiny(dst:Path, pipe) -> Path:
     pipe.save_pretrained(dst, safe_serialization=True)
     for f in (dst/'_tokenizer_src').iterdir(): f.unlink()
     (dst/'_tokenizer_src').rmdir()
     return dst
+
+def _save_tiny_sdxl(dst:Path, tok, m:dict) -> Path:
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                                       timestep_spacing="leading", steps_offset=1)  # SDXL's scheduler settings
+    return _save_tiny(dst, StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok, scheduler=scheduler, **m))
 
 # %% ../nbs/02_testing.ipynb #0105343b
 SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),

@@ -14,7 +14,8 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
-from .families import FamilyError, ModelInfo, kohya_base_model, model_family
+from .families import (Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_inputs, encode_text, kohya_base_model,
+                                   load_parts, model_family, pipeline_class, prompt_kwargs, text_encoders)
 from .prior import class_images
 from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -23,10 +24,9 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'LORA_TARGETS', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps',
-           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'encode_prompts',
-           'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
-           'CheckpointClock', 'MetricsLog', 'validate', 'to_kohya', 'plot_loss', 'save_results', 'train',
-           'fresh_accelerator', 'Training']
+           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents',
+           'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog',
+           'validate', 'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -72,17 +72,10 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     return report
 
 # %% ../nbs/04_train.ipynb #29f0b70c
-def load_models(model:str, revision:str='main') -> dict:
-    "The tokenizer, text encoder, VAE, UNet and noise scheduler of a Stable Diffusion pipeline"
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
-    kw = {} if Path(model).expanduser().is_dir() else dict(revision=revision)
-    try:
-        return dict(tokenizer=AutoTokenizer.from_pretrained(model, subfolder='tokenizer', **kw),
-                    text_encoder=CLIPTextModel.from_pretrained(model, subfolder='text_encoder', **kw),
-                    vae=AutoencoderKL.from_pretrained(model, subfolder='vae', **kw),
-                    unet=UNet2DConditionModel.from_pretrained(model, subfolder='unet', **kw),
-                    noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder='scheduler', **kw))
+def load_models(model:str, revision:str='main', family:Family|None=None) -> dict:
+    "The tokenizers, text encoders, VAE, UNet and noise scheduler of pipeline `model` (of `family`: found from its configuration when not given)"
+    try: return load_parts(model, revision, family or model_family(model, revision).family)
+    except FamilyError as e: raise TrainingError(str(e)) from None
     except (OSError, ValueError, EnvironmentError) as e:
         raise TrainingError(f"could not load the model {model} (revision {revision}): {e}") from None
 
@@ -108,12 +101,6 @@ def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype):
             means.append(torch.stack([d.mean for d in dists], 1)); stds.append(torch.stack([d.std for d in dists], 1))
     return torch.cat(means).float(), torch.cat(stds).float()
 
-def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
-    "The text encoder's last hidden states for each prompt, [P, 77, D], computed once"
-    import torch
-    ids = tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
-    with torch.no_grad(): return text_encoder(ids.to(device))[0].to(dtype)
-
 # %% ../nbs/04_train.ipynb #2c036b8f
 def sample_latents(mean, std, idx, flip:bool, gen, scaling:float):
     "Draw latents for examples `idx` from their cached distributions, each flipped with probability 1/2 when `flip`"
@@ -122,13 +109,14 @@ def sample_latents(mean, std, idx, flip:bool, gen, scaling:float):
     m, s = mean[idx, view], std[idx, view]
     return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype)) * scaling
 
-def denoising_loss(unet, noise_scheduler, latents, embeds, gen, n_prior:int=0, prior_loss_weight:float=1.0):
-    "(total loss, instance loss, prior loss or None) of one batch; the last `n_prior` examples are class examples"
+def denoising_loss(unet, noise_scheduler, latents, embeds, gen, n_prior:int=0, prior_loss_weight:float=1.0, extra:dict|None=None):
+    "(total loss, instance loss, prior loss or None) of one batch; the last `n_prior` examples are class examples; `extra`: the UNet's other inputs (`denoiser_inputs`)"
     import torch, torch.nn.functional as F
     noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=latents.dtype)
     t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
     noisy = noise_scheduler.add_noise(latents, noise, t)
-    pred = unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), return_dict=False)[0].float()
+    extra = {k: ({n: v.to(unet.dtype) for n, v in x.items()} if isinstance(x, dict) else x) for k, x in (extra or {}).items()}
+    pred = unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), **extra, return_dict=False)[0].float()
     target = noise if noise_scheduler.config.prediction_type == 'epsilon' else noise_scheduler.get_velocity(latents, noise, t)
     if not n_prior:
         loss = F.mse_loss(pred, target.float())
@@ -230,21 +218,18 @@ class MetricsLog:
         self.last = vals[-1][0]; self.pending = []
 
 # %% ../nbs/04_train.ipynb #87778596
-def validate(run:RunDir, epoch:int, m:dict, cond, uncond, s:TrainingSettings, device, weight_dtype) -> list[Path]:
-    "Write the validation images of `epoch`"
+def validate(run:RunDir, epoch:int, m:dict, cond:dict, uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family) -> list[Path]:
+    "Write the validation images of `epoch`, from the validation prompt's cached conditioning `cond` (and the empty prompt's, `uncond`)"
     import torch
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler
     if not s.num_validation_images: return []
     unet, vae = m['unet'], m['vae']
     vae.to(device); unet.eval()
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=m['text_encoder'], tokenizer=m['tokenizer'], unet=unet,
-                                   scheduler=DPMSolverMultistepScheduler.from_config(m['noise_scheduler'].config),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = assemble_pipeline(family, m, DPMSolverMultistepScheduler.from_config(m['noise_scheduler'].config))
     pipe.set_progress_bar_config(disable=True)
-    n = s.num_validation_images
     with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-        images = pipe(prompt_embeds=cond.expand(n, -1, -1).to(device, weight_dtype), negative_prompt_embeds=uncond.expand(n, -1, -1).to(device, weight_dtype),
-                      num_inference_steps=25, height=s.resolution, width=s.resolution, generator=torch.Generator(device).manual_seed(s.seed)).images
+        images = pipe(**prompt_kwargs(cond, uncond, s.num_validation_images, device, weight_dtype), num_inference_steps=25,
+                      height=s.resolution, width=s.resolution, generator=torch.Generator(device).manual_seed(s.seed)).images
     out = run.validation(epoch); out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images): im.save(out/f"{i:02d}.png"); paths.append(out/f"{i:02d}.png")
@@ -281,7 +266,6 @@ def plot_loss(metrics:Path, out:Path):
 def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict, model:ModelInfo):
     "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family)"
     import diffusers, peft, torch, transformers
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
@@ -289,8 +273,8 @@ def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict, model:Mo
     alpha = s.lora_alpha or s.rank
     lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
     lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
-    StableDiffusionPipeline.save_lora_weights(run.attn_procs, unet_lora_layers=lora, safe_serialization=True,
-                                              unet_lora_adapter_metadata=unet.peft_config['default'].to_dict())
+    pipeline_class(model.family).save_lora_weights(run.attn_procs, unet_lora_layers=lora, safe_serialization=True,
+                                                   unet_lora_adapter_metadata=unet.peft_config['default'].to_dict())
     save_file(to_kohya(lora, alpha), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank), ss_network_alpha=str(alpha),
                                                              **kohya_base_model(model)))
     plot_loss(run.metrics, run.loss_plot)
@@ -385,10 +369,10 @@ def setup_models(self:Training):
     from peft import LoraConfig
     s, device = self.s, self.device
     write_progress(self.run, 'loading')
-    self.m = load_models(self.spec.hf_model_path, self.spec.revision)
+    self.m = load_models(self.spec.hf_model_path, self.spec.revision, self.model.family)
     self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu')
     self.unet = unet = self.m['unet']
-    for mod in (unet, self.m['vae'], self.m['text_encoder']): mod.requires_grad_(False)
+    for mod in [unet, self.m['vae']] + [enc for _, enc in text_encoders(self.m)]: mod.requires_grad_(False)
     unet.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
     unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=LORA_TARGETS))
@@ -403,20 +387,23 @@ def encode_inputs(self:Training):
     "Phase 3: latents and text embeddings, computed once; then the encoders leave the accelerator"
     import torch
     s, spec, device, dtype, m = self.s, self.spec, self.device, self.weight_dtype, self.m
-    vae, text_encoder = m['vae'], m['text_encoder']
+    vae, encoders = m['vae'], [enc for _, enc in text_encoders(m)]
     write_progress(self.run, 'caching')
-    vae.to(device, *([dtype] if self.precision == 'bf16' else [])); text_encoder.to(device, *([dtype] if self.precision != 'no' else []))  # fp16 VAE encodes overflow
+    vae.to(device, *([dtype] if self.precision == 'bf16' else []))  # fp16 VAE encodes overflow
+    for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: i.entry.caption or spec.training_prompt
     prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()))
-    embeds = encode_prompts(m['tokenizer'], text_encoder, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype)
-    self.val_cond, self.val_uncond, self.embeds = embeds[-2:-1], embeds[-1:], embeds[:-2]
+    cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype)
+    self.cond, self.val_cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, -2), slice(-2, -1), slice(-1, None)))
     self.inst_prompt = torch.tensor([prompts.index(caption(i)) for i in self.inst], device=device)
     self.inst_mean, self.inst_std = encode_images(vae, load_pixels([i.entry.path for i in self.inst], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
     if self.cls_paths:
         self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
     self.scaling = vae.config.scaling_factor
-    if device.type != 'cpu': vae.to('cpu'); text_encoder.to('cpu'); torch.cuda.empty_cache()
+    if device.type != 'cpu':
+        for mod in [vae] + encoders: mod.to('cpu')
+        torch.cuda.empty_cache()
 
 # %% ../nbs/04_train.ipynb #260cf5f1
 @patch
@@ -454,12 +441,13 @@ def backward(self:Training, ii, ci) -> tuple:
     "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    latents, emb = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling), self.embeds[self.inst_prompt[ii]]
+    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling), self.inst_prompt[ii]
     if ci is not None:
         latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling)])
-        emb = torch.cat([emb, self.embeds[self.cls_prompt].expand(len(ci), -1, -1)])
+        prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])
+    embeds, extra = denoiser_inputs(self.model.family, {k: v[prompt] for k, v in self.cond.items()}, s.resolution)
     with self.accelerator.autocast():
-        losses = denoising_loss(self.unet, self.m['noise_scheduler'], latents, emb, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight)
+        losses = denoising_loss(self.unet, self.m['noise_scheduler'], latents, embeds, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight, extra)
     self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)
     return losses
 
@@ -496,7 +484,7 @@ def validation(self:Training, epoch:int):
     "Validation images for `epoch`, the progress saying so meanwhile"
     self.metrics.flush()
     write_progress(self.run, 'validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch)
-    validate(self.run, epoch, self.m, self.val_cond, self.val_uncond, self.s, self.device, self.weight_dtype)
+    validate(self.run, epoch, self.m, self.val_cond, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family)
 
 @patch
 def loop(self:Training):

@@ -70,7 +70,7 @@ def test_the_commands_the_readme_says_take_json_do():
 
 LAYERS = {  # what each module may import from the package at its top: only what stands on its left (README, Developing)
     'config': set(), 'families': set(), 'results': {'families', 'speed'}, 'speed': set(), 'store': {'config'}, 'testing': set(), 'executor': {'config', 'results', 'store'},
-    'dataset': {'config', 'results'}, 'prior': {'dataset', 'results', 'speed'}, 'train': {'config', 'dataset', 'families', 'prior', 'results', 'speed'},
+    'dataset': {'config', 'results'}, 'prior': {'dataset', 'families', 'results', 'speed'}, 'train': {'config', 'dataset', 'families', 'prior', 'results', 'speed'},
     'server': {'config', 'dataset', 'executor', 'families', 'results', 'store'}, 'client': {'config', 'dataset', 'results'},
     'cli': {'config', 'dataset', 'results', 'client'}, 'hub': {'results'}, 'widget': {'config', 'dataset', 'client'}}
 

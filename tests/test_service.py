@@ -221,3 +221,24 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
         r = run_cli('push-to-hub', 'no/such/folder', 'me/x', '--token', 't', env=env)
         assert r.returncode == 2 and 'neither a results folder or zip nor a job id' in r.stderr
     finally: hub.stop()
+
+def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_path, data):
+    "SD 2.x (v-prediction) and SDXL jobs run to success on the service and load in their own pipelines; an SD3 model is refused at submission"
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from cerebrium_ft.results import load_pipeline
+    from cerebrium_ft.testing import build_tiny_pipeline
+    models = tmp_path/'models'
+    sd3 = models/'sd3'; sd3.mkdir(parents=True); (sd3/'model_index.json').write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    s = Server(tmp_path/'data', model_dir=models).start()
+    try:
+        s.key = next(w for w in s.output().split() if w.startswith('cft_'))
+        for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline)]:
+            model = build_tiny_pipeline(models/family, family=family)
+            r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no'))
+            assert r.returncode == 0, r.stderr
+            j = json.loads(r.stdout); assert j['status'] == 'succeeded', j
+            assert run_cli('download-model', j['id'], s.key, '--output', tmp_path/f"{family}.zip", '--url', s.url).returncode == 0
+            assert type(load_pipeline(tmp_path/f"{family}.zip", device='cpu')) is pipeline
+        r = submit(s, sd3, data, steps=6)
+        assert r.returncode == 1 and 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train' in r.stderr, r.stderr
+    finally: s.stop()

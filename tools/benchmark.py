@@ -150,6 +150,7 @@ def breakdown(T, spec, device, args, n=None):
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
+    from cerebrium_ft.families import encode_prompts
     from cerebrium_ft.speed import precision_dtype, resolve_precision, use_fused_attention
     s = spec.training_args
     dtype = precision_dtype(resolve_precision(s.mixed_precision, device))
@@ -160,7 +161,7 @@ def breakdown(T, spec, device, args, n=None):
     vae, te = m['vae'].to(device), m['text_encoder'].to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
     mean, std = T.encode_images(vae, T.load_pixels(paths, s.resolution), False, 4, device, torch.float32)
-    emb = T.encode_prompts(m['tokenizer'], te, [spec.training_prompt], device, dtype)
+    emb = encode_prompts(m["tokenizer"], te, [spec.training_prompt], device, dtype)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = T.make_optimizer(params, s, s.learning_rate, device)
     gen = torch.Generator(device).manual_seed(0)
