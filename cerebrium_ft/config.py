@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 # %% auto #0
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL',
-           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'TrainingSettings', 'setting_names', 'json_depth',
-           'parse_json_object', 'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
+           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings', 'TrainingSettings',
+           'setting_names', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id', 'model_problem',
+           'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -120,7 +121,7 @@ def _closest(key, valid):
     m = difflib.get_close_matches(key, valid, n=1, cutoff=0.6) or difflib.get_close_matches(key.lower(), valid, n=1, cutoff=0.4)
     return f"; did you mean '{m[0]}'?" if m else f"; valid keys are: {', '.join(sorted(valid))}"
 
-
+# %% ../nbs/00_config.ipynb #4fdbb86c_s0b
 class Checked(BaseModel):
     "A pydantic model whose values are coerced leniently from JSON, and whose problems are all reported at once, as a `SettingsError` in our words"
     model_config = ConfigDict(extra='forbid')
@@ -151,11 +152,9 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps'} # diffusers spelling -> ours
 _BIG = 10_000_000
 
-class TrainingSettings(Checked):
-    "Training kwargs: the original fine-tuner's table with its defaults, plus the trainer's own settings"
-    model_config = ConfigDict(title="Training settings")
+class SeedSettings(Checked):
+    "The original fine-tuner's kwargs table, key for key and default for default"
     kind: typing.ClassVar[str] = "a training setting"
-    # -- the original fine-tuner's kwargs table --
     gradient_accumulation_steps:int = Field(1, ge=1, le=1024, description="Number of update steps to accumulate the gradient over before the backward/update pass")
     learning_rate:float = Field(5e-4, ge=1e-8, le=1.0, description="Initial learning rate to use in training")
     lr_schedule:Literal[LR_SCHEDULES] = Field("constant", description="Schedule for the learning rate")
@@ -166,7 +165,11 @@ class TrainingSettings(Checked):
     warmup_steps:int = Field(0, ge=0, le=_BIG, description="Number of learning-rate warmup steps before training")
     validation_epochs:int = Field(10, ge=1, le=100_000, description="Number of epochs between validation steps")
     use_8bit_adam:bool = Field(True, description="Use 8-bit AdamW from bitsandbytes (plain AdamW where it cannot run)")
-    # -- the trainer's own settings --
+
+# %% ../nbs/00_config.ipynb #89b87f9f
+class TrainingSettings(SeedSettings):
+    "Training kwargs: the original fine-tuner's table with its defaults (`SeedSettings`), plus the trainer's own settings"
+    model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
     resolution:int = Field(512, ge=64, le=4096, description="Training resolution in pixels (square); a multiple of 8")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the UNet attention projections")

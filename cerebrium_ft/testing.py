@@ -59,6 +59,7 @@ def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:in
         bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
     return dict(unet=unet, vae=vae, text_encoder=text_encoder)
 
+# %% ../nbs/02_testing.ipynb #e71488dd_s0b
 def sdxl_models(unet_channels=(32, 64), text_width:int=32, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
     "An SDXL-shaped UNet (size and crop conditioning, pooled text embeddings), VAE and two CLIP text encoders (the second with a projection), random weights"
     from diffusers import UNet2DConditionModel
@@ -74,6 +75,7 @@ def sdxl_models(unet_channels=(32, 64), text_width:int=32, image_size:int=64, vo
                             max_position_embeddings=77, projection_dim=text_width, hidden_act='gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     return dict(unet=unet, vae=m['vae'], text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config))
 
+# %% ../nbs/02_testing.ipynb #e71488dd_s1b
 TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:

@@ -345,6 +345,9 @@ class Training:
         self.model = model_family(spec.hf_model_path, spec.revision)
         log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision} ({self.model.family.name}, "
                  f"{self.model.prediction}), {device.type}, precision {self.precision}")
+        if self.s.resolution != self.model.resolution:
+            log.warning(f"{spec.hf_model_path} was made for {self.model.resolution} px images and this run trains at {self.s.resolution} px: "
+                        f"set resolution {self.model.resolution} in --training-args for its best likeness (with photos at least that large)")
 
 # %% ../nbs/04_train.ipynb #d599c3dd
 @patch

@@ -85,8 +85,8 @@ def test_denoising_loss_on_the_instance_images_goes_down(trained, model, data):
 
 def test_prior_preservation_pairs_every_batch_and_logs_the_prior_loss(model, data, tmp_path, monkeypatch):
     seen, real = [], T.denoising_loss
-    def spy(unet, sched, latents, emb, gen, n_prior=0, w=1.0):
-        seen.append((latents.shape[0], n_prior)); return real(unet, sched, latents, emb, gen, n_prior, w)
+    def spy(unet, sched, latents, emb, gen, n_prior=0, *rest):
+        seen.append((latents.shape[0], n_prior)); return real(unet, sched, latents, emb, gen, n_prior, *rest)
     monkeypatch.setattr(T, 'denoising_loss', spy)
     out = tmp_path/'run'
     T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=4,
@@ -221,8 +221,8 @@ def test_unreadable_model_path(data, tmp_path, no_loading):
     with pytest.raises(T.TrainingError, match='no model_index.json'): T.train(spec(str(tmp_path/'junk'), data), tmp_path/'o')
 
 def test_a_family_that_does_not_train_is_refused_before_loading(data, tmp_path, no_loading):
-    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x'),
-                      ('StableDiffusionXLPipeline', 'is Stable Diffusion XL (StableDiffusionXLPipeline), which cerebrium-ft does not train yet')]:
+    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL'),
+                      ('FluxPipeline', 'is FLUX.1 (FluxPipeline), which cerebrium-ft does not train yet')]:
         m = tmp_path/cls; m.mkdir(); (m/'model_index.json').write_text(json.dumps({'_class_name': cls}))
         with pytest.raises(T.TrainingError, match=re.escape(said)): T.train(spec(str(m), data), tmp_path/'o')
     assert not (tmp_path/'o').exists()
