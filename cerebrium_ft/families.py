@@ -113,8 +113,8 @@ def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
     ids = tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
     with torch.no_grad(): return text_encoder(ids.to(device))[0].to(dtype)
 
-def encode_text(family:Family, m:dict, prompts:list, device, dtype) -> dict:
-    "Each prompt's conditioning as a dict of tensors whose first axis is the prompt: 'embeds', and for SDXL 'pooled'"
+def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512) -> dict:
+    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds', and for SDXL 'pooled' and 'time_ids'"
     import torch
     if family.key != 'sdxl': return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
     hidden = []
@@ -122,15 +122,14 @@ def encode_text(family:Family, m:dict, prompts:list, device, dtype) -> dict:
         ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids
         with torch.no_grad(): out = enc(ids.to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
-    return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype))  # pooled: the second encoder's projected output
+    r = resolution  # size and crop conditioning: original size, crop corner, target size of the square training crop
+    time_ids = torch.tensor([r, r, 0, 0, r, r], device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device
+    return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype), time_ids=time_ids)  # pooled: the second encoder's projected output
 
-def denoiser_inputs(family:Family, cond:dict, resolution:int) -> tuple:
+def denoiser_inputs(family:Family, cond:dict) -> tuple:
     "The UNet's encoder hidden states and extra keyword arguments for a batch whose conditioning is `cond`"
-    import torch
     if family.key != 'sdxl': return cond['embeds'], {}
-    n, r = len(cond['embeds']), resolution
-    time_ids = torch.tensor([r, r, 0, 0, r, r], device=cond['embeds'].device, dtype=cond['embeds'].dtype).repeat(n, 1)
-    return cond['embeds'], dict(added_cond_kwargs=dict(text_embeds=cond['pooled'], time_ids=time_ids))
+    return cond['embeds'], dict(added_cond_kwargs=dict(text_embeds=cond['pooled'], time_ids=cond['time_ids']))
 
 # %% ../nbs/00a_families.ipynb #61c24046
 def pipeline_class(family:Family):

@@ -26,9 +26,10 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
 __all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'service_routes', 'SCHEMAS', 'job_routes',
-           'project_routes', 'result_routes', 'ROUTERS', 'BodyLimit', 'RequireKey', 'DataDirBusy', 'open_data_dir',
-           'close_data_dir', 'server_model', 'create_job', 'Service', 'service', 'project', 'own_job', 'health', 'me',
-           'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
+           'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey', 'DataDirBusy',
+           'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'Service', 'service', 'project', 'own_job',
+           'health', 'me', 'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images',
+           'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -66,7 +67,7 @@ async def _answer(send, status:int, detail:str, headers=()):
 
 class RequireKey:
     "ASGI middleware: a /v1 request without a valid API key is refused with 401 before its body is read; the key's project goes to `request.state.project_id`"
-    def __init__(self, app, store:Store, open_paths=('/v1/health', '/v1/schemas/training-settings', '/v1/schemas/job-spec')): self.app, self.store, self.open_paths = app, store, open_paths
+    def __init__(self, app, store:Store, open_paths=('/v1/health',)): self.app, self.store, self.open_paths = app, store, open_paths
     async def __call__(self, scope, receive, send):
         if scope['type'] != 'http' or not scope['path'].startswith('/v1/') or scope['path'] in self.open_paths:
             return await self.app(scope, receive, send)
@@ -312,6 +313,7 @@ def image(epoch:str, name:str, job:dict=Depends(own_job), svc:Service=Depends(se
 
 # %% ../nbs/08_server.ipynb #d0b24ddc
 ROUTERS = (service_routes, job_routes, project_routes, result_routes)
+OPEN_PATHS = ('/v1/health', *(f'/v1/schemas/{name}' for name in SCHEMAS))  # answered without a key
 
 def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
     "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
@@ -328,7 +330,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
 
     app = FastAPI(title='cerebrium-ft job service', version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_mb * 2**20)
-    app.add_middleware(RequireKey, store=store)  # the outer one: no key, no body read
+    app.add_middleware(RequireKey, store=store, open_paths=OPEN_PATHS)  # the outer one: no key, no body read
     app.state.service = svc
     app.add_exception_handler(RequestValidationError, _bad_request)
     for r in ROUTERS: app.include_router(r)

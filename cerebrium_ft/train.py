@@ -396,7 +396,7 @@ def encode_inputs(self:Training):
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: i.entry.caption or spec.training_prompt
     prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()))
-    cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype)
+    cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype, s.resolution)
     self.cond, self.val_cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, -2), slice(-2, -1), slice(-1, None)))
     self.inst_prompt = torch.tensor([prompts.index(caption(i)) for i in self.inst], device=device)
     self.inst_mean, self.inst_std = encode_images(vae, load_pixels([i.entry.path for i in self.inst], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
@@ -448,7 +448,7 @@ def backward(self:Training, ii, ci) -> tuple:
     if ci is not None:
         latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling)])
         prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])
-    embeds, extra = denoiser_inputs(self.model.family, {k: v[prompt] for k, v in self.cond.items()}, s.resolution)
+    embeds, extra = denoiser_inputs(self.model.family, {k: v[prompt] for k, v in self.cond.items()})
     with self.accelerator.autocast():
         losses = denoising_loss(self.unet, self.m['noise_scheduler'], latents, embeds, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight, extra)
     self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)

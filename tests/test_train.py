@@ -282,8 +282,8 @@ def test_sdxl_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp
     pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
     with torch.no_grad():
         latents = parts['vae'].encode(pix).latent_dist.mean * parts['vae'].config.scaling_factor
-        cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(xl, parts, ['a photo of sks robot'], 'cpu', torch.float32).items()}
-        embeds, extra = denoiser_inputs(xl, cond, 64)
+        cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(xl, parts, ['a photo of sks robot'], 'cpu', torch.float32, resolution=64).items()}
+        embeds, extra = denoiser_inputs(xl, cond)
         def loss(): return np.mean([T.denoising_loss(parts['unet'], parts['noise_scheduler'], latents, embeds, torch.Generator().manual_seed(k), extra=extra)[0].item()
                                     for k in range(4)])
         base = loss()
@@ -296,3 +296,11 @@ def test_sdxl_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp
     kohya.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     kohya.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
     assert np.abs(render(pipe) - render(kohya)).max() <= 1.0
+
+def test_sdxl_trains_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path):
+    "The SDXL step under bf16 autocast (what 'auto' picks on AMX CPUs; forced here, so CPUs without it run the same path): it trains and records it"
+    model = str(build_tiny_pipeline(tmp_path/'xl', family='sdxl'))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=4, mixed_precision='bf16', num_validation_images=1)), tmp_path/'run', progress=False)
+    m = manifest(out)
+    assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', 'sdxl', 4)
+    assert all(math.isfinite(l) for l in col(out, 'loss'))
