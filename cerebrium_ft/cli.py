@@ -188,9 +188,9 @@ def generate(
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
-    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction) or sdxl
+    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl or flux (FLUX.1 [dev])
 ):
-    "Build a tiny Stable-Diffusion-shaped pipeline with random weights (64 px, a few MB), offline"
+    "Build a tiny pipeline of a family with random weights (64 px, a few MB), offline"
     quiet_libraries()
     from cerebrium_ft.testing import TINY_FAMILIES, build_tiny_pipeline
     if family not in TINY_FAMILIES: raise CliError(f"--family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}")

@@ -13,10 +13,10 @@ from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL',
-           'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings', 'TrainingSettings',
-           'setting_names', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id', 'model_problem',
-           'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID',
+           'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings',
+           'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id',
+           'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -149,6 +149,7 @@ class Checked(BaseModel):
 # %% ../nbs/00_config.ipynb #6ec8f588
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
+BASE_QUANTIZATIONS = ("none", "nf4", "8bit") # how the frozen base denoiser may be loaded: as it is, or quantized by bitsandbytes (QLoRA)
 ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps'} # diffusers spelling -> ours
 _BIG = 10_000_000
 
@@ -172,7 +173,7 @@ class TrainingSettings(SeedSettings):
     model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
     resolution:int = Field(512, ge=64, le=4096, description="Training resolution in pixels (square); a multiple of 8")
-    rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the UNet attention projections")
+    rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the denoiser's attention projections (the UNet's, or FLUX.1's transformer's)")
     lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
     checkpointing_steps:int = Field(500, ge=1, le=_BIG, description="Save a resumable checkpoint every this many optimizer steps")
@@ -189,7 +190,8 @@ class TrainingSettings(SeedSettings):
     lr_power:float = Field(1.0, ge=1e-3, le=100.0, description="Power of the polynomial schedule")
     random_flip:bool = Field(False, description="Also train on horizontally flipped images")
     center_crop:bool = Field(True, description="Centre crop (True) or random crop (False) to the resolution")
-    gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the UNet")
+    gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")
+    base_quantization:Literal[BASE_QUANTIZATIONS] = Field("none", description='"nf4" or "8bit": load the frozen base denoiser quantized by bitsandbytes and train the LoRA over it (QLoRA, CUDA only; FLUX.1 on a 24 GB GPU needs nf4)')
     sample_batch_size:int = Field(4, ge=1, le=256, description="Batch size when generating class images for prior preservation")
 
     @model_validator(mode='before')

@@ -11,26 +11,37 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FAMILIES', 'Family', 'trained_families', 'FamilyError', 'HubUnreachable', 'read_config', 'ModelInfo', 'model_family',
-           'kohya_base_model', 'text_encoders', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs',
-           'pipeline_class', 'pretrained_kwargs', 'assemble_pipeline', 'prompt_kwargs']
+__all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
+           'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'kohya_base_model', 'text_encoders',
+           'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised', 'predict',
+           'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
+FLUX_TARGETS = UNET_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") # and, in FLUX.1's double-stream blocks, the text stream's
+
 @dataclass(frozen=True)
 class Family:
-    "A kind of base model: its diffusers pipeline, whether cerebrium-ft trains it, and the license its weights come under"
-    key:str      # short name: sd1, sd2, sdxl, flux
-    name:str     # what users call it
-    pipeline:str # the diffusers pipeline class its model_index.json names
-    trains:bool  # whether cerebrium-ft trains it (the others are refused with the list of those it does)
-    license:str  # the Hub license id of its usual weights
-    kohya:str    # its name in kohya's metadata (ss_base_model_version)
+    "A kind of base model: its diffusers pipeline, whether cerebrium-ft trains it, its denoiser and LoRA targets, and the license its weights come under"
+    key:str       # short name: sd1, sd2, sdxl, flux
+    name:str      # what users call it
+    pipeline:str  # the diffusers pipeline class its model_index.json names
+    trains:bool   # whether cerebrium-ft trains it (the others are refused with the list of those it does)
+    license:str   # the Hub license id of its usual weights
+    kohya:str     # its name in kohya's metadata (ss_base_model_version)
+    denoiser:str = 'unet'  # the pipeline part the LoRA trains: unet or transformer
+    lora_targets:tuple = UNET_TARGETS  # the denoiser's modules that get a LoRA
+    resolution:int = 512    # its usual training resolution in pixels, when the configuration does not say
+    classes:tuple = ('UNet2DConditionModel', 'DDPMScheduler', None)  # the denoiser's and training scheduler's diffusers classes, the second text encoder's transformers class
+    encoders = property(lambda f: 1 + (f.classes[2] is not None), doc="how many text encoders condition it")
 
 FAMILIES = {f.key: f for f in [
     Family('sd1', 'Stable Diffusion 1.x', 'StableDiffusionPipeline', True, 'creativeml-openrail-m', 'sd_v1'),
-    Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2'),
-    Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0'),
-    Family('flux', 'FLUX.1', 'FluxPipeline', False, 'other', 'flux1')]}
+    Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2', resolution=768),
+    Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0', resolution=1024,
+           classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection')),
+    Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024,
+           classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'))]}
 
 def trained_families() -> str:
     "The families cerebrium-ft trains, for a message"
@@ -63,7 +74,7 @@ def read_config(model:str, file:str, revision:str='main') -> dict|None:
 class ModelInfo:
     "What `model_family` found out about a base model"
     family:Family
-    prediction:str  # what the denoiser predicts: epsilon or v_prediction
+    prediction:str  # what the denoiser predicts: epsilon, v_prediction, or flow_matching (FLUX.1's velocity from noise to image)
     resolution:int  # the resolution it was trained at, in pixels
 
 def model_family(model:str, revision:str='main') -> ModelInfo:
@@ -74,11 +85,13 @@ def model_family(model:str, revision:str='main') -> ModelInfo:
     family = next((f for f in FAMILIES.values() if f.pipeline == cls), None)
     if family is None: raise FamilyError(f"{model} is a {cls}, which cerebrium-ft does not train; it trains {trained_families()}")
     if not family.trains: raise FamilyError(f"{model} is {family.name} ({cls}), which cerebrium-ft does not train yet; it trains {trained_families()}")
+    if family.key == 'flux':  # no prediction type to read; the VAE's sample size is the resolution
+        return ModelInfo(family, 'flow_matching', int((read_config(model, 'vae/config.json', revision) or {}).get('sample_size', family.resolution)))
     text = read_config(model, 'text_encoder/config.json', revision) or {}
     if family.key == 'sd1' and text.get('hidden_act') == 'gelu': family = FAMILIES['sd2']  # OpenCLIP: Stable Diffusion 2.x
     prediction = (read_config(model, 'scheduler/scheduler_config.json', revision) or {}).get('prediction_type', 'epsilon')
     unet = read_config(model, 'unet/config.json', revision) or {}
-    return ModelInfo(family, prediction, int(unet.get('sample_size', 64)) * 8)
+    return ModelInfo(family, prediction, int(unet['sample_size']) * 8 if 'sample_size' in unet else family.resolution)
 
 # %% ../nbs/00a_families.ipynb #c60638e7
 def kohya_base_model(model:ModelInfo) -> dict:
@@ -90,46 +103,101 @@ def kohya_base_model(model:ModelInfo) -> dict:
 
 # %% ../nbs/00a_families.ipynb #1b4e47f2
 def text_encoders(m:dict) -> list:
-    "The (tokenizer, text encoder) pairs of a pipeline's parts `m`, in order"
-    return [(m[f'tokenizer{s}'], m[f'text_encoder{s}']) for s in ('', '_2') if f'text_encoder{s}' in m]
+    "The (tokenizer, text encoder) pairs of a pipeline's parts `m`, in order (those still loaded)"
+    return [(m[f'tokenizer{s}'], m[f'text_encoder{s}']) for s in ('', '_2') if m.get(f'text_encoder{s}') is not None]
 
-def load_parts(model:str, revision:str, family:Family) -> dict:
-    "The tokenizers, text encoders, VAE, UNet and noise scheduler of pipeline `model` of `family` (a local folder or a Hub id)"
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+def denoiser_of(family:Family, m:dict):
+    "The denoiser among parts `m` (a dict, or a pipeline): what the LoRA trains"
+    return m[family.denoiser] if isinstance(m, dict) else getattr(m, family.denoiser)
+
+def _quantization(quantize:str, dtype) -> dict:
+    "`from_pretrained`'s arguments that load a denoiser quantized by bitsandbytes: `quantize` nf4 (4-bit NormalFloat, computing in `dtype`) or 8bit"
+    from diffusers import BitsAndBytesConfig
+    q = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_compute_dtype=dtype) if quantize == 'nf4' else BitsAndBytesConfig(load_in_8bit=True))
+    return dict(quantization_config=q, torch_dtype=dtype)
+
+def load_parts(model:str, revision:str, family:Family, quantize:str='none', dtype=None) -> dict:
+    "The tokenizers, text encoders, VAE, denoiser (UNet or transformer; `quantize`d nf4 or 8bit on CUDA, computing in `dtype`) and noise scheduler of pipeline `model` of `family` (a local folder or a Hub id)"
+    import diffusers, transformers
+    from transformers import AutoTokenizer
     kw = {} if Path(model).expanduser().is_dir() else dict(revision=revision)
+    denoiser, scheduler, second = family.classes
     m = dict(tokenizer=AutoTokenizer.from_pretrained(model, subfolder='tokenizer', **kw),
-             text_encoder=CLIPTextModel.from_pretrained(model, subfolder='text_encoder', **kw))
-    if family.key == 'sdxl':
-        m.update(tokenizer_2=AutoTokenizer.from_pretrained(model, subfolder='tokenizer_2', **kw),
-                 text_encoder_2=CLIPTextModelWithProjection.from_pretrained(model, subfolder='text_encoder_2', **kw))
-    return dict(m, vae=AutoencoderKL.from_pretrained(model, subfolder='vae', **kw), unet=UNet2DConditionModel.from_pretrained(model, subfolder='unet', **kw),
-                noise_scheduler=DDPMScheduler.from_pretrained(model, subfolder='scheduler', **kw))
+             text_encoder=transformers.CLIPTextModel.from_pretrained(model, subfolder='text_encoder', **kw))
+    if second: m.update(tokenizer_2=AutoTokenizer.from_pretrained(model, subfolder='tokenizer_2', **kw),
+                        text_encoder_2=getattr(transformers, second).from_pretrained(model, subfolder='text_encoder_2', **kw))
+    return dict(m, vae=diffusers.AutoencoderKL.from_pretrained(model, subfolder='vae', **kw),
+                **{family.denoiser: getattr(diffusers, denoiser).from_pretrained(model, subfolder=family.denoiser, **kw,
+                                                                                 **(_quantization(quantize, dtype) if quantize != 'none' else {}))},
+                noise_scheduler=getattr(diffusers, scheduler).from_pretrained(model, subfolder='scheduler', **kw))
 
 # %% ../nbs/00a_families.ipynb #1a133360
+def _ids(tokenizer, prompts:list, limit:int=512):
+    "Token ids of `prompts`, padded (and cut) to the tokenizer's length, at most `limit`"
+    return tokenizer(prompts, padding='max_length', max_length=min(tokenizer.model_max_length, limit), truncation=True, return_tensors='pt').input_ids
+
 def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
     "One text encoder's last hidden states for each prompt, [P, 77, D]"
     import torch
-    ids = tokenizer(prompts, padding='max_length', max_length=tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
-    with torch.no_grad(): return text_encoder(ids.to(device))[0].to(dtype)
+    with torch.no_grad(): return text_encoder(_ids(tokenizer, prompts).to(device))[0].to(dtype)
 
 def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512) -> dict:
-    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds', and for SDXL 'pooled' and 'time_ids'"
+    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids'; for FLUX.1 'pooled'"
     import torch
-    if family.key != 'sdxl': return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
+    if family.key in ('sd1', 'sd2'): return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
+    if family.key == 'flux':
+        with torch.no_grad():
+            pooled = m['text_encoder'](_ids(m['tokenizer'], prompts).to(device)).pooler_output
+            embeds = m['text_encoder_2'](_ids(m['tokenizer_2'], prompts).to(device))[0]
+        return dict(embeds=embeds.to(dtype), pooled=pooled.to(dtype))
     hidden = []
     for tok, enc in text_encoders(m):
-        ids = tok(prompts, padding='max_length', max_length=tok.model_max_length, truncation=True, return_tensors='pt').input_ids
-        with torch.no_grad(): out = enc(ids.to(device), output_hidden_states=True)
+        with torch.no_grad(): out = enc(_ids(tok, prompts).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     r = resolution  # size and crop conditioning: original size, crop corner, target size of the square training crop
     time_ids = torch.tensor([r, r, 0, 0, r, r], device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device
     return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype), time_ids=time_ids)  # pooled: the second encoder's projected output
 
+# %% ../nbs/00a_families.ipynb #step
+FLUX_GUIDANCE = 3.5 # the guidance embedding's value while training FLUX.1 [dev] (diffusers' example's default)
+
 def denoiser_inputs(family:Family, cond:dict) -> tuple:
     "The UNet's encoder hidden states and extra keyword arguments for a batch whose conditioning is `cond`"
     if family.key != 'sdxl': return cond['embeds'], {}
     return cond['embeds'], dict(added_cond_kwargs=dict(text_embeds=cond['pooled'], time_ids=cond['time_ids']))
+
+def noised(family:Family, scheduler, latents, gen) -> tuple:
+    "`latents` with noise at random timesteps: (noisy latents, timesteps, what the denoiser should predict)"
+    import torch
+    noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=latents.dtype)
+    n, cfg = latents.shape[0], scheduler.config
+    if family.key != 'flux':
+        t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen, device=gen.device)
+        target = noise if cfg.prediction_type == 'epsilon' else scheduler.get_velocity(latents, noise, t)
+        return scheduler.add_noise(latents, noise, t), t, target
+    steps = cfg.num_train_timesteps  # FlowMatchEulerDiscreteScheduler's training levels, read from its configuration (sampling changes its state)
+    sigma = 1 - (torch.rand(n, generator=gen, device=gen.device) * steps).long().to(latents.dtype) / steps
+    if not cfg.use_dynamic_shifting: sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)
+    s = sigma.view(-1, *[1] * (latents.ndim - 1))
+    return (1 - s) * latents + s * noise, sigma * steps, noise - latents
+
+def predict(family:Family, denoiser, noisy, t, cond:dict):
+    "The denoiser's prediction for `noisy` latents at timesteps `t` under conditioning `cond` (a batch of `encode_text`'s output)"
+    import torch
+    from diffusers import FluxPipeline
+    dt = denoiser.dtype
+    if family.key != 'flux':
+        embeds, extra = denoiser_inputs(family, cond)
+        extra = {k: ({n: v.to(dt) for n, v in x.items()} if isinstance(x, dict) else x) for k, x in extra.items()}
+        return denoiser(noisy.to(dt), t, embeds.to(dt), **extra, return_dict=False)[0]
+    b, c, h, w = noisy.shape
+    packed = FluxPipeline._pack_latents(noisy.to(dt), b, c, h, w)
+    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dt)
+    txt_ids = torch.zeros(cond['embeds'].shape[1], 3, device=noisy.device, dtype=dt)
+    guidance = torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32) if denoiser.config.guidance_embeds else None
+    out = denoiser(hidden_states=packed, timestep=t.to(dt) / 1000, guidance=guidance, pooled_projections=cond['pooled'].to(dt),
+                   encoder_hidden_states=cond['embeds'].to(dt), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+    return FluxPipeline._unpack_latents(out, h, w, 1)  # sizes in latent pixels: a VAE factor of 1
 
 # %% ../nbs/00a_families.ipynb #61c24046
 def pipeline_class(family:Family):
@@ -141,15 +209,21 @@ def pretrained_kwargs(family:Family) -> dict:
     "What `from_pretrained` of `family`'s pipeline needs besides the model: no safety checker where the pipeline has one"
     return dict(safety_checker=None, requires_safety_checker=False) if family.pipeline == 'StableDiffusionPipeline' else {}
 
-def assemble_pipeline(family:Family, m:dict, scheduler):
-    "`family`'s pipeline from the parts `m` (as `load_parts` gives them) and `scheduler`"
-    parts = {k: v for k, v in m.items() if k.startswith(('tokenizer', 'text_encoder')) or k in ('vae', 'unet')}
-    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.pipeline == 'StableDiffusionPipeline' else {}
-    return pipeline_class(family)(scheduler=scheduler, **parts, **extra)
+def sampling_scheduler(family:Family, config):
+    "The scheduler that validation and class images sample with, from the model's scheduler `config`: DPM-Solver++ for Stable Diffusion, FLUX.1's own flow-matching Euler"
+    from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler
+    return (FlowMatchEulerDiscreteScheduler if family.key == 'flux' else DPMSolverMultistepScheduler).from_config(config)
 
-def prompt_kwargs(cond:dict, uncond:dict, n:int, device, dtype) -> dict:
+def assemble_pipeline(family:Family, m:dict, scheduler):
+    "`family`'s pipeline from the parts `m` (as `load_parts` gives them; text encoders may have been dropped after caching) and `scheduler`"
+    names = ['tokenizer', 'text_encoder'] + (['tokenizer_2', 'text_encoder_2'] if family.encoders == 2 else [])
+    extra = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False) if family.pipeline == 'StableDiffusionPipeline' else {}
+    return pipeline_class(family)(scheduler=scheduler, vae=m['vae'], **{family.denoiser: denoiser_of(family, m)}, **{k: m.get(k) for k in names}, **extra)
+
+def prompt_kwargs(family:Family, cond:dict, uncond:dict, n:int, device, dtype) -> dict:
     "A pipeline call's prompt arguments from cached conditioning (`encode_text` of one prompt and of the empty prompt), for `n` images"
     rep = lambda t: t.expand(n, *t.shape[1:]).to(device, dtype)
+    if family.key == 'flux': return dict(prompt_embeds=rep(cond['embeds']), pooled_prompt_embeds=rep(cond['pooled']))  # guidance is embedded: no negative prompt
     kw = dict(prompt_embeds=rep(cond['embeds']), negative_prompt_embeds=rep(uncond['embeds']))
     if 'pooled' in cond: kw.update(pooled_prompt_embeds=rep(cond['pooled']), negative_pooled_prompt_embeds=rep(uncond['pooled']))
     return kw

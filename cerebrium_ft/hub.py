@@ -8,23 +8,27 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 from __future__ import annotations
 import json, os
 from pathlib import Path
+from .families import FAMILIES
 from .results import RunDir, opened_results, verify_results
 
 # %% auto #0
-__all__ = ['LICENSES', 'model_card', 'HubError', 'push_to_hub']
+__all__ = ['LICENSES', 'FAMILY_TAGS', 'model_card', 'HubError', 'push_to_hub']
 
 # %% ../nbs/11_hub.ipynb #cf2cac88
 LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-m', 'runwayml/stable-diffusion-v1-5': 'creativeml-openrail-m',
             'CompVis/stable-diffusion-v1-4': 'creativeml-openrail-m', 'stabilityai/stable-diffusion-2-1': 'openrail++',
-            'stabilityai/stable-diffusion-2-1-base': 'openrail++'}
+            'stabilityai/stable-diffusion-2-1-base': 'openrail++', 'stabilityai/stable-diffusion-xl-base-1.0': 'openrail++',
+            'black-forest-labs/FLUX.1-dev': 'other', 'black-forest-labs/FLUX.1-schnell': 'apache-2.0'} # the licenses of well-known bases; others get their family's
+FAMILY_TAGS = dict(sd1=['stable-diffusion'], sd2=['stable-diffusion'], sdxl=['stable-diffusion-xl'], flux=['flux']) # the tags the Hub lists each family's LoRAs under
 
 def model_card(manifest:dict, images:list[str], repo_id:str) -> str:
     "README.md for a LoRA repo: YAML metadata the Hub reads, then how to use it"
     job, base = manifest['job'], manifest['base_model']['path']
     ta, prompt = job['training_args'], job['training_prompt']
     val_prompt = ta.get('validation_prompt') or prompt
-    meta = {'base_model': base, 'license': LICENSES.get(base, 'other'), 'library_name': 'diffusers',
-            'tags': ['lora', 'diffusers', 'text-to-image', 'dreambooth', 'stable-diffusion', 'template:sd-lora', 'cerebrium-ft'],
+    family = FAMILIES[manifest['base_model'].get('family', 'sd1')]  # results made before families were recorded are SD 1.x
+    meta = {'base_model': base, 'license': LICENSES.get(base, family.license), 'library_name': 'diffusers',
+            'tags': ['lora', 'diffusers', 'text-to-image', 'dreambooth', *FAMILY_TAGS[family.key], 'template:sd-lora', 'cerebrium-ft'],
             'instance_prompt': prompt,
             'widget': [{'text': val_prompt, 'output': {'url': p}} for p in images[-4:]]}
     yaml = '\n'.join(f"{k}: {json.dumps(v)}" for k, v in meta.items())  # JSON values are valid YAML
@@ -36,7 +40,7 @@ def model_card(manifest:dict, images:list[str], repo_id:str) -> str:
 # {job['name']}: a DreamBooth LoRA for {base}
 
 Trained with [cerebrium-ft](https://github.com/cerebrium-ft/cerebrium-ft) on {len(manifest.get('instance_images', []))} images for {manifest['steps']} steps:
-LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the UNet's {', '.join(manifest['lora']['targets'])}{' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
+LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the {family.denoiser}'s {', '.join(manifest['lora']['targets'])} ({family.name}){' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
 
 Trigger: use **{prompt}** in your prompt.
 
@@ -46,7 +50,7 @@ Trigger: use **{prompt}** in your prompt.
 import torch
 from diffusers import DiffusionPipeline
 
-pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.float16).to("cuda")
+pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.{"bfloat16" if family.key == "flux" else "float16"}).to("cuda")
 pipeline.load_lora_weights("{repo_id}")
 image = pipeline("{val_prompt}", num_inference_steps=25).images[0]
 ```

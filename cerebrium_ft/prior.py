@@ -10,7 +10,7 @@ import gc, hashlib, json, logging, os, re
 from pathlib import Path
 from fastcore.xdg import xdg_cache_home
 from .dataset import read_dataset, inspect_image
-from .families import model_family, pipeline_class, pretrained_kwargs
+from .families import denoiser_of, model_family, pipeline_class, pretrained_kwargs, sampling_scheduler
 from .results import atomic_path
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
@@ -49,7 +49,6 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
                           batch_size:int=4, steps:int=25, device=None, progress:bool=True, on_batch=None) -> list[Path]:
     "Generate class image `i` of `prompt` with seed `i` for each of `indices`, into `out_dir` as `class_NNNNN.png`, with the pipeline of `model`'s family"
     import torch
-    from diffusers import DPMSolverMultistepScheduler
     from tqdm.auto import tqdm
     if not indices: return []
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -57,9 +56,9 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
     kw = dict(revision=revision) if not Path(model).expanduser().is_dir() else {}
     family = model_family(model, revision).family
     pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype, **pretrained_kwargs(family), **kw).to(device)
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    use_fused_attention(pipe.unet, device)
+    use_fused_attention(denoiser_of(family, pipe), device)
     if device.type == 'cuda': pipe.vae.enable_slicing()
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     written, todo = [], list(indices)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, json, math, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import FAMILIES, pipeline_class, pretrained_kwargs
+from .families import FAMILIES, pipeline_class, pretrained_kwargs, sampling_scheduler
 from .speed import resolve_device
 
 # %% auto #0
@@ -142,7 +142,7 @@ def opened_results(results):
 
 # %% ../nbs/05_results.ipynb #ffb1de5d
 def load_results(pipeline, results, adapter_name:str|None=None):
-    "Load the LoRA of `results` (a results folder or zip) into a diffusers Stable Diffusion `pipeline`; returns the manifest"
+    "Load the LoRA of `results` (a results folder or zip) into a diffusers `pipeline` of its base model's family; returns the manifest"
     with opened_results(results) as folder:
         manifest, run = verify_results(folder), RunDir(folder)
         pipeline.load_lora_weights(str(run.attn_procs), weight_name=run.weights.name, adapter_name=adapter_name)
@@ -150,7 +150,6 @@ def load_results(pipeline, results, adapter_name:str|None=None):
 def load_pipeline(results, model:str|None=None, device=None):
     "The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with their LoRA loaded: ready to generate"
     import torch
-    from diffusers import DPMSolverMultistepScheduler
     dev = resolve_device(device)
     with opened_results(results) as folder:
         base = verify_results(folder)['base_model']
@@ -159,7 +158,7 @@ def load_pipeline(results, model:str|None=None, device=None):
         family = FAMILIES[base.get('family', 'sd1')]  # results made before families were recorded are SD 1.x
         try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=torch.float16 if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
-        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+        pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
         pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
         load_results(pipe, folder)
     return pipe

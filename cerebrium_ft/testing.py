@@ -12,8 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'sd_models',
-           'sdxl_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
+__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer',
+           'write_t5_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'build_tiny_pipeline',
+           'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -33,6 +34,16 @@ def write_byte_tokenizer(dst) -> Path:
     tok = CLIPTokenizer(str(dst/'vocab.json'), str(dst/'merges.txt'), model_max_length=77)
     tok.save_pretrained(dst)
     return dst
+
+# %% ../nbs/02_testing.ipynb #t5tokx
+def write_t5_tokenizer(dst, max_length:int=64) -> Path:
+    "Write a character-level T5 tokenizer (a Unigram vocabulary of the printable characters) that pads to `max_length`, to folder `dst`"
+    import string
+    from transformers import T5TokenizerFast
+    chars = sorted(set(string.printable) - set(string.whitespace))
+    vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('▁', -2.0)] + [('▁' + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
+    T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length).save_pretrained(dst)
+    return Path(dst)
 
 # %% ../nbs/02_testing.ipynb #e71488dd
 def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:int=8, vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1,
@@ -75,11 +86,33 @@ def sdxl_models(unet_channels=(32, 64), text_width:int=32, image_size:int=64, vo
                             max_position_embeddings=77, projection_dim=text_width, hidden_act='gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
     return dict(unet=unet, vae=m['vae'], text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config))
 
+# %% ../nbs/02_testing.ipynb #fluxx
+def flux_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=1, rope_axes=(4, 6, 6), latent_channels:int=4, vae_channels=(8, 16, 32, 32),
+                vae_layers_per_block:int=1, text_width:int=32, t5_width:int=32, t5_layers:int=2, image_size:int=64, vocab_size:int=514,
+                special_ids=(512, 513, 513), t5_vocab_size:int=192) -> dict:
+    "A FLUX.1-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size), VAE, CLIP and T5 text encoders, random weights"
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers, attention_head_dim=width // heads,
+        num_attention_heads=heads, joint_attention_dim=t5_width, pooled_projection_dim=text_width, guidance_embeds=True, axes_dims_rope=tuple(rope_axes))
+    n_vae = len(vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(vae_channels), layers_per_block=vae_layers_per_block,
+        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae, norm_num_groups=min(32, vae_channels[0]),
+        sample_size=image_size, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)  # FLUX.1's VAE settings
+    bos, eos, pad = special_ids
+    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77, hidden_act='quick_gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size, d_model=t5_width, d_kv=t5_width // 4, d_ff=t5_width * 2, num_layers=t5_layers, num_heads=4,
+                                 feed_forward_proj='gated-gelu', relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return dict(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5)
+
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev]
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
-    "Build a Stable-Diffusion-shaped pipeline of `family` with random weights (`sd_models`' sizes, `kw`) and save it to `dst` in the diffusers layout"
+    "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
     if family not in TINY_FAMILIES: raise ValueError(f"family must be one of {', '.join(TINY_FAMILIES)}, got {family!r}")
     import torch
     from diffusers import PNDMScheduler, StableDiffusionPipeline
@@ -87,9 +120,11 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     dst = Path(dst)
     tok = CLIPTokenizer.from_pretrained(write_byte_tokenizer(dst/'_tokenizer_src'))
     torch.manual_seed(seed)
-    if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)))
+    special = dict(vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, **special))
+    if family == 'flux': return _save_tiny_flux(dst, tok, **kw, **special)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
-    m = sd_models(**kw, vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
+    m = sd_models(**kw, **special)
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                               skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,  # SD1.5's scheduler settings
@@ -109,6 +144,17 @@ def _save_tiny_sdxl(dst:Path, tok, m:dict) -> Path:
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                                        timestep_spacing="leading", steps_offset=1)  # SDXL's scheduler settings
     return _save_tiny(dst, StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok, scheduler=scheduler, **m))
+
+def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import AutoTokenizer
+    t5 = AutoTokenizer.from_pretrained(write_t5_tokenizer(dst/'_tokenizer_src'/'t5'))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1 [dev]'s scheduler settings
+    pipe = FluxPipeline(tokenizer=tok, tokenizer_2=t5, scheduler=scheduler, **flux_models(**kw, t5_vocab_size=len(t5)))
+    for f in (dst/'_tokenizer_src'/'t5').iterdir(): f.unlink()
+    (dst/'_tokenizer_src'/'t5').rmdir()
+    return _save_tiny(dst, pipe)
 
 # %% ../nbs/02_testing.ipynb #0105343b
 SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),

@@ -14,8 +14,8 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
-from .families import (Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_inputs, encode_text, kohya_base_model,
-                                   load_parts, model_family, pipeline_class, prompt_kwargs, text_encoders)
+from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, kohya_base_model, load_parts,
+                                   model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, text_encoders)
 from .prior import class_images
 from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -23,16 +23,15 @@ from .speed import DeviceError, precision_dtype, resolve_device, resolve_precisi
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'LORA_TARGETS', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps',
-           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents',
-           'denoising_loss', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog',
-           'validate', 'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
+__all__ = ['log', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches',
+           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
+           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate',
+           'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
     "A training run cannot start or go on; the message says why and what to do"
 
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 KEEP_CHECKPOINTS = 2
 
 # %% ../nbs/04_train.ipynb #458358da
@@ -72,9 +71,9 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     return report
 
 # %% ../nbs/04_train.ipynb #29f0b70c
-def load_models(model:str, revision:str='main', family:Family|None=None) -> dict:
-    "The tokenizers, text encoders, VAE, UNet and noise scheduler of pipeline `model` (of `family`: found from its configuration when not given)"
-    try: return load_parts(model, revision, family or model_family(model, revision).family)
+def load_models(model:str, revision:str='main', family:Family|None=None, quantize:str='none', dtype=None) -> dict:
+    "The tokenizers, text encoders, VAE, denoiser and noise scheduler of pipeline `model` (of `family`: found from its configuration when not given; the denoiser `quantize`d as `load_parts` says)"
+    try: return load_parts(model, revision, family or model_family(model, revision).family, quantize, dtype)
     except FamilyError as e: raise TrainingError(str(e)) from None
     except (OSError, ValueError, EnvironmentError) as e:
         raise TrainingError(f"could not load the model {model} (revision {revision}): {e}") from None
@@ -102,22 +101,19 @@ def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype):
     return torch.cat(means).float(), torch.cat(stds).float()
 
 # %% ../nbs/04_train.ipynb #2c036b8f
-def sample_latents(mean, std, idx, flip:bool, gen, scaling:float):
-    "Draw latents for examples `idx` from their cached distributions, each flipped with probability 1/2 when `flip`"
+def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.0):
+    "Draw latents for examples `idx` from their cached distributions, each flipped with probability 1/2 when `flip`; shifted and scaled as the VAE's configuration says"
     import torch
     view = torch.randint(0, 2, (len(idx),), generator=gen, device=gen.device) if flip else torch.zeros(len(idx), dtype=torch.long, device=gen.device)
     m, s = mean[idx, view], std[idx, view]
-    return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype)) * scaling
+    return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling
 
-def denoising_loss(unet, noise_scheduler, latents, embeds, gen, n_prior:int=0, prior_loss_weight:float=1.0, extra:dict|None=None):
-    "(total loss, instance loss, prior loss or None) of one batch; the last `n_prior` examples are class examples; `extra`: the UNet's other inputs (`denoiser_inputs`)"
-    import torch, torch.nn.functional as F
-    noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=latents.dtype)
-    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
-    noisy = noise_scheduler.add_noise(latents, noise, t)
-    extra = {k: ({n: v.to(unet.dtype) for n, v in x.items()} if isinstance(x, dict) else x) for k, x in (extra or {}).items()}
-    pred = unet(noisy.to(unet.dtype), t, embeds.to(unet.dtype), **extra, return_dict=False)[0].float()
-    target = noise if noise_scheduler.config.prediction_type == 'epsilon' else noise_scheduler.get_velocity(latents, noise, t)
+def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None):
+    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples"
+    import torch.nn.functional as F
+    family = family or FAMILIES['sd1']
+    noisy, t, target = noised(family, noise_scheduler, latents, gen)
+    pred = predict(family, denoiser, noisy, t, cond if isinstance(cond, dict) else dict(embeds=cond)).float()
     if not n_prior:
         loss = F.mse_loss(pred, target.float())
         return loss, loss, None
@@ -149,24 +145,24 @@ def make_optimizer(params, s:TrainingSettings, lr:float, device):
     return cls(params, lr=lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
 
 # %% ../nbs/04_train.ipynb #07075efc
-def save_checkpoint(run:RunDir, step:int, unet, optimizer, lr_scheduler, gen):
+def save_checkpoint(run:RunDir, step:int, denoiser, optimizer, lr_scheduler, gen):
     "Write checkpoint `step` atomically and drop all but the newest `KEEP_CHECKPOINTS`"
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
     with atomic_path(run.step_checkpoint(step)) as tmp:
         tmp.mkdir()
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(unet).items()}, tmp/'lora.safetensors')
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp/'lora.safetensors')
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), generator=gen.get_state(),
                         python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp/'state.pt')
     for old in sorted(run.checkpoints.glob('step_*'))[:-KEEP_CHECKPOINTS]: shutil.rmtree(old, ignore_errors=True)
 
-def load_checkpoint(path:Path, unet, optimizer, lr_scheduler, gen) -> int:
+def load_checkpoint(path:Path, denoiser, optimizer, lr_scheduler, gen) -> int:
     "Restore a checkpoint written by `save_checkpoint`; returns its step"
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    set_peft_model_state_dict(unet, load_file(path/'lora.safetensors'))
+    set_peft_model_state_dict(denoiser, load_file(path/'lora.safetensors'))
     state = torch.load(path/'state.pt', weights_only=False, map_location='cpu')
     optimizer.load_state_dict(state['optimizer']); lr_scheduler.load_state_dict(state['lr_scheduler'])
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
@@ -221,30 +217,30 @@ class MetricsLog:
 def validate(run:RunDir, epoch:int, m:dict, cond:dict, uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family) -> list[Path]:
     "Write the validation images of `epoch`, from the validation prompt's cached conditioning `cond` (and the empty prompt's, `uncond`)"
     import torch
-    from diffusers import DPMSolverMultistepScheduler
     if not s.num_validation_images: return []
-    unet, vae = m['unet'], m['vae']
-    vae.to(device); unet.eval()
-    pipe = assemble_pipeline(family, m, DPMSolverMultistepScheduler.from_config(m['noise_scheduler'].config))
+    denoiser, vae = denoiser_of(family, m), m['vae']
+    vae.to(device); denoiser.eval()
+    pipe = assemble_pipeline(family, m, sampling_scheduler(family, m['noise_scheduler'].config))
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-        images = pipe(**prompt_kwargs(cond, uncond, s.num_validation_images, device, weight_dtype), num_inference_steps=25,
+        images = pipe(**prompt_kwargs(family, cond, uncond, s.num_validation_images, device, weight_dtype), num_inference_steps=25,
                       height=s.resolution, width=s.resolution, generator=torch.Generator(device).manual_seed(s.seed)).images
     out = run.validation(epoch); out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, im in enumerate(images): im.save(out/f"{i:02d}.png"); paths.append(out/f"{i:02d}.png")
-    unet.train()
+    denoiser.train()
     if device.type != 'cpu': vae.to('cpu')
     return paths
 
 # %% ../nbs/04_train.ipynb #4eeb405e
-def to_kohya(lora:dict, alpha:float) -> dict:
-    "A diffusers-format UNet LoRA state dict (`<module>.lora.down.weight`) in the kohya layout"
+def to_kohya(lora:dict, alpha:float, denoiser:str='unet') -> dict:
+    "A LoRA state dict of `denoiser` (diffusers' `<module>.lora.down.weight` or PEFT's `<module>.lora_A.weight`) in the kohya layout, `lora_<denoiser>_<module>`"
     import torch
     out = {}
     for k, v in lora.items():
-        mod, kind = re.match(r'^(?:unet\.)?(.*)\.lora\.(down|up)\.weight$', k).groups()
-        name = 'lora_unet_' + mod.replace('.', '_')
+        mod, kind, peft_kind = re.match(rf'^(?:{denoiser}\.)?(.*)\.lora(?:\.(down|up)|_([AB]))\.weight$', k).groups()
+        kind = kind or {'A': 'down', 'B': 'up'}[peft_kind]
+        name = f'lora_{denoiser}_' + mod.replace('.', '_')
         out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
@@ -263,7 +259,7 @@ def plot_loss(metrics:Path, out:Path):
     a.set_ylabel('loss'); a.legend(); b.plot(step, col('lr'), lw=1, color='gray'); b.set_ylabel('lr'); b.set_xlabel('step')
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
 
-def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict, model:ModelInfo):
+def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, model:ModelInfo):
     "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family)"
     import diffusers, peft, torch, transformers
     from diffusers.utils import convert_state_dict_to_diffusers
@@ -271,16 +267,17 @@ def save_results(run:RunDir, spec:JobSpec, unet, steps:int, extra:dict, model:Mo
     from safetensors.torch import save_file
     s = spec.training_args
     alpha = s.lora_alpha or s.rank
-    lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    part = model.family.denoiser  # the UNet's LoRA in diffusers' layout, the transformer's in PEFT's, as diffusers' examples save them
+    lora = get_peft_model_state_dict(denoiser) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
     lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
-    pipeline_class(model.family).save_lora_weights(run.attn_procs, unet_lora_layers=lora, safe_serialization=True,
-                                                   unet_lora_adapter_metadata=unet.peft_config['default'].to_dict())
-    save_file(to_kohya(lora, alpha), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank), ss_network_alpha=str(alpha),
+    pipeline_class(model.family).save_lora_weights(run.attn_procs, safe_serialization=True, **{f'{part}_lora_layers': lora,
+                                                   f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
+    save_file(to_kohya(lora, alpha, part), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank), ss_network_alpha=str(alpha),
                                                              **kohya_base_model(model)))
     plot_loss(run.metrics, run.loss_plot)
     files = [run.weights, run.kohya]
     manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
-                    lora=dict(rank=s.rank, alpha=alpha, targets=LORA_TARGETS, format='diffusers', weights=str(run.weights.relative_to(run.root))),
+                    lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root))),
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
                                            'torch': torch.__version__, 'transformers': transformers.__version__},
                     sha256={str(f.relative_to(run.root)): file_sha256(f) for f in files}, **extra)
@@ -300,6 +297,9 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
     "Train a LoRA for `spec` into `output_dir` (the results folder); resumes a run that was stopped"
     try: run, device = RunDir(output_dir), resolve_device(device)
     except DeviceError as e: raise TrainingError(str(e)) from None
+    if (q := spec.training_args.base_quantization) != 'none' and device.type != 'cuda':
+        raise TrainingError(f"base_quantization {q} runs on CUDA GPUs only (bitsandbytes' quantized layers train there) and this run is on {device.type}: "
+                            f"set base_quantization none, or train on a CUDA GPU")
     report = preflight(spec, run.root)
     if run.manifest.exists():
         log.info(f"{run.root} already holds the finished run of {spec.name}"); return run.root
@@ -365,29 +365,33 @@ def get_class_images(self:Training):
 # %% ../nbs/04_train.ipynb #5981970e
 @patch
 def setup_models(self:Training):
-    "Phase 2: the pipeline's models, frozen, and the LoRA on the UNet"
+    "Phase 2: the pipeline's models, frozen, and the LoRA on the denoiser (the UNet, or FLUX.1's transformer)"
     import torch
     from accelerate.utils import set_seed
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     s, device = self.s, self.device
     write_progress(self.run, 'loading')
-    self.m = load_models(self.spec.hf_model_path, self.spec.revision, self.model.family)
+    quantized = s.base_quantization != 'none'  # QLoRA: bitsandbytes places the quantized denoiser on the GPU itself
+    self.m = load_models(self.spec.hf_model_path, self.spec.revision, self.model.family, s.base_quantization, self.weight_dtype)
     self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu')
-    self.unet = unet = self.m['unet']
-    for mod in [unet, self.m['vae']] + [enc for _, enc in text_encoders(self.m)]: mod.requires_grad_(False)
-    unet.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
+    self.denoiser = net = denoiser_of(self.model.family, self.m)
+    for mod in [net, self.m['vae']] + [enc for _, enc in text_encoders(self.m)]: mod.requires_grad_(False)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+        net = self.denoiser = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
+    else: net.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
-    unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=LORA_TARGETS))
-    if self.precision != 'no': cast_training_params(unet, dtype=torch.float32)
-    use_fused_attention(unet, device)  # same sums, fewer products (cerebrium_ft.speed)
-    if s.gradient_checkpointing: unet.enable_gradient_checkpointing()
-    self.params = [p for p in unet.parameters() if p.requires_grad]
+    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(self.model.family.lora_targets)))
+    if self.precision != 'no': cast_training_params(net, dtype=torch.float32)
+    use_fused_attention(net, device)  # same sums, fewer products (cerebrium_ft.speed)
+    if s.gradient_checkpointing: net.enable_gradient_checkpointing()
+    self.params = [p for p in net.parameters() if p.requires_grad]
 
 # %% ../nbs/04_train.ipynb #40acecd9
 @patch
 def encode_inputs(self:Training):
-    "Phase 3: latents and text embeddings, computed once; then the encoders leave the accelerator"
+    "Phase 3: latents and text embeddings, computed once; then the VAE leaves the accelerator and the text encoders are dropped"
     import torch
     s, spec, device, dtype, m = self.s, self.spec, self.device, self.weight_dtype, self.m
     vae, encoders = m['vae'], [enc for _, enc in text_encoders(m)]
@@ -403,10 +407,11 @@ def encode_inputs(self:Training):
     if self.cls_paths:
         self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
-    self.scaling = vae.config.scaling_factor
-    if device.type != 'cpu':
-        for mod in [vae] + encoders: mod.to('cpu')
-        torch.cuda.empty_cache()
+    self.scaling, self.shift = vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
+    for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None  # the cached embeddings are all training and validation need
+    del encoders
+    gc.collect()
+    if device.type != 'cpu': vae.to('cpu'); torch.cuda.empty_cache()
 
 # %% ../nbs/04_train.ipynb #260cf5f1
 @patch
@@ -423,7 +428,7 @@ def setup_optimizer(self:Training):
     self.gen = torch.Generator(self.device).manual_seed(s.seed)
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        self.step = load_checkpoint(ckpt, self.unet, self.optimizer, self.lr_scheduler, self.gen)
+        self.step = load_checkpoint(ckpt, self.denoiser, self.optimizer, self.lr_scheduler, self.gen)
         log.info(f"resuming from {ckpt.name}: step {self.step} of {plan['max_train_steps']}")
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
     self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
@@ -435,7 +440,7 @@ def setup_optimizer(self:Training):
 def checkpoint(self:Training):
     "Save a checkpoint of the run at its current step (the metrics so far flushed first)"
     started = self.clock.now(); self.metrics.flush()
-    save_checkpoint(self.run, self.step, self.unet, self.optimizer, self.lr_scheduler, self.gen)
+    save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen)
     self.clock.saved(started, self.step)
 
 # %% ../nbs/04_train.ipynb #aa6f988b
@@ -444,13 +449,13 @@ def backward(self:Training, ii, ci) -> tuple:
     "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling), self.inst_prompt[ii]
+    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii]
     if ci is not None:
-        latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling)])
+        latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling, self.shift)])
         prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])
-    embeds, extra = denoiser_inputs(self.model.family, {k: v[prompt] for k, v in self.cond.items()})
+    cond = {k: v[prompt] for k, v in self.cond.items()}
     with self.accelerator.autocast():
-        losses = denoising_loss(self.unet, self.m['noise_scheduler'], latents, embeds, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight, extra)
+        losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight, self.model.family)
     self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)
     return losses
 
@@ -496,7 +501,7 @@ def loop(self:Training):
     plan = self.plan; max_steps = plan['max_train_steps']
     write_progress(self.run, 'training', self.step, max_steps, **self.resumed)
     self.bar = tqdm(total=max_steps, initial=self.step, desc='training', unit='step', disable=not self.progress)
-    self.unet.train()
+    self.denoiser.train()
     for self.epoch in range(self.step // plan['steps_per_epoch'], plan['epochs']):
         self.train_epoch(self.epoch)
         if (self.epoch + 1) % self.s.validation_epochs == 0 and self.step < max_steps:
@@ -513,7 +518,7 @@ def finish(self:Training) -> Path:
     run, plan = self.run, self.plan
     self.validation(self.epoch + 1)
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
-    save_results(run, self.spec, self.unet, self.step, dict(plan=plan, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
+    save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
                                                             class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)), self.model)
     write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last)

@@ -223,8 +223,8 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
     finally: hub.stop()
 
 def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_path, data):
-    "SD 2.x (v-prediction) and SDXL jobs run to success on the service and load in their own pipelines; an SD3 model is refused at submission"
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    "SD 2.x (v-prediction), SDXL and FLUX.1 jobs run to success on the service and load in their own pipelines; an SD3 model is refused at submission"
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from cerebrium_ft.results import load_pipeline
     from cerebrium_ft.testing import build_tiny_pipeline
     models = tmp_path/'models'
@@ -232,7 +232,7 @@ def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_pa
     s = Server(tmp_path/'data', model_dir=models).start()
     try:
         s.key = next(w for w in s.output().split() if w.startswith('cft_'))
-        for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline)]:
+        for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline), ('flux', FluxPipeline)]:
             model = build_tiny_pipeline(models/family, family=family)
             r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no'))
             assert r.returncode == 0, r.stderr

@@ -221,8 +221,8 @@ def test_unreadable_model_path(data, tmp_path, no_loading):
     with pytest.raises(T.TrainingError, match='no model_index.json'): T.train(spec(str(tmp_path/'junk'), data), tmp_path/'o')
 
 def test_a_family_that_does_not_train_is_refused_before_loading(data, tmp_path, no_loading):
-    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL'),
-                      ('FluxPipeline', 'is FLUX.1 (FluxPipeline), which cerebrium-ft does not train yet')]:
+    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL, FLUX.1'),
+                      ('PixArtAlphaPipeline', 'is a PixArtAlphaPipeline, which cerebrium-ft does not train')]:
         m = tmp_path/cls; m.mkdir(); (m/'model_index.json').write_text(json.dumps({'_class_name': cls}))
         with pytest.raises(T.TrainingError, match=re.escape(said)): T.train(spec(str(m), data), tmp_path/'o')
     assert not (tmp_path/'o').exists()
@@ -265,42 +265,67 @@ def test_sd2_v_prediction_trains_towards_the_velocity_and_its_results_load(data,
 
 # --- SDXL: two text encoders, pooled embeddings, size and crop conditioning ----------------------------------
 
-def test_sdxl_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp_path):
-    "A tiny SDXL-shaped model: class images from its own pipeline, its loss lowered, results and kohya file loaded in StableDiffusionXLPipeline"
-    from diffusers import StableDiffusionXLPipeline
-    from cerebrium_ft.families import FAMILIES, denoiser_inputs, encode_text, load_parts
-    model = str(build_tiny_pipeline(tmp_path/'xl', family='sdxl'))
-    out = T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=2,
-                       training_args=dict(max_train_steps=60, learning_rate=2e-2, num_validation_images=1, validation_epochs=10, mixed_precision='no')),
-                  tmp_path/'run', cache=tmp_path/'cache', progress=False)
-    m = manifest(out)
-    assert (m['base_model']['family'], m['class_images']) == ('sdxl', 2) and (out/'validation/epoch_0010/00.png').is_file()
-    assert all(float(r['prior_loss']) > 0 for r in rows(out))
-    from safetensors import safe_open
-    with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f: assert f.metadata()['ss_base_model_version'] == 'sdxl_base_v1-0'
-    xl, parts = FAMILIES['sdxl'], load_parts(model, 'main', FAMILIES['sdxl'])
-    pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
+def loss_before_and_after(model, key, data, out, seeds):
+    "The family's denoising loss on the instance images (the mean over `seeds` noise draws): of the base model, then with the run's LoRA loaded"
+    from cerebrium_ft.families import FAMILIES, denoiser_of, encode_text, load_parts
+    family = FAMILIES[key]; parts = load_parts(model, 'main', family); net = denoiser_of(family, parts)
+    pix, vae = T.load_pixels(sorted(data.glob('*.jpg')), 64), parts['vae']
     with torch.no_grad():
-        latents = parts['vae'].encode(pix).latent_dist.mean * parts['vae'].config.scaling_factor
-        cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(xl, parts, ['a photo of sks robot'], 'cpu', torch.float32, resolution=64).items()}
-        embeds, extra = denoiser_inputs(xl, cond)
-        def loss(): return np.mean([T.denoising_loss(parts['unet'], parts['noise_scheduler'], latents, embeds, torch.Generator().manual_seed(k), extra=extra)[0].item()
-                                    for k in range(4)])
+        latents = (vae.encode(pix).latent_dist.mean - (getattr(vae.config, 'shift_factor', None) or 0)) * vae.config.scaling_factor
+        cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(family, parts, ['a photo of sks robot'], 'cpu', torch.float32, resolution=64).items()}
+        loss = lambda: np.mean([T.denoising_loss(net, parts['noise_scheduler'], latents, cond, torch.Generator().manual_seed(k), family=family)[0].item()
+                                for k in range(seeds)])
         base = loss()
-        parts['unet'].load_lora_adapter(str(out/'checkpoints/final/attn_procs'), weight_name='pytorch_lora_weights.safetensors', prefix='unet'); tuned = loss()
-    assert tuned < base * 0.95, (base, tuned)  # 0.92 measured: like SDXL, the tiny UNet has no attention in its first block, so an attention LoRA moves it less
+        net.load_lora_adapter(str(out/'checkpoints/final/attn_procs'), weight_name='pytorch_lora_weights.safetensors', prefix=family.denoiser)
+        return base, loss()
+
+def loads_as_trained(out, model, pipeline_cls):
+    "`load_pipeline` gives the family's pipeline with the LoRA, which changes what it draws; the kohya file, through diffusers' converter, draws the same"
     pipe = load_pipeline(out, device='cpu')
-    assert type(pipe) is StableDiffusionXLPipeline and pipe.get_active_adapters()
+    assert type(pipe) is pipeline_cls and pipe.get_active_adapters()
     render = lambda p: np.asarray(p('a photo of sks robot', num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
-    kohya = StableDiffusionXLPipeline.from_pretrained(model); kohya.set_progress_bar_config(disable=True)
+    kohya = pipeline_cls.from_pretrained(model); kohya.set_progress_bar_config(disable=True)
     kohya.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    assert np.abs(render(pipe) - render(kohya)).mean() > 1.0
     kohya.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
     assert np.abs(render(pipe) - render(kohya)).max() <= 1.0
 
-def test_sdxl_trains_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path):
-    "The SDXL step under bf16 autocast (what 'auto' picks on AMX CPUs; forced here, so CPUs without it run the same path): it trains and records it"
-    model = str(build_tiny_pipeline(tmp_path/'xl', family='sdxl'))
-    out = T.train(spec(model, data, training_args=dict(max_train_steps=4, mixed_precision='bf16', num_validation_images=1)), tmp_path/'run', progress=False)
+@pytest.mark.parametrize('key, pipeline, prediction, kohya_name, lr, seeds', [
+    ('sdxl', 'StableDiffusionXLPipeline', 'epsilon', 'sdxl_base_v1-0', 2e-2, 4),
+    ('flux', 'FluxPipeline', 'flow_matching', 'flux1', 1e-2, 8)])
+def test_sdxl_and_flux_train_with_prior_preservation_and_load_in_their_pipelines(data, tmp_path, key, pipeline, prediction, kohya_name, lr, seeds):
+    "Tiny SDXL- and FLUX.1-shaped models: class images from their own pipelines, their loss lowered, results and kohya file loaded in their pipelines"
+    import diffusers
+    from safetensors import safe_open
+    from cerebrium_ft.families import FAMILIES
+    family, model = FAMILIES[key], str(build_tiny_pipeline(tmp_path/key, family=key))
+    out = T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=2,
+                       training_args=dict(max_train_steps=60, learning_rate=lr, num_validation_images=1, validation_epochs=10, mixed_precision='no')),
+                  tmp_path/'run', cache=tmp_path/'cache', progress=False)
     m = manifest(out)
-    assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', 'sdxl', 4)
+    assert (m['base_model']['family'], m['base_model']['prediction'], m['class_images']) == (key, prediction, 2)
+    assert m['lora']['targets'] == list(family.lora_targets) and (out/'validation/epoch_0010/00.png').is_file()
+    assert all(float(r['prior_loss']) > 0 for r in rows(out))
+    with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f:
+        assert f.metadata()['ss_base_model_version'] == kohya_name and all(k.startswith(f'lora_{family.denoiser}_') for k in f.keys())
+        assert key != 'flux' or any('transformer_blocks_0_attn_add_q_proj' in k for k in f.keys())  # FLUX.1's text stream has its LoRA too
+    base, tuned = loss_before_and_after(model, key, data, out, seeds)
+    assert tuned < base * 0.95, (base, tuned)  # SDXL: 0.92 measured; like SDXL, the tiny UNet has no attention in its first block, so an attention LoRA moves it less
+    loads_as_trained(out, model, getattr(diffusers, pipeline))
+
+@pytest.mark.parametrize('family', ['sdxl', 'flux'])
+def test_sdxl_and_flux_train_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path, family):
+    "The SDXL and FLUX.1 steps under bf16 autocast (what 'auto' picks on AMX CPUs; forced here, so CPUs without it run the same path), with gradient checkpointing: they train and record it"
+    model = str(build_tiny_pipeline(tmp_path/family, family=family))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=4, mixed_precision='bf16', num_validation_images=1, gradient_checkpointing=True)),
+                  tmp_path/'run', progress=False)
+    m = manifest(out)
+    assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', family, 4)
     assert all(math.isfinite(l) for l in col(out, 'loss'))
+
+def test_a_quantized_base_is_refused_off_cuda_before_anything_is_written(model, data, tmp_path):
+    "QLoRA (bitsandbytes' nf4 or 8-bit denoiser) trains on CUDA only: elsewhere the run stops at once, saying what to set"
+    for q in ('nf4', '8bit'):
+        with pytest.raises(T.TrainingError, match=f"base_quantization {q} runs on CUDA GPUs only .* this run is on cpu: set base_quantization none"):
+            T.train(spec(model, data, training_args=dict(base_quantization=q)), tmp_path/'o', device='cpu')
+    assert not (tmp_path/'o').exists()

@@ -150,13 +150,13 @@ def breakdown(T, spec, device, args, n=None):
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
-    from cerebrium_ft.families import encode_prompts
+    from cerebrium_ft.families import FAMILIES, encode_prompts
     from cerebrium_ft.speed import precision_dtype, resolve_precision, use_fused_attention
     s = spec.training_args
     dtype = precision_dtype(resolve_precision(s.mixed_precision, device))
     m = T.load_models(spec.hf_model_path)
     unet = m['unet'].to(device, dtype); unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=T.LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=list(FAMILIES['sd1'].lora_targets)))
     cast_training_params(unet, dtype=torch.float32); use_fused_attention(unet, device)
     vae, te = m['vae'].to(device), m['text_encoder'].to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
