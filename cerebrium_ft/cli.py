@@ -18,6 +18,7 @@ from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
 from .config import SettingsError, spec_from_args
 from .dataset import check_dataset, prepare_dataset
+from .families import resolution_for
 from .client import ApiError, Client, save_login
 from .results import ResultsError
 
@@ -101,11 +102,17 @@ def _device(name:str|None):
 def check_dataset_cmd(
     path:str, # A folder of images, or a JSON manifest listing them (optionally with captions)
     mode:str='object', # 'object' for a subject, 'style' to also check that the colouring is consistent
-    size:int=512, # The training resolution to check against
+    size:int=None, # The training resolution to check against (default: MODEL's own, else 512)
+    model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1
     fix:str=None, # Write the usable images, upright and cropped to SIZE x SIZE, to this new folder, then check it
     json:bool=False, # Print one JSON object instead of tables
 ) -> int:
     "Check a training dataset: exit status 0 when no finding is an error, 1 when one is"
+    if size is None and model:
+        size = resolution_for(model, fallback=0)
+        if not size: raise CliError(f"cannot read the configuration of --model {model}: give --size instead")
+        if not json: print(f"checking at {size}x{size}, the resolution {model} was made for", file=sys.stderr)
+    size = size or 512
     try: report = check_dataset(path, mode=mode, size=size)
     except ValueError as e: raise CliError(f"--{e}") from None
     if fix is None:
@@ -403,7 +410,7 @@ def train_diffuser(
     if len(rest) == 4: api_key, rest = api_key or rest[0], rest[1:]
     model, dataset, prompt = rest
     spec = spec_from_args(name, model, dataset, prompt, **options)
-    report = check_dataset(dataset, size=spec.training_args.resolution)
+    report = check_dataset(dataset, size=spec.training_args.resolution or resolution_for(model, spec.revision))
     if not report.ok:
         print(report, file=sys.stderr)
         print(f"\ncerebrium-ft train-diffuser: the dataset has errors; nothing was uploaded. Fix them, or run: cerebrium-ft check-dataset {dataset} --fix NEW_FOLDER", file=sys.stderr)

@@ -172,7 +172,7 @@ class TrainingSettings(SeedSettings):
     "Training kwargs: the original fine-tuner's table with its defaults (`SeedSettings`), plus the trainer's own settings"
     model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
-    resolution:int = Field(512, ge=64, le=4096, description="Training resolution in pixels (square); a multiple of 8")
+    resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL and FLUX.1)")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the denoiser's attention projections (the UNet's, or FLUX.1's transformer's)")
     lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
@@ -210,8 +210,8 @@ class TrainingSettings(SeedSettings):
 
     @field_validator('resolution')
     @classmethod
-    def _multiple_of_8(cls, v:int) -> int:
-        if v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
+    def _multiple_of_8(cls, v:int|None) -> int|None:
+        if v is not None and v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
         return v
 
 # %% ../nbs/00_config.ipynb #95e5f322

@@ -318,7 +318,7 @@ class DatasetReport:
     def usable(self): return [i for i in self.images if i.usable]
     def summary(self):
         n = len(self.usable)
-        return (f"{self.source} ({self.mode}): {_n(n, 'usable image')} of {_n(len(self.images), 'file')}; "
+        return (f"{self.source} ({self.mode}, for {self.size}x{self.size} training): {_n(n, 'usable image')} of {_n(len(self.images), 'file')}; "
                 f"{_n(self.count('error'), 'error')}, {_n(self.count('warning'), 'warning')}, {_n(self.count('info'), 'note')}")
     def to_dict(self):
         return dict(source=self.source, mode=self.mode, size=self.size, ok=self.ok, summary=self.summary(),

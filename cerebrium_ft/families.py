@@ -12,9 +12,9 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
-           'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'kohya_base_model', 'text_encoders',
-           'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised', 'predict',
-           'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+           'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
+           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised',
+           'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -54,16 +54,17 @@ class FamilyError(ValueError):
 class HubUnreachable(FamilyError):
     "The Hub did not answer for a model's configuration (down, or out of reach from this machine)"
 
-def read_config(model:str, file:str, revision:str='main') -> dict|None:
-    "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`); None if the pipeline has no such file"
+def read_config(model:str, file:str, revision:str='main', cached_only:bool=False) -> dict|None:
+    "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`, `cached_only` from the local Hub cache); None if the pipeline has no such file"
     p = Path(model).expanduser()
     if p.is_dir(): return json.loads((p/file).read_text()) if (p/file).is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-    try: return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=os.environ.get('HF_ENDPOINT'))).read_text())
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    try: return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=os.environ.get('HF_ENDPOINT'), local_files_only=cached_only)).read_text())
     except LocalEntryNotFoundError:  # no answer from the Hub (or HF_HUB_OFFLINE), and no copy in the local cache
         raise HubUnreachable(f"cannot reach the Hugging Face Hub for {file} of {model}, and the local cache has no copy; check the network, or HF_ENDPOINT") from None
     except EntryNotFoundError: return None
+    except HFValidationError: raise FamilyError(f"{model} is neither a folder on this machine nor a Hugging Face Hub id") from None
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise FamilyError(f"{model} (revision {revision}) is not on the Hugging Face Hub, or is private: {str(e).splitlines()[0]}") from None
     except (HfHubHTTPError, OSError) as e:
@@ -77,21 +78,29 @@ class ModelInfo:
     prediction:str  # what the denoiser predicts: epsilon, v_prediction, or flow_matching (FLUX.1's velocity from noise to image)
     resolution:int  # the resolution it was trained at, in pixels
 
-def model_family(model:str, revision:str='main') -> ModelInfo:
-    "The family of base model `model` (a local folder or a Hub id), from its configuration files only; `FamilyError` if it does not train here"
-    index = read_config(model, 'model_index.json', revision)
+def model_family(model:str, revision:str='main', cached_only:bool=False) -> ModelInfo:
+    "The family of base model `model` (a local folder or a Hub id; `cached_only`: only what the local Hub cache holds), from its configuration files only; `FamilyError` if it does not train here"
+    read = lambda file: read_config(model, file, revision, cached_only)
+    index = read('model_index.json')
     if index is None: raise FamilyError(f"{model} has no model_index.json: it is not a diffusers pipeline")
     cls = index.get('_class_name', '(no pipeline class)')
     family = next((f for f in FAMILIES.values() if f.pipeline == cls), None)
     if family is None: raise FamilyError(f"{model} is a {cls}, which cerebrium-ft does not train; it trains {trained_families()}")
     if not family.trains: raise FamilyError(f"{model} is {family.name} ({cls}), which cerebrium-ft does not train yet; it trains {trained_families()}")
     if family.key == 'flux':  # no prediction type to read; the VAE's sample size is the resolution
-        return ModelInfo(family, 'flow_matching', int((read_config(model, 'vae/config.json', revision) or {}).get('sample_size', family.resolution)))
-    text = read_config(model, 'text_encoder/config.json', revision) or {}
+        return ModelInfo(family, 'flow_matching', int((read('vae/config.json') or {}).get('sample_size', family.resolution)))
+    text = read('text_encoder/config.json') or {}
     if family.key == 'sd1' and text.get('hidden_act') == 'gelu': family = FAMILIES['sd2']  # OpenCLIP: Stable Diffusion 2.x
-    prediction = (read_config(model, 'scheduler/scheduler_config.json', revision) or {}).get('prediction_type', 'epsilon')
-    unet = read_config(model, 'unet/config.json', revision) or {}
+    prediction = (read('scheduler/scheduler_config.json') or {}).get('prediction_type', 'epsilon')
+    unet = read('unet/config.json') or {}
     return ModelInfo(family, prediction, int(unet['sample_size']) * 8 if 'sample_size' in unet else family.resolution)
+
+# %% ../nbs/00a_families.ipynb #resfor
+def resolution_for(model:str, revision:str='main', resolution:int|None=None, fallback:int=512, cached_only:bool=False) -> int:
+    "The training resolution: `resolution` when given, else base model `model`'s own; `fallback` where its configuration cannot be read here (a folder on the server, the Hub out of reach or, with `cached_only`, not asked)"
+    if resolution: return resolution
+    try: return model_family(model, revision, cached_only).resolution
+    except FamilyError: return fallback
 
 # %% ../nbs/00a_families.ipynb #c60638e7
 def kohya_base_model(model:ModelInfo) -> dict:

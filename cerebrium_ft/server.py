@@ -171,10 +171,10 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
     except SettingsError as e: raise HTTPException(400, str(e)) from None
     model, problem = server_model(js.hf_model_path, model_dirs)
     if problem: raise HTTPException(400, f"on the server: {problem}")
-    try: model_family(model, js.revision)  # an SD3 or a video pipeline is refused now, not after its download
-    except HubUnreachable: pass  # the Hub is down or out of reach from here: the job checks again when it starts
+    try: native = model_family(model, js.revision).resolution  # an SD3 or a video pipeline is refused now, not after its download
+    except HubUnreachable: native = 512  # the Hub is down or out of reach from here: the job checks again when it starts
     except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
-    _check_uploads(tmp, class_images, js.training_args.resolution)
+    _check_uploads(tmp, class_images, js.training_args.resolution or native)
     server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model, 'dataset': str(jd/'dataset'),
                                      'prior_class_image_dir': str(jd/'class_images') if class_images else None})
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())

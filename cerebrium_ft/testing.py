@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer',
-           'write_t5_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'build_tiny_pipeline',
-           'make_subject_images', 'FakeHub']
+__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED', 'SDXL_ARCHITECTURE',
+           'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'write_t5_tokenizer',
+           'sd_models', 'sdxl_models', 'flux_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -46,66 +46,67 @@ def write_t5_tokenizer(dst, max_length:int=64) -> Path:
     return Path(dst)
 
 # %% ../nbs/02_testing.ipynb #e71488dd
+def _vae(channels, layers_per_block:int, image_size:int, latent_channels:int=4, **kw):
+    "An AutoencoderKL that downsamples by 2 per block after the first, random weights"
+    from diffusers import AutoencoderKL
+    n = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(channels), layers_per_block=layers_per_block,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n, norm_num_groups=min(32, channels[0]),
+                         sample_size=image_size, **kw)
+
+def _clip(width:int, layers:int, heads:int, vocab_size:int, special_ids, act:str='gelu', projection:bool=False):
+    "A CLIP text encoder of `width` (with a projection to `width` when `projection`), random weights"
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    bos, eos, pad = special_ids
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 4, num_hidden_layers=layers, num_attention_heads=heads,
+                            max_position_embeddings=77, projection_dim=width, hidden_act=act, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
 def sd_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads:int=8, vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1,
               text_width:int=32, text_layers:int=2, text_heads:int=4, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513),
               text_act:str='quick_gelu', linear_projection:bool=False) -> dict:
     "A Stable-Diffusion-1.5-shaped UNet, VAE and CLIP text encoder with random weights (under `torch.device('meta')`: their shapes only); 2.x-shaped with OpenCLIP's `text_act='gelu'` and `linear_projection`"
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-    n_vae = len(vae_channels)
+    from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel(
-        sample_size=image_size // 2**(n_vae - 1), in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        sample_size=image_size // 2**(len(vae_channels) - 1), in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=tuple(unet_channels), norm_num_groups=min(32, unet_channels[0]),
         down_block_types=("CrossAttnDownBlock2D",) * (len(unet_channels) - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(unet_channels) - 1),
         cross_attention_dim=text_width, attention_head_dim=attention_heads, use_linear_projection=linear_projection)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels), layers_per_block=vae_layers_per_block,
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae,
-        norm_num_groups=min(32, vae_channels[0]), sample_size=image_size)
-    bos, eos, pad = special_ids
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=text_layers,
-        num_attention_heads=text_heads, max_position_embeddings=77, projection_dim=text_width, hidden_act=text_act,
-        bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder)
+    return dict(unet=unet, vae=_vae(vae_channels, vae_layers_per_block, image_size),
+                text_encoder=_clip(text_width, text_layers, text_heads, vocab_size, special_ids, act=text_act))
 
 # %% ../nbs/02_testing.ipynb #e71488dd_s0b
-def sdxl_models(unet_channels=(32, 64), text_width:int=32, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
-    "An SDXL-shaped UNet (size and crop conditioning, pooled text embeddings), VAE and two CLIP text encoders (the second with a projection), random weights"
+def sdxl_models(unet_channels=(32, 64), layers_per_block:int=1, attention_heads=(2, 4), transformer_layers=(1, 2), time_embed_dim:int=8,
+                vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1, text_widths=(32, 32), text_layers=(2, 2), text_heads=(4, 4),
+                image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513)) -> dict:
+    "An SDXL-shaped UNet (no attention at its first level; size and crop conditioning; pooled text), VAE and two CLIP text encoders (the second with a projection), random weights"
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    m = sd_models(unet_channels=unet_channels, text_width=text_width, image_size=image_size, vocab_size=vocab_size, special_ids=special_ids)
+    n = len(unet_channels)
     unet = UNet2DConditionModel(
-        sample_size=image_size // 8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=tuple(unet_channels),
-        norm_num_groups=min(32, unet_channels[0]), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=2 * text_width,
-        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + text_width)  # 6 time ids, and the pooled text
-    bos, eos, pad = special_ids
-    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=2, num_attention_heads=4,
-                            max_position_embeddings=77, projection_dim=text_width, hidden_act='gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    return dict(unet=unet, vae=m['vae'], text_encoder=CLIPTextModel(config), text_encoder_2=CLIPTextModelWithProjection(config))
+        sample_size=image_size // 8, in_channels=4, out_channels=4, layers_per_block=layers_per_block, block_out_channels=tuple(unet_channels),
+        norm_num_groups=min(32, unet_channels[0]), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",), attention_head_dim=tuple(attention_heads), use_linear_projection=True,
+        transformer_layers_per_block=tuple(transformer_layers), cross_attention_dim=sum(text_widths), addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim, projection_class_embeddings_input_dim=6 * time_embed_dim + text_widths[1])  # 6 time ids, and the pooled text
+    return dict(unet=unet, vae=_vae(vae_channels, vae_layers_per_block, image_size), text_encoder=_clip(text_widths[0], text_layers[0], text_heads[0], vocab_size, special_ids, act='quick_gelu'),
+                text_encoder_2=_clip(text_widths[1], text_layers[1], text_heads[1], vocab_size, special_ids, projection=True))
 
 # %% ../nbs/02_testing.ipynb #fluxx
 def flux_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=1, rope_axes=(4, 6, 6), latent_channels:int=4, vae_channels=(8, 16, 32, 32),
-                vae_layers_per_block:int=1, text_width:int=32, t5_width:int=32, t5_layers:int=2, image_size:int=64, vocab_size:int=514,
-                special_ids=(512, 513, 513), t5_vocab_size:int=192) -> dict:
+                vae_layers_per_block:int=1, text_width:int=32, text_layers:int=2, text_heads:int=4, t5_width:int=32, t5_layers:int=2, t5_heads:int=4,
+                t5_ff:int=64, t5_buckets:int=8, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513), t5_vocab_size:int=192) -> dict:
     "A FLUX.1-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size), VAE, CLIP and T5 text encoders, random weights"
-    from diffusers import AutoencoderKL, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers, attention_head_dim=width // heads,
         num_attention_heads=heads, joint_attention_dim=t5_width, pooled_projection_dim=text_width, guidance_embeds=True, axes_dims_rope=tuple(rope_axes))
-    n_vae = len(vae_channels)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=tuple(vae_channels), layers_per_block=vae_layers_per_block,
-        down_block_types=("DownEncoderBlock2D",) * n_vae, up_block_types=("UpDecoderBlock2D",) * n_vae, norm_num_groups=min(32, vae_channels[0]),
-        sample_size=image_size, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)  # FLUX.1's VAE settings
-    bos, eos, pad = special_ids
-    clip = CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=text_width, intermediate_size=text_width * 4, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=77, hidden_act='quick_gelu', bos_token_id=bos, eos_token_id=eos, pad_token_id=pad))
-    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size, d_model=t5_width, d_kv=t5_width // 4, d_ff=t5_width * 2, num_layers=t5_layers, num_heads=4,
-                                 feed_forward_proj='gated-gelu', relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    vae = _vae(vae_channels, vae_layers_per_block, image_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
+               use_quant_conv=False, use_post_quant_conv=False)  # FLUX.1's VAE settings
+    clip = _clip(text_width, text_layers, text_heads, vocab_size, special_ids, act='quick_gelu')
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size, d_model=t5_width, d_kv=t5_width // t5_heads, d_ff=t5_ff, num_layers=t5_layers, num_heads=t5_heads,
+                                 feed_forward_proj='gated-gelu', relative_attention_num_buckets=t5_buckets, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     return dict(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5)
 
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
@@ -161,6 +162,15 @@ SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, 
                          text_width=192, text_layers=12, text_heads=3, image_size=256)
 SD15_ARCHITECTURE = dict(unet_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_heads=8, vae_channels=(128, 256, 512, 512),
                          vae_layers_per_block=2, text_width=768, text_layers=12, text_heads=12, image_size=512)
+SDXL_PROPORTIONED = dict(unet_channels=(96, 192, 384), layers_per_block=2, attention_heads=(2, 3, 6), transformer_layers=(1, 2, 4), time_embed_dim=64,
+                         vae_channels=(32, 64, 128, 128), text_widths=(192, 256), text_layers=(6, 8), text_heads=(3, 4), image_size=256)
+SDXL_ARCHITECTURE = dict(unet_channels=(320, 640, 1280), layers_per_block=2, attention_heads=(5, 10, 20), transformer_layers=(1, 2, 10), time_embed_dim=256,
+                         vae_channels=(128, 256, 512, 512), vae_layers_per_block=2, text_widths=(768, 1280), text_layers=(12, 32), text_heads=(12, 20), image_size=1024)
+FLUX_PROPORTIONED = dict(width=256, heads=4, layers=2, single_layers=4, rope_axes=(8, 28, 28), latent_channels=16, vae_channels=(32, 64, 128, 128),
+                         text_width=192, text_layers=6, text_heads=3, t5_width=256, t5_layers=4, t5_heads=4, t5_ff=640, image_size=256)
+FLUX_ARCHITECTURE = dict(width=3072, heads=24, layers=19, single_layers=38, rope_axes=(16, 56, 56), latent_channels=16, vae_channels=(128, 256, 512, 512),
+                         vae_layers_per_block=2, text_width=768, text_layers=12, text_heads=12, t5_width=4096, t5_layers=24, t5_heads=64, t5_ff=10240, t5_buckets=32,
+                         image_size=1024)
 
 # %% ../nbs/02_testing.ipynb #fdc18e97
 def _robot(scale:float, rng) -> Image.Image:

@@ -54,9 +54,9 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
     if (problem := model_problem(spec.hf_model_path)): raise TrainingError(problem)
-    try: model_family(spec.hf_model_path, spec.revision)  # before any weights are downloaded
+    try: model = model_family(spec.hf_model_path, spec.revision)  # before any weights are downloaded
     except FamilyError as e: raise TrainingError(str(e)) from None
-    report = check_dataset(spec.dataset, size=s.resolution)
+    report = check_dataset(spec.dataset, size=s.resolution or model.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
     if spec.prior_class_image_dir and not Path(spec.prior_class_image_dir).expanduser().is_dir():
@@ -345,7 +345,10 @@ class Training:
         self.model = model_family(spec.hf_model_path, spec.revision)
         log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision} ({self.model.family.name}, "
                  f"{self.model.prediction}), {device.type}, precision {self.precision}")
-        if self.s.resolution != self.model.resolution:
+        if self.s.resolution is None:  # the model's own: the settings the phases read say it
+            self.s = self.s.model_copy(update=dict(resolution=self.model.resolution))
+            log.info(f"resolution {self.s.resolution} px: the one {spec.hf_model_path} was made for (set resolution in --training-args for another)")
+        elif self.s.resolution != self.model.resolution:
             log.warning(f"{spec.hf_model_path} was made for {self.model.resolution} px images and this run trains at {self.s.resolution} px: "
                         f"set resolution {self.model.resolution} in --training-args for its best likeness (with photos at least that large)")
 
@@ -518,7 +521,7 @@ def finish(self:Training) -> Path:
     run, plan = self.run, self.plan
     self.validation(self.epoch + 1)
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
-    save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
+    save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, resolution=self.s.resolution, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
                                                             class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)), self.model)
     write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last)

@@ -11,14 +11,15 @@ from pathlib import Path
 import ipywidgets as W
 from fastcore.basics import patch
 from .client import ApiError, Client
-from .config import LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
+from .config import BASE_QUANTIZATIONS, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
 from .dataset import check_dataset
+from .families import resolution_for
 
 # %% auto #0
 __all__ = ['setting_widgets', 'settings_from', 'JobPanel']
 
 # %% ../nbs/12_widget.ipynb #23473403
-_CHOICES = dict(lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISIONS)
+_CHOICES = dict(lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISIONS, base_quantization=BASE_QUANTIZATIONS)
 
 def setting_widgets() -> dict:
     "A widget per training setting, holding its default"
@@ -27,7 +28,7 @@ def setting_widgets() -> dict:
         style, layout = {'description_width': '190px'}, W.Layout(width='360px')
         if name in _CHOICES: w = W.Dropdown(options=_CHOICES[name], value=default, description=name, style=style, layout=layout)
         elif hints[name] is bool: w = W.Checkbox(value=default, description=name, style=style, layout=layout, indent=True)
-        else: w = W.Text(value='' if default is None else str(default), description=name, style=style, layout=layout, placeholder='none')
+        else: w = W.Text(value='' if default is None else str(default), description=name, style=style, layout=layout, placeholder="the model's own" if name == 'resolution' else 'none')
         out[name] = w
     return out
 
@@ -114,7 +115,7 @@ def close(self:JobPanel):
 def check_dataset(self:JobPanel):
     "Show the dataset check of the typed path, with thumbnails"
     if not self.dataset.value.strip(): self.dataset_report.value = ''; return
-    size = settings_from(self.settings).resolution if not self.settings_msg.value else 512
+    size = (None if self.settings_msg.value else settings_from(self.settings).resolution) or resolution_for(self.model.value.strip(), cached_only=True)
     self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size)._repr_html_()
 
 @patch
@@ -132,7 +133,7 @@ def spec(self:JobPanel) -> JobSpec:
 def start(self:JobPanel):
     "Check the form and the dataset here, upload, and follow the new job"
     spec = self.spec()
-    report = check_dataset(spec.dataset, size=spec.training_args.resolution)
+    report = check_dataset(spec.dataset, size=spec.training_args.resolution or resolution_for(spec.hf_model_path, spec.revision))
     self.dataset_report.value = report._repr_html_()
     if not report.ok: raise ValueError("the dataset has errors (see its check above); nothing was uploaded")
     self.message.value = 'uploading…'

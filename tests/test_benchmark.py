@@ -10,9 +10,21 @@ def test_benchmark_prints_figures():
     assert 'AdamW8bit' in line and len(line.split()) >= 8, r.stdout
     assert 'ours/ref' in r.stdout and 'reference' in r.stdout
     assert 'ours/alike' in r.stdout and 'ref alike' in r.stdout  # like for like: the reference with our precision and class-image sampler
-    assert 'class images: DPM-Solver++ 25 steps' in r.stdout and 'class images: default scheduler, 50 steps' in r.stdout
+    assert 'class images: DPM-Solver++ 25 steps' in r.stdout and "class images: the pipeline's own scheduler and steps" in r.stdout
     assert 'checkpoint: ' in r.stdout and ' ms' in r.stdout.split('checkpoint: ')[1].splitlines()[0]
     import torch
     from cerebrium_ft.speed import resolve_precision
     if resolve_precision('auto', torch.device('cpu')) != 'no':  # half precision here: a fp32 run of ours checks the loss curve
         assert 'ours fp32' in r.stdout and 'loss curve: bf16 vs fp32' in r.stdout, r.stdout
+
+def test_benchmark_runs_sdxl_and_flux_beside_their_reference():
+    "SDXL's and FLUX.1's shapes (the tiny ones here; -cpu and the real architectures are the same code at other sizes) run in both trainers and print their ratios"
+    script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
+    r = subprocess.run([sys.executable, script, '--models', 'sdxl-tiny,flux-tiny', '--steps', '6', '--prior', '2', '--no-fp32-check', '--no-like-for-like'],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    for model in ('sdxl-tiny', 'flux-tiny'):
+        lines = [l for l in r.stdout.splitlines() if l.startswith(model)]
+        assert [l.split()[1] for l in lines] == ['ours', 'reference'], r.stdout
+        assert 'denoiser' in lines[0] and 'GFLOP a step' in lines[0]
+    assert r.stdout.count('ours/ref') == 2

@@ -329,3 +329,13 @@ def test_a_quantized_base_is_refused_off_cuda_before_anything_is_written(model, 
         with pytest.raises(T.TrainingError, match=f"base_quantization {q} runs on CUDA GPUs only .* this run is on cpu: set base_quantization none"):
             T.train(spec(model, data, training_args=dict(base_quantization=q)), tmp_path/'o', device='cpu')
     assert not (tmp_path/'o').exists()
+
+def test_a_run_without_a_resolution_trains_at_its_models_own(model, data, tmp_path):
+    "At the default settings a user gets, the resolution is the model's own (the tiny model's 64 px here, 1024 for SDXL and FLUX.1): the log says it, the manifest records it, validation draws at it"
+    s = JobSpec(name='robot', hf_model_path=model, dataset=str(data), training_prompt='a photo of sks robot',
+                training_args=dict(max_train_steps=2, num_validation_images=1, mixed_precision='no'))
+    assert s.training_args.resolution is None
+    out = T.train(s, tmp_path/'run', progress=False)
+    from PIL import Image
+    assert manifest(out)['resolution'] == 64 and Image.open(out/'validation/epoch_0001/00.png').size == (64, 64)
+    assert f"resolution 64 px: the one {model} was made for" in (out/'logs.txt').read_text()

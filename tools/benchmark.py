@@ -3,22 +3,32 @@
     .venv/bin/python tools/benchmark.py                      # the tiny pipeline and the SD1.5-proportioned CPU model
     .venv/bin/python tools/benchmark.py --models tiny --steps 30
     .venv/bin/python tools/benchmark.py --models sd15-cpu --prior 20     # with prior preservation: 20 class images generated
+    .venv/bin/python tools/benchmark.py --models sdxl-cpu,flux-cpu --steps 10  # SDXL's and FLUX.1's shapes at CPU sizes
 
 Each configuration runs in a fresh process, so that its peak memory (RSS; on CUDA also peak allocated) is its own.
 The models are built offline by cerebrium_ft.testing: 'tiny' (64 px), 'sd15-cpu' (SD1.5's proportions scaled down:
 UNet 96-192-384-384, 12-layer text encoder of width 192, VAE 32-64-128-128, 256 px) and, for a GPU, 'sd15' (SD1.5's own
-architecture with random weights, 512 px). A path to a diffusers folder works too.
+architecture with random weights, 512 px); the same for SDXL ('sdxl-tiny', 'sdxl-cpu', and 'sdxl': its 2.57 B-parameter UNet at 1024 px)
+and FLUX.1 ('flux-tiny', 'flux-cpu', and 'flux': its 11.9 B-parameter transformer at 1024 px, which wants an 80 GB card in bf16). A path to a
+diffusers folder works too.
 
-    .venv/bin/python tools/benchmark.py --models sd15 --batch 1 && .venv/bin/python tools/benchmark.py --models sd15 --batch 2   # on a GPU"""
+    .venv/bin/python tools/benchmark.py --models sd15 --batch 1 && .venv/bin/python tools/benchmark.py --models sd15 --batch 2   # on a GPU
+    .venv/bin/python tools/benchmark.py --models sdxl,flux --batch 1 --steps 20 --no-fp32-check                               # on a large GPU"""
 import argparse, json, os, resource, subprocess, sys, tempfile, time
 from pathlib import Path
 
+def presets() -> dict:
+    "name -> (family, builder settings, resolution): the tiny models, each family's CPU-sized proportions, and the real architectures for a GPU"
+    from cerebrium_ft import testing as t
+    return {'tiny': ('sd1', {}, 64), 'sdxl-tiny': ('sdxl', {}, 64), 'flux-tiny': ('flux', {}, 64),
+            'sd15-cpu': ('sd1', t.SD15_PROPORTIONED, 256), 'sdxl-cpu': ('sdxl', t.SDXL_PROPORTIONED, 256), 'flux-cpu': ('flux', t.FLUX_PROPORTIONED, 256),
+            'sd15': ('sd1', t.SD15_ARCHITECTURE, 512), 'sdxl': ('sdxl', t.SDXL_ARCHITECTURE, 1024), 'flux': ('flux', t.FLUX_ARCHITECTURE, 1024)}
+
 def _build(name, root):
-    from cerebrium_ft.testing import SD15_ARCHITECTURE, SD15_PROPORTIONED, build_tiny_pipeline
+    from cerebrium_ft.testing import build_tiny_pipeline
     if Path(name).is_dir(): return Path(name), None
-    presets = dict(tiny=({}, 64), sd15=(SD15_ARCHITECTURE, 512), **{'sd15-cpu': (SD15_PROPORTIONED, 256)})
-    kw, res = presets[name]
-    return build_tiny_pipeline(Path(root)/name, **kw), res
+    family, kw, res = presets()[name]
+    return build_tiny_pipeline(Path(root)/name, family=family, **kw), res
 
 def child(args):
     "Run one configuration and print its figures as JSON"
@@ -52,7 +62,7 @@ def child(args):
     out = dict(model=args.model, trainer='ours', device=device.type, resolution=res, batch=args.batch, steps=len(rows), wall_s=round(wall, 2),
                steps_per_s=round(steady, 3), peak_rss_mb=peak, optimizer=man['optimizer'], precision=man['precision'],
                breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows],
-               unet_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
+               denoiser_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
     out['checkpoint_mb'], out['checkpoint_ms'] = extra['checkpoint']
     if 'attention_ms' in extra: out['attention_ms'] = extra['attention_ms']
@@ -76,12 +86,15 @@ def reference(args):
     from diffusers.training_utils import cast_training_params
     from cerebrium_ft.speed import precision_dtype
     from cerebrium_ft.testing import make_subject_images
+    from cerebrium_ft.families import model_family
     root = Path(tempfile.mkdtemp(prefix='cft-ref-'))
     model, res = _build(args.model, root)
+    family = model_family(str(model)).family
     res = args.resolution or res or 512
     make_subject_images(root/'data', n=12, size=max(res, 512))
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0); random.seed(0)
+    if family.key in ('sdxl', 'flux'): return reference_sdxl_flux(args, family, model, res, root, device)
     t0 = time.perf_counter()
     class_files = []
     if args.prior:
@@ -130,55 +143,126 @@ def reference(args):
             p, pp = pred.chunk(2); n, pn = noise.chunk(2)
             loss = F.mse_loss(p.float(), n.float()) + F.mse_loss(pp.float(), pn.float())
         else: loss = F.mse_loss(pred.float(), noise.float())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step(); lr_sched.step(); opt.zero_grad()
-        loss.detach().item()
-        stamps.append(time.perf_counter())
+        _reference_step(loss, params, opt, lr_sched, stamps)
     StableDiffusionPipeline.save_lora_weights(root/'out', unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    wall = time.perf_counter() - t0
+    _print_reference(args, res, t0, stamps, len(class_files), device)
+
+def _reference_step(loss, params, opt, lr_sched, stamps):
+    "The example's step after the loss: backward, clipping at 1.0, AdamW and schedule steps, the loss read back for the progress bar"
+    import torch
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step(); lr_sched.step(); opt.zero_grad()
+    loss.detach().item()
+    stamps.append(time.perf_counter())
+
+def _print_reference(args, res, t0, stamps, class_images, device):
+    "The reference run's figures, as JSON"
+    import torch
     w = min(args.warmup, len(stamps) - 2)
-    out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps, wall_s=round(wall, 2),
-               steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
-               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=len(class_files),
+    out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps,
+               wall_s=round(time.perf_counter() - t0, 2), steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
+               peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=class_images,
                precision=args.reference_precision, sampler=args.reference_sampler)
     if device.type == 'cuda': out['peak_allocated_mb'] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
+
+def reference_sdxl_flux(args, family, model, res, root, device):
+    """The per-step work of diffusers' `train_dreambooth_lora_sdxl.py` and `train_dreambooth_lora_flux.py` at their defaults, as a baseline loop:
+    the prompts' embeddings computed once (the examples do when the text encoders are not trained), then each step loads and resizes its
+    images from disk, encodes them with the VAE (no --cache_latents), noises them (DDPM timesteps for SDXL; flow matching with uniform
+    levels for FLUX.1), runs the denoiser forward and backward with PEFT LoRA on the same modules as ours (so that the loop is compared,
+    not the LoRA's size), AdamW with gradient clipping at 1.0 and a scheduler step, and reads the loss back for its progress bar. Prior
+    preservation first generates the class images with the pipeline's own scheduler at its default step count, batch 4."""
+    import random
+    import numpy as np, torch, torch.nn.functional as F
+    from PIL import Image
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from cerebrium_ft.families import denoiser_of, encode_text, load_parts, noised, pipeline_class, predict, sampling_scheduler, text_encoders
+    from cerebrium_ft.speed import precision_dtype
+    t0 = time.perf_counter()
+    dtype = precision_dtype(args.reference_precision)
+    class_files = []
+    if args.prior:
+        pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype).to(device); pipe.set_progress_bar_config(disable=True)
+        sampler_kw = {}
+        if args.reference_sampler == 'dpm25':  # ours: DPM-Solver++ (FLUX.1: its flow-matching Euler) at 25 steps
+            pipe.scheduler, sampler_kw = sampling_scheduler(family, pipe.scheduler.config), dict(num_inference_steps=25)
+        (root/'class').mkdir()
+        for i in range(0, args.prior, 4):
+            for k, im in enumerate(pipe(['a photo of a robot'] * min(4, args.prior - i), height=res, width=res, **sampler_kw).images):
+                im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
+        del pipe
+    m = load_parts(str(model), 'main', family)
+    for _, enc in text_encoders(m): enc.to(device, dtype).requires_grad_(False)
+    cond = encode_text(family, m, ['a photo of sks robot', 'a photo of a robot'], device, dtype, res)
+    for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None
+    vae = m['vae'].to(device, torch.float32 if dtype == torch.float16 else dtype).requires_grad_(False)  # the examples keep an fp16 VAE in fp32
+    net = denoiser_of(family, m).to(device, dtype).requires_grad_(False)
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=list(family.lora_targets)))
+    cast_training_params(net, dtype=torch.float32)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
+    sched, gen = m['noise_scheduler'], torch.Generator(device).manual_seed(0)
+    inst = sorted((root/'data').glob('*.jpg'))
+    def pixels(path):
+        im = Image.open(path).convert('RGB'); w, h = im.size; s = min(w, h)
+        im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    stamps, shift = [], getattr(vae.config, 'shift_factor', None) or 0.0
+    for step in range(args.steps):
+        files = random.sample(inst, args.batch) + (random.sample(class_files, args.batch) if class_files else [])
+        which = torch.tensor([0] * args.batch + [1] * (len(files) - args.batch), device=device)
+        px = torch.stack([pixels(f) for f in files]).to(device, vae.dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            with torch.no_grad(): latents = ((vae.encode(px).latent_dist.sample() - shift) * vae.config.scaling_factor).float()
+            noisy, t, target = noised(family, sched, latents, gen)
+            pred = predict(family, net, noisy, t, {k: v[which] for k, v in cond.items()})
+        if class_files:
+            (p, pp), (g, gp) = pred.float().chunk(2), target.float().chunk(2)
+            loss = F.mse_loss(p, g) + F.mse_loss(pp, gp)
+        else: loss = F.mse_loss(pred.float(), target.float())
+        _reference_step(loss, params, opt, lr_sched, stamps)
+    pipeline_class(family).save_lora_weights(root/'out', **{f"{family.denoiser}_lora_layers": get_peft_model_state_dict(net)})
+    _print_reference(args, res, t0, stamps, len(class_files), device)
 
 def breakdown(T, spec, device, args, n=None):
     "The trainer's step taken apart (with prior preservation, at twice the batch): the same precision, attention processor and optimizer, each piece timed on its own"
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
-    from cerebrium_ft.families import FAMILIES, encode_prompts
+    from cerebrium_ft.families import denoiser_of, encode_text, model_family, noised, predict, text_encoders
     from cerebrium_ft.speed import precision_dtype, resolve_precision, use_fused_attention
-    s = spec.training_args
+    s, family = spec.training_args, model_family(spec.hf_model_path).family
     dtype = precision_dtype(resolve_precision(s.mixed_precision, device))
-    m = T.load_models(spec.hf_model_path)
-    unet = m['unet'].to(device, dtype); unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=list(FAMILIES['sd1'].lora_targets)))
-    cast_training_params(unet, dtype=torch.float32); use_fused_attention(unet, device)
-    vae, te = m['vae'].to(device), m['text_encoder'].to(device)
+    m = T.load_models(spec.hf_model_path, family=family)
+    net = denoiser_of(family, m).to(device, dtype); net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=list(family.lora_targets)))
+    cast_training_params(net, dtype=torch.float32); use_fused_attention(net, device)
+    vae = m['vae'].to(device)
+    for _, enc in text_encoders(m): enc.to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
     mean, std = T.encode_images(vae, T.load_pixels(paths, s.resolution), False, 4, device, torch.float32)
-    emb = encode_prompts(m["tokenizer"], te, [spec.training_prompt], device, dtype)
-    params = [p for p in unet.parameters() if p.requires_grad]
+    batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
+    cond = {k: v.expand(batch, *v.shape[1:]) for k, v in encode_text(family, m, [spec.training_prompt], device, dtype, s.resolution).items()}
+    params = [p for p in net.parameters() if p.requires_grad]
     opt = T.make_optimizer(params, s, s.learning_rate, device)
     gen = torch.Generator(device).manual_seed(0)
-    batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
     sync = _sync(device)
     times = dict(sample=[], forward=[], backward=[], optimizer=[])
-    sched = m['noise_scheduler']
+    sched, shift = m['noise_scheduler'], getattr(vae.config, 'shift_factor', None) or 0.0
     for i in range(args.warmup + (n or min(args.steps, 10))):
         t = [time.perf_counter()]
         idx = torch.randint(0, len(paths), (batch,), generator=gen, device=device)
-        latents = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor)
-        noise = torch.randn(latents.shape, generator=gen, device=device)
-        ts = torch.randint(0, sched.config.num_train_timesteps, (batch,), generator=gen, device=device)
-        noisy = sched.add_noise(latents, noise, ts); sync(); t.append(time.perf_counter())
+        latents = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor, shift)
+        noisy, ts, target = noised(family, sched, latents, gen); sync(); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            pred = unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred.float(), noise); sync(); t.append(time.perf_counter())
+            pred = predict(family, net, noisy, ts, cond)
+        loss = torch.nn.functional.mse_loss(pred.float(), target.float()); sync(); t.append(time.perf_counter())
         loss.backward(); sync(); t.append(time.perf_counter())
         torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm); opt.step(); opt.zero_grad(set_to_none=True); sync(); t.append(time.perf_counter())
         if i >= args.warmup:
@@ -186,26 +270,26 @@ def breakdown(T, spec, device, args, n=None):
     from torch.utils.flop_counter import FlopCounterMode
     def fwd_bwd():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            unet(noisy.to(dtype), ts, emb.expand(batch, -1, -1), return_dict=False)[0].float().square().mean().backward()
+            predict(family, net, noisy, ts, cond).float().square().mean().backward()
     with FlopCounterMode(display=False) as fc: fwd_bwd()
-    extra = dict(checkpoint=checkpoint_cost(T, unet, opt, gen))
-    if device.type == 'cpu' and dtype == torch.bfloat16:  # attention trained through runs in fp32 on CPU: what that saves
+    extra = dict(checkpoint=checkpoint_cost(T, net, opt, gen))
+    if device.type == 'cpu' and dtype == torch.bfloat16 and family.denoiser == 'unet':  # attention trained through runs in fp32 on CPU: what that saves
         from cerebrium_ft.speed import FusedLoraAttnProcessor
         extra['attention_ms'] = {}
         for name, fp32 in (('fp32', True), ('bf16', False)):
-            unet.set_attn_processor(FusedLoraAttnProcessor(fp32_scores=fp32))
+            net.set_attn_processor(FusedLoraAttnProcessor(fp32_scores=fp32))
             extra['attention_ms'][name] = round(1000 * min(_timed(fwd_bwd) for _ in range(3)))
     return {k: round(sum(v) / len(v), 2) for k, v in times.items()}, fc.get_total_flops(), matmul_ceiling(device, dtype), extra
 
 def _timed(f) -> float:
     t = time.perf_counter(); f(); return time.perf_counter() - t
 
-def checkpoint_cost(T, unet, opt, gen) -> tuple:
+def checkpoint_cost(T, net, opt, gen) -> tuple:
     "(MB, ms) of one resumable checkpoint of this LoRA and optimizer, the fastest of 5 writes"
     from diffusers.optimization import get_scheduler
     run = T.RunDir(tempfile.mkdtemp(prefix='cft-ckpt-'))
     sched = get_scheduler('constant', opt)
-    ms = min(_timed(lambda: T.save_checkpoint(run, i, unet, opt, sched, gen)) for i in range(1, 6)) * 1000
+    ms = min(_timed(lambda: T.save_checkpoint(run, i, net, opt, sched, gen)) for i in range(1, 6)) * 1000
     mb = sum(f.stat().st_size for f in run.latest_checkpoint().iterdir()) / 2**20
     return round(mb, 1), round(ms)
 
@@ -235,12 +319,12 @@ def _run(name, trainer, args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument('--models', default='tiny,sd15-cpu', help="comma-separated: tiny, sd15-cpu, or diffusers folders")
+    ap.add_argument('--models', default='tiny,sd15-cpu', help="comma-separated: " + ', '.join(presets()) + ", or diffusers folders")
     ap.add_argument('--steps', type=int, default=40, help="training steps per run")
     ap.add_argument('--warmup', type=int, default=3, help="steps left out of the steady-state rate")
     ap.add_argument('--batch', type=int, default=2)
     ap.add_argument('--prior', type=int, default=0, help="class images for prior preservation (generated fresh by both trainers)")
-    ap.add_argument('--resolution', type=int, default=None, help="default: the model's own (64 tiny, 256 sd15-cpu)")
+    ap.add_argument('--resolution', type=int, default=None, help="default: the model's own (64 for the tiny ones, 256 for the -cpu ones, 512 sd15, 1024 sdxl and flux)")
     ap.add_argument('--device', default=None)
     ap.add_argument('--precision', default='auto', help="our trainer's mixed_precision: auto, no, fp16, bf16")
     ap.add_argument('--reference-precision', default='no', choices=['no', 'fp16', 'bf16'],
@@ -270,10 +354,10 @@ def main():
             runs.append(('ref alike', _run(name, 'reference', argparse.Namespace(**{**vars(args), **same}))))
         for trainer, o in runs:
             note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
-                                           ('class images: ' + ('DPM-Solver++ 25 steps' if o.get('sampler', 'dpm25') == 'dpm25' else 'default scheduler, 50 steps')) if o.get('class_images') else '',
+                                           ('class images: ' + ('DPM-Solver++ 25 steps' if o.get('sampler', 'dpm25') == 'dpm25' else "the pipeline's own scheduler and steps")) if o.get('class_images') else '',
                                            f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
-            if 'flop_fraction' in o: note += f"; UNet {o['unet_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
+            if 'flop_fraction' in o: note += f"; denoiser {o['denoiser_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
             if 'flop_fraction' in o and o['device'] == 'cuda': flop_fractions.append((o['model'], trainer, o['flop_fraction']))
             print(f"{o['model']:10} {trainer:10} {o['device']:6} {o['resolution']:>4} {o['steps_per_s']:>8.2f} {o['wall_s']:>7.1f} {o['peak_rss_mb']:>11}  {note}")
         for label, key, what in (('ours/ref', 'reference', 'defaults against defaults'), ('ours/alike', 'ref alike', 'like for like: the same precision and class-image sampler')):
@@ -284,7 +368,7 @@ def main():
         if 'attention_ms' in ours: print(f"{'':10} training step (forward and backward) with attention in fp32 {ours['attention_ms']['fp32']} ms, in bf16 {ours['attention_ms']['bf16']} ms")
         fp32 = dict(runs).get('ours fp32')
         if fp32: print(loss_agreement(ours, fp32))
-    for model, trainer, f in flop_fractions: print(f"{model} {trainer}: {f:.1%} of the UNet's FLOP ceiling (target on a GPU: >= 30%)")
+    for model, trainer, f in flop_fractions: print(f"{model} {trainer}: {f:.1%} of the denoiser's FLOP ceiling (target on a GPU: >= 30%)")
 
 def loss_agreement(a, b) -> str:
     "How far apart two runs' per-step losses are (same seed, so the same noise and timesteps), next to how much the loss moves from step to step"
