@@ -150,18 +150,21 @@ def images(self:Client, job_id:str) -> list[str]:
 def image(self:Client, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
 
 # %% ../nbs/09_client.ipynb #74f9c5fe
-def _images(path) -> list[Path]:
+def _entries(path) -> list:
+    "The images (and captions) of dataset `path`"
     entries, findings = read_dataset(path)
     if any(f.severity == 'error' for f in findings): raise ApiError(f"cannot read {path}: {findings[0].message}")
-    return [e.path for e in entries]
+    return entries
 
 @patch
 def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=None) -> dict:
-    "Upload `spec` and its images as a new job, once however often the upload is retried; `progress(sent, total)` is called as the body goes out"
+    "Upload `spec` and its images (with their captions) as a new job, once however often the upload is retried; `progress(sent, total)` is called as the body goes out"
     from urllib3 import encode_multipart_formdata
     fields = [('spec', json.dumps({k: v for k, v in spec.to_dict().items() if k not in ('dataset', 'prior_class_image_dir')}))]
-    fields += [('images', (p.name, p.read_bytes())) for p in _images(spec.dataset)]
-    if spec.prior_class_image_dir: fields += [('class_images', (p.name, p.read_bytes())) for p in _images(spec.prior_class_image_dir)]
+    images = _entries(spec.dataset)
+    fields += [('images', (e.path.name, e.path.read_bytes())) for e in images]
+    if any(e.caption is not None for e in images): fields += [('captions', json.dumps([e.caption for e in images]))]  # the server writes them beside the images
+    if spec.prior_class_image_dir: fields += [('class_images', (e.path.name, e.path.read_bytes())) for e in _entries(spec.prior_class_image_dir)]
     body, ctype = encode_multipart_formdata(fields)
     key = idempotency_key or uuid.uuid4().hex  # every retry of this upload carries it: the server makes one job
     return self._json('POST', '/v1/jobs', _is_job, data=_Upload(body, progress), headers={'Content-Type': ctype, 'Idempotency-Key': key})

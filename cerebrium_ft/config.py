@@ -150,7 +150,7 @@ class Checked(BaseModel):
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_QUANTIZATIONS = ("none", "nf4", "8bit") # how the frozen base denoiser may be loaded: as it is, or quantized by bitsandbytes (QLoRA)
-ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps'} # diffusers spelling -> ours
+ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps', 'min_snr_gamma': 'snr_gamma'} # diffusers' and kohya's spellings -> ours
 _BIG = 10_000_000
 
 class SeedSettings(Checked):
@@ -181,6 +181,8 @@ class TrainingSettings(SeedSettings):
     validation_prompt:Optional[str] = Field(None, description="Prompt for validation images; None means the training prompt")
     num_validation_images:int = Field(4, ge=0, le=64, description="Images generated at each validation")
     prior_loss_weight:float = Field(1.0, ge=0.0, le=1e3, description="Weight of the prior-preservation loss against the instance loss")
+    snr_gamma:Optional[float] = Field(None, ge=0.01, le=1e3, description="Min-SNR-gamma weighting of the instance loss (5.0 is the paper's and the diffusers examples' suggestion; kohya: min_snr_gamma); None: unweighted. Stable Diffusion families only")
+    noise_offset:float = Field(0.0, ge=0.0, le=1.0, description="Add this much noise constant over each image and channel (0.05 to 0.1 lets a model learn very dark and very bright images); 0: none")
     max_grad_norm:float = Field(1.0, ge=1e-6, le=1e6, description="Gradient clipping norm")
     adam_beta1:float = Field(0.9, ge=0.0, le=0.999999, description="AdamW beta1")
     adam_beta2:float = Field(0.999, ge=0.0, le=0.999999, description="AdamW beta2")

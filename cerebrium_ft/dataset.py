@@ -16,8 +16,8 @@ from .results import file_sha256
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
-           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb',
-           'DatasetReport', 'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
+           'caption_beside', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image',
+           'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -72,12 +72,19 @@ def read_dataset(path) -> tuple[list[Entry], list[Finding]]:
         return [], [Finding('error', 'not-a-dataset', path.name, 'is a single file, not a dataset',
                             'give the folder that holds your 10-15 images, or a JSON manifest listing them')]
     entries, findings = [], []
-    for p in sorted(path.iterdir()):
-        if p.name.startswith('.'): continue
+    files = [p for p in sorted(path.iterdir()) if not p.name.startswith('.')]
+    images = {p.stem for p in files if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES}
+    for p in files:
         if p.is_dir(): findings.append(Finding('info', 'ignored', p.name + '/', 'is a subfolder: only the top level is read', 'move its images up if they belong to the dataset'))
+        elif p.suffix.lower() == '.txt' and p.stem in images: continue  # a caption, read with its image
         elif p.suffix.lower() in SIDECAR_SUFFIXES: findings.append(Finding('info', 'ignored', p.name, 'is not an image file and is ignored', 'nothing, if it is meant to be there'))
-        else: entries.append(Entry(p, p.name))
+        else: entries.append(Entry(p, p.name, caption_beside(p)))
     return entries, findings
+
+def caption_beside(image:Path) -> str|None:
+    "The caption in the `.txt` file of the same name beside `image` (kohya's, ai-toolkit's and the hosted trainers' convention), or None"
+    t = image.with_suffix('.txt')
+    return t.read_text(encoding='utf-8', errors='replace').strip() if t.is_file() else None
 
 # %% ../nbs/01_dataset.ipynb #6bddcb96
 _DCT32 = np.cos(np.pi * np.outer(np.arange(32), 2*np.arange(32) + 1) / 64)
@@ -293,6 +300,20 @@ def _colour_findings(infos:list[ImageInfo]) -> list[Finding]:
                                    'keep the colouring consistent across a style dataset: replace or recolour it'))
     return out
 
+def _caption_findings(infos:list[ImageInfo]) -> list[Finding]:
+    "Captions that will not say what the user meant: empty ones, images without one beside images with one, one caption for all"
+    usable = [i for i in infos if i.usable]
+    given = [i.entry.caption for i in usable if i.entry.caption is not None]
+    if not given: return []  # no captions at all: every image trains on the training prompt, as intended
+    out = [Finding('warning', 'caption', i.name, 'has an empty caption: it trains on the training prompt', 'write what the photo shows, with the instance token, or delete the empty caption')
+           for i in usable if i.entry.caption == '']
+    out += [Finding('warning', 'caption', i.name, f"has no caption while {len(given)} other image{'s'*(len(given)>1)} do: it trains on the training prompt",
+                    f"add a caption ({Path(i.name).stem}.txt beside it, or in the manifest)") for i in usable if i.entry.caption is None]
+    if len(usable) > 1 and len(given) == len(usable) and len(set(given)) == 1 and given[0]:
+        out.append(Finding('info', 'caption', None, f"every image has the same caption ({given[0][:60]!r}): captions help when they say what differs",
+                           'describe each photo (pose, background, light), or drop the captions and use the training prompt'))
+    return out
+
 def _count_findings(infos:list[ImageInfo]) -> list[Finding]:
     n = sum(i.usable for i in infos)
     if n == 0: return [Finding('error', 'count', None, 'no usable images found', f"add {MIN_IMAGES}-{MAX_IMAGES} JPEG, PNG or WEBP photos of the subject")]
@@ -383,7 +404,7 @@ def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
         except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
             info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
         infos.append(info); findings += fs
-    findings += _duplicate_findings(infos)
+    findings += _duplicate_findings(infos) + _caption_findings(infos)
     if mode == 'style': findings += _colour_findings(infos)
     if entries or not any(f.severity == 'error' for f in findings): findings += _count_findings(infos)  # else the dataset's own error says it
     order = {s: i for i, s in enumerate(SEVERITIES)}
@@ -405,7 +426,7 @@ def crop_square(im:Image.Image, size:int, rng:np.random.Generator|None=None) -> 
     return im.resize((size, size), Image.Resampling.LANCZOS, box=(x, y, x + s, y + s), reducing_gap=3.0)
 
 def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
-    "Write the usable images of dataset `src` to new folder `dst` as upright RGB `size`x`size` PNGs without metadata"
+    "Write the usable images of dataset `src` to new folder `dst` as upright RGB `size`x`size` PNGs without metadata, each caption in a `.txt` beside its image"
     dst = Path(dst).expanduser()
     src_dir = Path(src).expanduser().resolve()
     src_dir = src_dir.parent if src_dir.is_file() else src_dir
@@ -413,7 +434,7 @@ def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())): raise ValueError(f"{dst} already exists and is not an empty folder: give a new or empty folder")
     report = check_dataset(src, mode=mode, size=size)
     dst.mkdir(parents=True, exist_ok=True)
-    written, skipped, names, captions = [], [], set(), []
+    written, skipped, names = [], [], set()
     for info in report.images:
         if not info.decoded:
             why = next((f.message for f in report.findings if f.file == info.name and f.code in UNUSABLE | {'corrupt'}), 'cannot be read')
@@ -427,6 +448,5 @@ def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
         with _open(info.entry.path) as im: clean = crop_square(to_upright_rgb(im), size)
         Image.fromarray(np.asarray(clean)).save(out, 'PNG', optimize=False)
         written.append(out)
-        if info.entry.caption: captions.append(dict(path=out.name, caption=info.entry.caption))
-    if captions: (dst/'captions.json').write_text(json.dumps(captions, indent=2))
+        if info.entry.caption: out.with_suffix('.txt').write_text(info.entry.caption + '\n', encoding='utf-8')  # the caption beside it
     return Prepared(dst, written, skipped)

@@ -14,7 +14,8 @@ from pathlib import Path
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
            'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
            'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised',
-           'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+           'snr_weights', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline',
+           'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -175,10 +176,11 @@ def denoiser_inputs(family:Family, cond:dict) -> tuple:
     if family.key != 'sdxl': return cond['embeds'], {}
     return cond['embeds'], dict(added_cond_kwargs=dict(text_embeds=cond['pooled'], time_ids=cond['time_ids']))
 
-def noised(family:Family, scheduler, latents, gen) -> tuple:
-    "`latents` with noise at random timesteps: (noisy latents, timesteps, what the denoiser should predict)"
+def noised(family:Family, scheduler, latents, gen, noise_offset:float=0.0) -> tuple:
+    "`latents` with noise (plus `noise_offset` times a draw constant over each image and channel) at random timesteps: (noisy latents, timesteps, what the denoiser should predict)"
     import torch
     noise = torch.randn(latents.shape, generator=gen, device=gen.device, dtype=latents.dtype)
+    if noise_offset: noise = noise + noise_offset * torch.randn(*latents.shape[:2], *[1] * (latents.ndim - 2), generator=gen, device=gen.device, dtype=latents.dtype)
     n, cfg = latents.shape[0], scheduler.config
     if family.key != 'flux':
         t = torch.randint(0, cfg.num_train_timesteps, (n,), generator=gen, device=gen.device)
@@ -189,6 +191,14 @@ def noised(family:Family, scheduler, latents, gen) -> tuple:
     if not cfg.use_dynamic_shifting: sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)
     s = sigma.view(-1, *[1] * (latents.ndim - 1))
     return (1 - s) * latents + s * noise, sigma * steps, noise - latents
+
+def snr_weights(scheduler, t, gamma:float):
+    "Min-SNR-gamma weights of the samples at DDPM timesteps `t`: min(SNR, gamma) / SNR for an epsilon target, / (SNR + 1) for a velocity target"
+    import torch
+    from diffusers.training_utils import compute_snr
+    snr = compute_snr(scheduler, t)
+    w = torch.clamp(snr, max=gamma)
+    return w / (snr + 1) if scheduler.config.prediction_type == 'v_prediction' else w / snr
 
 def predict(family:Family, denoiser, noisy, t, cond:dict):
     "The denoiser's prediction for `noisy` latents at timesteps `t` under conditioning `cond` (a batch of `encode_text`'s output)"

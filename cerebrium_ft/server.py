@@ -25,11 +25,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'service_routes', 'SCHEMAS', 'job_routes',
-           'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey', 'DataDirBusy',
-           'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'Service', 'service', 'project', 'own_job',
-           'health', 'me', 'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'images',
-           'image', 'create_app']
+__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'service_routes', 'SCHEMAS',
+           'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey',
+           'DataDirBusy', 'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'Service', 'service',
+           'project', 'own_job', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs',
+           'results', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -144,6 +144,25 @@ def _submission_sha256(spec:str, images:list, class_images:list) -> str:
             f.file.seek(0)
     return h.hexdigest()
 
+MAX_CAPTION = 2000 # characters: far past any text encoder's tokens, short of abuse
+
+def _parse_captions(text:str|None, n:int) -> list:
+    "The submitted captions (a JSON list, one string or null per instance image), or a 400 saying what is wrong with them"
+    if text is None: return [None] * n
+    try: caps = json.loads(text)
+    except (ValueError, RecursionError): raise HTTPException(400, "captions is not valid JSON: send a list with one caption (or null) per image") from None
+    if not isinstance(caps, list) or len(caps) != n or not all(c is None or isinstance(c, str) for c in caps):
+        raise HTTPException(400, f"captions must be a JSON list of {n} strings or nulls, one per image in the order uploaded")
+    if (long := next((i for i, c in enumerate(caps) if c and len(c) > MAX_CAPTION), None)) is not None:
+        raise HTTPException(400, f"caption {long} is {len(caps[long])} characters: at most {MAX_CAPTION}")
+    return caps
+
+def _write_captions(paths:list, captions:list):
+    "Each caption in a `.txt` beside its saved image, where the dataset reader looks for it"
+    for p, c in zip(paths, captions):
+        if c is None: continue
+        with os.fdopen(os.open(p.with_suffix('.txt'), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w', encoding='utf-8') as f: f.write(c)
+
 def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
     "Write uploaded files owner-only under names of our own (never the client's), keeping only a known image suffix"
     _private_dir(folder)
@@ -182,17 +201,17 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) 
 
 # %% ../nbs/08_server.ipynb #81020c57
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
-               idempotency_key:str|None=None) -> tuple[dict, bool]:
+               idempotency_key:str|None=None, captions:str|None=None) -> tuple[dict, bool]:
     "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job"
     if len(images) + len(class_images) > MAX_FILES:
         raise HTTPException(413, f"{len(images) + len(class_images)} files: at most {MAX_FILES} per job (10-15 instance images, the rest class images)")
-    d = _parse_spec(spec)
-    digest = _submission_sha256(spec, images, class_images) if idempotency_key else None  # read the uploads again only to match a retry
+    d, caps = _parse_spec(spec), _parse_captions(captions, len(images))
+    digest = _submission_sha256(spec + '\n' + (captions or ''), images, class_images) if idempotency_key else None  # read the uploads again only to match a retry
     if idempotency_key and (found := store.job_for_key(pid, idempotency_key)): return _replayed(found, digest), False
     job_id = new_job_id()
     tmp, jd = data_dir/'uploads'/job_id, executor.job_dir(job_id)
     try:
-        _save_uploads(images, tmp/'dataset', 'image')
+        _write_captions(_save_uploads(images, tmp/'dataset', 'image'), caps)
         if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
         js = _write_job_folder(tmp, d, bool(class_images), jd, model_dirs)
         tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
@@ -259,9 +278,9 @@ job_routes = APIRouter(prefix='/v1/jobs', tags=['jobs'])
 
 @job_routes.post('', status_code=201)
 def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
-           pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
-    "Queue a job; a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
-    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key)
+           captions:str|None=Form(None), pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
+    "Queue a job (`captions`: a JSON list, one caption or null per image); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
+    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions)
     if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
     return job
 

@@ -15,7 +15,7 @@ from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
 from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, kohya_base_model, load_parts,
-                                   model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, text_encoders)
+                                   model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, snr_weights, text_encoders)
 from .prior import class_images
 from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -56,6 +56,9 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if (problem := model_problem(spec.hf_model_path)): raise TrainingError(problem)
     try: model = model_family(spec.hf_model_path, spec.revision)  # before any weights are downloaded
     except FamilyError as e: raise TrainingError(str(e)) from None
+    if s.snr_gamma and model.prediction == 'flow_matching':
+        raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
+                            f"trained by flow matching: leave snr_gamma unset")
     report = check_dataset(spec.dataset, size=s.resolution or model.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
@@ -108,17 +111,17 @@ def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.
     m, s = mean[idx, view], std[idx, view]
     return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling
 
-def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None):
-    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples"
-    import torch.nn.functional as F
+def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None,
+                   snr_gamma:float|None=None, noise_offset:float=0.0):
+    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples"
     family = family or FAMILIES['sd1']
-    noisy, t, target = noised(family, noise_scheduler, latents, gen)
+    noisy, t, target = noised(family, noise_scheduler, latents, gen, noise_offset)
     pred = predict(family, denoiser, noisy, t, cond if isinstance(cond, dict) else dict(embeds=cond)).float()
-    if not n_prior:
-        loss = F.mse_loss(pred, target.float())
-        return loss, loss, None
+    per = (pred - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))  # each sample's mean square error
     k = latents.shape[0] - n_prior
-    inst, prior = F.mse_loss(pred[:k], target[:k].float()), F.mse_loss(pred[k:], target[k:].float())
+    inst = (per[:k] * snr_weights(noise_scheduler, t[:k], snr_gamma)).mean() if snr_gamma else per[:k].mean()
+    if not n_prior: return inst, inst, None
+    prior = per[k:].mean()
     return inst + prior_loss_weight * prior, inst, prior
 
 # %% ../nbs/04_train.ipynb #ff36da86
@@ -403,6 +406,8 @@ def encode_inputs(self:Training):
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: i.entry.caption or spec.training_prompt
     prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()))
+    if (own := sum(bool(i.entry.caption) for i in self.inst)):
+        log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
     cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype, s.resolution)
     self.cond, self.val_cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, -2), slice(-2, -1), slice(-1, None)))
     self.inst_prompt = torch.tensor([prompts.index(caption(i)) for i in self.inst], device=device)
@@ -458,7 +463,8 @@ def backward(self:Training, ii, ci) -> tuple:
         prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])
     cond = {k: v[prompt] for k, v in self.cond.items()}
     with self.accelerator.autocast():
-        losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight, self.model.family)
+        losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
+                                self.model.family, s.snr_gamma, s.noise_offset)
     self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)
     return losses
 

@@ -62,12 +62,14 @@ def wait_for(server, jid, cond, timeout=180):
     raise AssertionError(f"timed out: {j}")
 
 def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model, data, tmp_path):
+    (data/'robot_00.txt').write_text('a photo of sks robot on a red sofa'); (data/'robot_01.txt').write_text('a photo of sks robot in the snow')
     r = submit(server, tiny_model, data, follow=True)
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
     assert j['status'] == 'succeeded' and j['step'] == j['total'] == 20
     r = run_cli('check-job-status', j['id'], server.key, '--include-logs', 'True', '--url', server.url)
     assert r.returncode == 0 and 'succeeded' in r.stdout and '--- log ---' in r.stdout and 'done: 20 steps' in r.stdout
+    assert 'captions: 2 of 6 images have their own' in r.stdout  # the .txt captions went up with their images and reached the trainer
     r = run_cli('get-most-recent-jobs', server.project, server.key, '--url', server.url)
     assert r.returncode == 0 and j['id'] in r.stdout and 'DURATION' in r.stdout
     out = tmp_path/'robot.zip'

@@ -339,3 +339,27 @@ def test_a_run_without_a_resolution_trains_at_its_models_own(model, data, tmp_pa
     from PIL import Image
     assert manifest(out)['resolution'] == 64 and Image.open(out/'validation/epoch_0001/00.png').size == (64, 64)
     assert f"resolution 64 px: the one {model} was made for" in (out/'logs.txt').read_text()
+
+def test_min_snr_and_noise_offset_change_the_loss_and_flux_refuses_snr_gamma(model, data, tmp_path):
+    "snr_gamma (kohya's min_snr_gamma) and noise_offset reach the step: the same seed gives other losses; FLUX.1 (flow matching) refuses snr_gamma before anything loads"
+    ta = dict(max_train_steps=3, num_validation_images=0, mixed_precision='no')
+    plain = col(T.train(spec(model, data, training_args=ta), tmp_path/'plain', progress=False), 'loss')
+    snr = col(T.train(spec(model, data, training_args=dict(ta, min_snr_gamma=1.0)), tmp_path/'snr', progress=False), 'loss')
+    offset = col(T.train(spec(model, data, training_args=dict(ta, noise_offset=0.1)), tmp_path/'offset', progress=False), 'loss')
+    assert snr[0] < plain[0], (snr, plain)  # the first step, from the same weights and draws: gamma 1 makes every weight min(SNR, 1)/SNR <= 1
+    assert offset != plain
+    flux = str(build_tiny_pipeline(tmp_path/'flux', family='flux'))
+    with pytest.raises(T.TrainingError, match='trained by flow matching: leave snr_gamma unset'):
+        T.train(spec(flux, data, training_args=dict(snr_gamma=5.0)), tmp_path/'o')
+    assert not (tmp_path/'o').exists()
+
+def test_captions_beside_the_images_are_what_the_text_encoder_encodes(model, data, tmp_path, monkeypatch):
+    "A .txt beside an image is its caption: encoded as that image's prompt; an image without one trains on the training prompt"
+    import shutil
+    d = tmp_path/'captioned'; shutil.copytree(data, d)
+    (d/'robot_00.txt').write_text('a photo of sks robot on a red sofa\n')
+    seen, encode = [], T.encode_text
+    monkeypatch.setattr(T, 'encode_text', lambda family, m, prompts, *a, **k: seen.append(list(prompts)) or encode(family, m, prompts, *a, **k))
+    out = T.train(spec(model, d, training_args=dict(max_train_steps=1, num_validation_images=0, mixed_precision='no')), tmp_path/'run', progress=False)
+    assert seen[0][:2] == ['a photo of sks robot', 'a photo of sks robot on a red sofa']  # the two prompts, sorted, then validation's
+    assert 'captions: 1 of 6 images have their own; the others train on the training prompt' in (out/'logs.txt').read_text()
