@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/dataset.html.md"""
 
 # %% ../nbs/01_dataset.ipynb #74794af8
 from __future__ import annotations
-import base64, html, io, json, shutil, textwrap, warnings
+import base64, html, io, json, re, shutil, textwrap, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -15,9 +15,10 @@ from .results import file_sha256
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
-           'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset',
-           'caption_beside', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image',
-           'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
+           'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry',
+           'read_dataset', 'caption_beside', 'with_trigger', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats',
+           'ImageInfo', 'inspect_image', 'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'crop_square',
+           'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -85,6 +86,13 @@ def caption_beside(image:Path) -> str|None:
     "The caption in the `.txt` file of the same name beside `image` (kohya's, ai-toolkit's and the hosted trainers' convention), or None"
     t = image.with_suffix('.txt')
     return t.read_text(encoding='utf-8', errors='replace').strip() if t.is_file() else None
+TRIGGER_PLACEHOLDERS = ('{trigger}', '[trigger]') # what a caption writes where the trigger word goes
+
+def with_trigger(caption:str, trigger:str|None) -> str:
+    "`caption` with its trigger placeholders replaced by `trigger`, and `trigger` in front where it has none; unchanged without a trigger"
+    if not trigger: return caption
+    for p in TRIGGER_PLACEHOLDERS: caption = caption.replace(p, trigger)
+    return caption if re.search(rf'(?<!\w){re.escape(trigger)}(?!\w)', caption) else f"{trigger}, {caption}"
 
 # %% ../nbs/01_dataset.ipynb #6bddcb96
 _DCT32 = np.cos(np.pi * np.outer(np.arange(32), 2*np.arange(32) + 1) / 64)

@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import DatasetReport, check_dataset, crop_square, to_upright_rgb
+from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, check_dataset, crop_square, to_upright_rgb, with_trigger
 from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, kohya_base_model, load_parts,
                                    model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, snr_weights, text_encoders)
 from .prior import class_images
@@ -62,6 +62,8 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     report = check_dataset(spec.dataset, size=s.resolution or model.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
+    if not s.trigger_word and (marked := next((i.name for i in report.usable if any(p in (i.entry.caption or '') for p in TRIGGER_PLACEHOLDERS)), None)):
+        raise TrainingError(f"the caption of {marked} has a trigger placeholder ({' or '.join(TRIGGER_PLACEHOLDERS)}) and no trigger_word is set: add trigger_word (e.g. sks) to --training-args")
     if spec.prior_class_image_dir and not Path(spec.prior_class_image_dir).expanduser().is_dir():
         raise TrainingError(f"--prior-class-image-dir {spec.prior_class_image_dir} is not a folder")
     run = RunDir(output_dir)
@@ -404,8 +406,8 @@ def encode_inputs(self:Training):
     write_progress(self.run, 'caching')
     vae.to(device, *([dtype] if self.precision == 'bf16' else []))  # fp16 VAE encodes overflow
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
-    caption = lambda i: i.entry.caption or spec.training_prompt
-    prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()))
+    caption = lambda i: with_trigger(i.entry.caption, s.trigger_word) if i.entry.caption else spec.training_prompt
+    prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
     cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype, s.resolution)
@@ -415,6 +417,7 @@ def encode_inputs(self:Training):
     if self.cls_paths:
         self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
+    self.empty_prompt = prompts.index('') if s.caption_dropout_rate else None
     self.scaling, self.shift = vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
     for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None  # the cached embeddings are all training and validation need
     del encoders
@@ -458,6 +461,9 @@ def backward(self:Training, ii, ci) -> tuple:
     import torch
     s = self.s
     latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii]
+    if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
+        drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
+        prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
     if ci is not None:
         latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling, self.shift)])
         prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])

@@ -363,3 +363,21 @@ def test_captions_beside_the_images_are_what_the_text_encoder_encodes(model, dat
     out = T.train(spec(model, d, training_args=dict(max_train_steps=1, num_validation_images=0, mixed_precision='no')), tmp_path/'run', progress=False)
     assert seen[0][:2] == ['a photo of sks robot', 'a photo of sks robot on a red sofa']  # the two prompts, sorted, then validation's
     assert 'captions: 1 of 6 images have their own; the others train on the training prompt' in (out/'logs.txt').read_text()
+
+def test_trigger_word_and_caption_dropout(model, data, tmp_path, monkeypatch):
+    "{trigger} in a caption becomes the trigger word and a caption without it gets it in front; caption_dropout_rate 1 trains every instance example on the empty prompt"
+    import shutil
+    d = tmp_path/'captioned'; shutil.copytree(data, d)
+    (d/'robot_00.txt').write_text('a photo of {trigger} robot on a sofa'); (d/'robot_01.txt').write_text('a robot in the snow')
+    with pytest.raises(T.TrainingError, match=r"the caption of robot_00.jpg has a trigger placeholder .* add trigger_word"):
+        T.train(spec(model, d), tmp_path/'refused')
+    assert not (tmp_path/'refused').exists()
+    encoded, batches, encode, loss = [], [], T.encode_text, T.denoising_loss
+    monkeypatch.setattr(T, 'encode_text', lambda family, m, prompts, *a, **k: encoded.append((list(prompts), encode(family, m, prompts, *a, **k))) or encoded[-1][1])
+    monkeypatch.setattr(T, 'denoising_loss', lambda net, sched, latents, cond, *a, **k: batches.append(cond['embeds']) or loss(net, sched, latents, cond, *a, **k))
+    T.train(spec(model, d, training_args=dict(max_train_steps=3, num_validation_images=0, mixed_precision='no', trigger_word='sks', caption_dropout_rate=1.0)),
+            tmp_path/'run', progress=False)
+    prompts, cond = encoded[0]
+    assert {'a photo of sks robot on a sofa', 'sks, a robot in the snow', 'a photo of sks robot', ''} <= set(prompts)
+    empty = cond['embeds'][prompts.index('')]
+    assert len(batches) == 3 and all(torch.equal(row, empty) for b in batches for row in b)  # every example on the empty prompt
