@@ -14,8 +14,8 @@ from pathlib import Path
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
            'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
            'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised',
-           'snr_weights', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline',
-           'prompt_kwargs']
+           'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
+           'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -200,6 +200,14 @@ def snr_weights(scheduler, t, gamma:float):
     w = torch.clamp(snr, max=gamma)
     return w / (snr + 1) if scheduler.config.prediction_type == 'v_prediction' else w / snr
 
+def latent_image_ids(h:int, w:int, device, dtype):
+    "The rotary position ids (0, row, column) of an h x w grid of packed latent patches, made on `device` (FluxPipeline's are made on the CPU and copied: a copy every step)"
+    import torch
+    ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
+    ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
+    ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None, :]
+    return ids.reshape(h * w, 3)
+
 def predict(family:Family, denoiser, noisy, t, cond:dict):
     "The denoiser's prediction for `noisy` latents at timesteps `t` under conditioning `cond` (a batch of `encode_text`'s output)"
     import torch
@@ -211,7 +219,7 @@ def predict(family:Family, denoiser, noisy, t, cond:dict):
         return denoiser(noisy.to(dt), t, embeds.to(dt), **extra, return_dict=False)[0]
     b, c, h, w = noisy.shape
     packed = FluxPipeline._pack_latents(noisy.to(dt), b, c, h, w)
-    img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, dt)
+    img_ids = latent_image_ids(h // 2, w // 2, noisy.device, dt)
     txt_ids = torch.zeros(cond['embeds'].shape[1], 3, device=noisy.device, dtype=dt)
     guidance = torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32) if denoiser.config.guidance_embeds else None
     out = denoiser(hidden_states=packed, timestep=t.to(dt) / 1000, guidance=guidance, pooled_projections=cond['pooled'].to(dt),
