@@ -11,7 +11,7 @@ __all__ = ['COMMANDS', 'DEMO_PROMPT', 'command', 'main', 'quiet_libraries', 'che
            'cancel_job', 'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #609131c6
-import difflib, inspect, json as jsonlib, os, sys, time
+import difflib, inspect, json as jsonlib, os, shutil, sys, time
 from pathlib import Path
 from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
@@ -19,8 +19,8 @@ from . import __version__
 from .config import SettingsError, spec_from_args
 from .dataset import check_dataset, prepare_dataset
 from .families import resolution_for
-from .client import ApiError, Client, save_login
-from .results import ResultsError
+from .client import ApiError, Client, best_summary, save_login
+from .results import ResultsError, atomic_path, choose_checkpoint, opened_results
 
 # %% ../nbs/10_cli.ipynb #941f8405
 COMMANDS = {}
@@ -175,6 +175,7 @@ def generate(
     output:str='grid.png', # Where to write the grid of images
     model:str=None, # Base model (default: the one the results were trained on)
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
+    use:str='final', # Which checkpoint's LoRA: final, best (the lowest held-out score), or a kept step (e.g. 40 or step_000040)
 ):
     "Render images with a trained LoRA loaded into its base model"
     if N < 1 or steps < 1: raise CliError(f"-n and --steps must be 1 or more (got -n {N}, --steps {steps})")
@@ -183,7 +184,7 @@ def generate(
     quiet_libraries()
     import torch
     from cerebrium_ft.results import ResultsError, load_pipeline
-    try: pipe = load_pipeline(results, model, dev)
+    try: pipe = load_pipeline(results, model, dev, use=use)
     except ResultsError as e: raise CliError(str(e)) from None
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
     images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
@@ -389,6 +390,7 @@ def _job_lines(j:dict) -> str:
     rows = [('job', j['id']), ('name', j['name']), ('status', j['status']), ('phase', j['phase'] or '-'), ('progress', prog),
             ('loss', f"{j['loss']:.4f}" if j['loss'] is not None else '-'), ('attempts', j['attempts'])]
     rows += [('resumed', f"from the checkpoint of step {j['resumed_from']}")] if j.get('resumed_from') is not None else []
+    rows += [('best', best_summary(j['best']))] if j.get('best') else []
     rows += [('created', t(j['created'])),
             ('started', t(j['started'])), ('finished', t(j['finished']))] + ([('error', j['error'])] if j['error'] else [])
     return '\n'.join(f"{k:9} {v}" for k, v in rows)
@@ -436,18 +438,33 @@ def train_diffuser(
 def download_model(
     job_id:str, # The job's id
     api_key:str=None, # Private API key for the project
-    output:str=None, # Where to write the zip (default: JOB_ID.zip)
+    output:str=None, # Where to write the zip (default: JOB_ID.zip), or with --use the weights file (default: JOB_ID-USE.safetensors)
     url:str=None, # The job service's URL
     json:bool=False, # Print one JSON object
+    use:str=None, # Write only this checkpoint's LoRA as one .safetensors file: final, best (the lowest held-out score), or a kept step (e.g. 40)
 ):
-    "Download a finished job's results zip: LoRA weights, validation images, metrics, logs"
-    dest = _output_file(output or f"{job_id}.zip")
+    "Download a finished job's results zip: LoRA weights, validation images, metrics, logs (or, with --use, one checkpoint's LoRA)"
+    import tempfile
+    dest = _output_file(output or (f"{job_id}-{use}.safetensors" if use else f"{job_id}.zip"))
     c = _client(url, api_key)
     bar = _bar(None, 'download')
     def progress(got, total): bar.total = total or None; bar.n = got; bar.refresh()
-    try: out = c.download(job_id, dest, progress)
-    finally: bar.close()
-    _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size)) if json else print(out)
+    with tempfile.TemporaryDirectory(prefix='cerebrium-ft-download-') as tmp:
+        try: out = c.download(job_id, dest if use is None else Path(tmp)/'results.zip', progress)
+        finally: bar.close()
+        ckpt = None if use is None else _extract_checkpoint(out, use, dest)
+    if ckpt is None: return _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size)) if json else print(out)
+    if json: return _print_json(dict(job_id=job_id, path=str(dest), bytes=dest.stat().st_size, checkpoint=ckpt['name'], step=ckpt['step']))
+    print(f"{dest}: the LoRA of checkpoint {ckpt['name']} (step {ckpt['step']}); load it with pipeline.load_lora_weights('{dest.parent}', weight_name='{dest.name}')")
+
+def _extract_checkpoint(results_zip:Path, use:str, dest:Path) -> dict:
+    "Copy the weights of checkpoint `use` out of a results zip to `dest`; that checkpoint's manifest entry back"
+    try:
+        with opened_results(results_zip) as folder:
+            ckpt = choose_checkpoint(jsonlib.loads((folder/'manifest.json').read_text()), use)
+            with atomic_path(dest) as tmp: shutil.copyfile(folder/ckpt['weights'], tmp)
+    except ResultsError as e: raise CliError(str(e)) from None
+    return ckpt
 
 @command('get-most-recent-jobs', pos=['api_key'])
 def get_most_recent_jobs(
@@ -505,6 +522,7 @@ def push_to_hub_cmd(
     api_key:str=None, # API key of the job service, for a job id
     url:str=None, # The job service's URL, for a job id
     json:bool=False, # Print one JSON object
+    use:str='final', # Which checkpoint's LoRA to push: final, best (the lowest held-out score), or a kept step (e.g. 40)
 ):
     "Push a trained LoRA to the Hugging Face Hub in one commit, with a model card"
     import tempfile
@@ -514,7 +532,7 @@ def push_to_hub_cmd(
         raise CliError(f"{job_or_results} is neither a results folder or zip nor a job id (j_...)")
     if not src.exists():
         src = _client(url, api_key).download(job_or_results, Path(tempfile.mkdtemp())/f"{job_or_results}.zip")
-    try: commit = push_to_hub(src, repo_id, token=token, private=not public)
+    try: commit = push_to_hub(src, repo_id, token=token, private=not public, use=use)
     except (HubError, ResultsError) as e: raise CliError(str(e)) from None
     _print_json(dict(repo_id=repo_id, commit_url=commit)) if json else print(f"pushed to {repo_id}: {commit}")
 

@@ -17,7 +17,8 @@ from .dataset import read_dataset
 from .results import atomic_path
 
 # %% auto #0
-__all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client']
+__all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client',
+           'best_summary']
 
 # %% ../nbs/09_client.ipynb #b283e434
 DEFAULT_URL = 'http://127.0.0.1:8642'
@@ -200,3 +201,11 @@ def wait(self:Client, job_id:str, poll:float=1.0, on_update=None, timeout:float|
         if j['status'] in FINAL: return j
         if timeout and time.time() - t0 > timeout: raise ApiError(f"job {job_id} is still {j['status']} after {timeout:.0f} s")
         time.sleep(poll)
+
+# %% ../nbs/09_client.ipynb #dca22845
+def best_summary(best:dict) -> str:
+    "A job's best checkpoint (its `best` field), and by how much it beat the newest scored one"
+    head = f"{best['checkpoint']} (step {best['step']}): score {best['score']:.4f}"
+    if best['checkpoint'] == best['latest']: return head + ", the newest checkpoint"
+    gain = 1 - best['score'] / best['latest_score'] if best['latest_score'] else 0.0
+    return head + f", {gain:.1%} below the {best['latest']} checkpoint's {best['latest_score']:.4f} (--use best)"

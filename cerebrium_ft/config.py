@@ -85,7 +85,9 @@ def _coerce_field(model, v, name:str):
     "JSON value `v` for field `name` of `model`: coerced leniently (`coerce_value`), a choice matched whatever its case"
     ann = model.model_fields[name].annotation
     typ = _base_type(ann)
-    if (typing.get_args(typ) or (typ,))[0] not in (int, float, bool, str): return v  # a nested model checks its own
+    first = (typing.get_args(typ) or (typ,))[0]
+    if typing.get_origin(first) is list: return [v] if isinstance(v, str) else v  # one text where a list of texts is asked for: a list of one
+    if first not in (int, float, bool, str): return v  # a nested model checks its own
     v = coerce_value(v, typ, name)
     choices = typing.get_args(ann) if typing.get_origin(ann) is Literal else ()
     if isinstance(v, str) and choices: v = next((c for c in choices if c.lower() == v.strip().lower()), v)
@@ -178,8 +180,13 @@ class TrainingSettings(SeedSettings):
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
     checkpointing_steps:int = Field(500, ge=1, le=_BIG, description="Save a resumable checkpoint every this many optimizer steps")
     checkpointing_minutes:float = Field(5.0, ge=0.01, le=1e6, description="Also save one when this long has passed since the last (and at epoch ends when that costs under 2% of the time)")
-    validation_prompt:Optional[str] = Field(None, description="Prompt for validation images; None means the training prompt")
+    validation_prompt:Optional[list[str]] = Field(None, min_length=1, max_length=8, description="Prompt for validation images, or a list of up to 8 (a row each in the validation grids); None means the training prompt")
+    validation_negative_prompt:Optional[str] = Field(None, max_length=1000, description="Negative prompt for validation images (FLUX.1 [dev] has none: its guidance is embedded)")
+    validation_guidance_scale:Optional[float] = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale of validation images; None means the pipeline's own (7.5 SD, 5 SDXL, 3.5 FLUX.1)")
+    validation_inference_steps:int = Field(25, ge=1, le=200, description="Denoising steps of each validation image")
     num_validation_images:int = Field(4, ge=0, le=64, description="Images generated at each validation")
+    holdout_images:int = Field(0, ge=0, le=16, description="Instance images kept out of training to score each validation's checkpoint on; 0: score on fixed noise draws of the training images")
+    checkpoints_total_limit:Optional[int] = Field(None, ge=1, le=10_000, description="Usable LoRA checkpoints (one per validation) kept in the results besides the final one: the newest this many and the best-scoring; None: every one")
     prior_loss_weight:float = Field(1.0, ge=0.0, le=1e3, description="Weight of the prior-preservation loss against the instance loss")
     snr_gamma:Optional[float] = Field(None, ge=0.01, le=1e3, description="Min-SNR-gamma weighting of the instance loss (5.0 is the paper's and the diffusers examples' suggestion; kohya: min_snr_gamma); None: unweighted. Stable Diffusion families only")
     noise_offset:float = Field(0.0, ge=0.0, le=1.0, description="Add this much noise constant over each image and channel (0.05 to 0.1 lets a model learn very dark and very bright images); 0: none")
@@ -211,6 +218,14 @@ class TrainingSettings(SeedSettings):
             kw[key], given[key] = v, k
         if problems: raise SettingsError(problems)
         return kw
+
+    @field_validator('validation_prompt')
+    @classmethod
+    def _prompts(cls, v:list[str]|None) -> list[str]|None:
+        if v is None: return v
+        if (bad := next((p for p in v if not p.strip() or len(p) > 1000), None)) is not None:
+            raise ValueError(f"each validation prompt must be 1 to 1000 characters; got {_short(bad)}")
+        return v
 
     @field_validator('resolution')
     @classmethod

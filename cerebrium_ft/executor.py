@@ -218,8 +218,16 @@ def _read_progress(self:Executor, jid:str, h=None):
     loss = pr.get('loss') if isinstance(pr.get('loss'), (int, float)) and math.isfinite(pr['loss']) else None
     fields = dict(phase=str(pr['phase'])[:32] if pr.get('phase') else None, step=int(pr.get('step') or 0), total=int(pr.get('total') or 0), loss=loss)
     if 'resumed_from' in pr and (pr['resumed_from'] is None or isinstance(pr['resumed_from'], int)): fields['resumed_from'] = pr['resumed_from']  # training phases say it
+    if 'best' in pr: fields['best'] = _best_field(pr['best'])
     self.store.record_progress(jid, **fields)
     if h is not None: h.seen = raw
+
+def _best_field(b) -> str|None:
+    "The progress file's best checkpoint as the job row keeps it (JSON of the known keys), or None unless it is well formed"
+    num = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    if not (isinstance(b, dict) and isinstance(b.get('checkpoint'), str) and isinstance(b.get('step'), int) and num(b.get('score'))
+            and isinstance(b.get('latest'), str) and num(b.get('latest_score'))): return None
+    return json.dumps(dict(checkpoint=b['checkpoint'][:32], step=b['step'], score=b['score'], latest=b['latest'][:32], latest_score=b['latest_score']))
 
 @patch
 def _settle(self:Executor, jid:str, rc:int, stalled:bool=False):

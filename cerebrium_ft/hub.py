@@ -6,10 +6,10 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 
 # %% ../nbs/11_hub.ipynb #9d63e874
 from __future__ import annotations
-import json, os
+import json, os, tempfile
 from pathlib import Path
 from .families import FAMILIES
-from .results import RunDir, opened_results, verify_results
+from .results import RunDir, choose_checkpoint, kohya_of, opened_results, verify_results
 
 # %% auto #0
 __all__ = ['LICENSES', 'FAMILY_TAGS', 'model_card', 'HubError', 'push_to_hub']
@@ -21,11 +21,12 @@ LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-
             'black-forest-labs/FLUX.1-dev': 'other', 'black-forest-labs/FLUX.1-schnell': 'apache-2.0'} # the licenses of well-known bases; others get their family's
 FAMILY_TAGS = dict(sd1=['stable-diffusion'], sd2=['stable-diffusion'], sdxl=['stable-diffusion-xl'], flux=['flux']) # the tags the Hub lists each family's LoRAs under
 
-def model_card(manifest:dict, images:list[str], repo_id:str) -> str:
-    "README.md for a LoRA repo: YAML metadata the Hub reads, then how to use it"
+def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|None=None) -> str:
+    "README.md for a LoRA repo: YAML metadata the Hub reads, then how to use it; `checkpoint` (a `choose_checkpoint` entry) when it is not the final one"
     job, base = manifest['job'], manifest['base_model']['path']
     ta, prompt = job['training_args'], job['training_prompt']
-    val_prompt = ta.get('validation_prompt') or prompt
+    vp = ta.get('validation_prompt') or prompt
+    val_prompt = vp if isinstance(vp, str) else vp[0]  # a list of prompts now; a text in results made before
     family = FAMILIES[manifest['base_model'].get('family', 'sd1')]  # results made before families were recorded are SD 1.x
     meta = {'base_model': base, 'license': LICENSES.get(base, family.license), 'library_name': 'diffusers',
             'tags': ['lora', 'diffusers', 'text-to-image', 'dreambooth', *FAMILY_TAGS[family.key], 'template:sd-lora', 'cerebrium-ft'],
@@ -42,7 +43,7 @@ def model_card(manifest:dict, images:list[str], repo_id:str) -> str:
 Trained with [cerebrium-ft](https://github.com/cerebrium-ft/cerebrium-ft) on {len(manifest.get('instance_images', []))} images for {manifest['steps']} steps:
 LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the {family.denoiser}'s {', '.join(manifest['lora']['targets'])} ({family.name}){' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
 
-Trigger: use **{prompt}** in your prompt.
+{_checkpoint_note(manifest, checkpoint)}Trigger: use **{prompt}** in your prompt.
 
 ## How to use it
 
@@ -64,6 +65,13 @@ For ComfyUI or AUTOMATIC1111, use `lora_kohya.safetensors`.
 {settings}
 """
 
+def _checkpoint_note(manifest:dict, checkpoint:dict|None) -> str:
+    "A paragraph of the card saying which checkpoint this is, when not the final one"
+    if not checkpoint or checkpoint['name'] == 'final': return ''
+    best = manifest.get('best') or {}
+    why = f", the one that scored best on held-out images (score {checkpoint['score']:.4f}, the final's {best['latest_score']:.4f})" if best.get('checkpoint') == checkpoint['name'] else ''
+    return f"These weights are the checkpoint of step {checkpoint['step']} of {manifest['steps']}{why}.\n\n"
+
 # %% ../nbs/11_hub.ipynb #41605908
 class HubError(RuntimeError):
     "The push to the Hub could not be made; the message says what to do"
@@ -74,27 +82,29 @@ def _token(token:str|None) -> str:
     if not t: raise HubError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login` (a token with write access)")
     return t
 
-def push_to_hub(results, repo_id:str, token:str|None=None, private:bool=True, commit_message:str|None=None) -> str:
-    "Push the LoRA in `results` (a results folder or zip) to model repo `repo_id` in one commit; returns the commit URL"
+def push_to_hub(results, repo_id:str, token:str|None=None, private:bool=True, commit_message:str|None=None, use:str|int='final') -> str:
+    "Push the LoRA of checkpoint `use` (final, best or a kept step) in `results` (a results folder or zip) to model repo `repo_id` in one commit; returns the commit URL"
     from huggingface_hub import HfApi
     if '/' not in repo_id: raise HubError(f"repo id {repo_id!r} needs your user or organisation name: e.g. yourname/{repo_id}")
     api = HfApi(endpoint=os.environ.get('HF_ENDPOINT'), token=_token(token))
-    with opened_results(results) as folder: return _push(api, folder, repo_id, private, commit_message)
+    with opened_results(results) as folder: return _push(api, folder, repo_id, private, commit_message, use)
 
-def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None) -> str:
-    "One commit of the results in `folder` to `repo_id`; the commit URL"
+def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None, use:str|int='final') -> str:
+    "One commit of checkpoint `use` of the results in `folder` to `repo_id`; the commit URL"
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
     manifest, run = verify_results(folder), RunDir(folder)
+    ckpt = choose_checkpoint(manifest, use)
+    kohya = str(run.kohya) if ckpt['name'] == 'final' else _kohya_bytes(folder, manifest, ckpt)
     images = run.validation_images()
     paths = [f"images/{p.parent.name}_{p.name}" for p in images]
-    ops = [CommitOperationAdd(f"{run.weights.name}", str(run.weights)), CommitOperationAdd(run.kohya.name, str(run.kohya)),
+    ops = [CommitOperationAdd(run.weights.name, str(Path(folder)/ckpt['weights'])), CommitOperationAdd(run.kohya.name, kohya),
            CommitOperationAdd('manifest.json', str(run.manifest)),
-           CommitOperationAdd('README.md', model_card(manifest, paths, repo_id).encode())]
+           CommitOperationAdd('README.md', model_card(manifest, paths, repo_id, ckpt).encode())]
     ops += [CommitOperationAdd(dst, str(src)) for dst, src in zip(paths, images)]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Upload {manifest['job']['name']} LoRA ({manifest['steps']} steps)")
+        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Upload {manifest['job']['name']} LoRA ({ckpt['step']} steps)")
     except HfHubHTTPError as e:
         code = getattr(e.response, 'status_code', None)
         if code in (401,): raise HubError(f"the Hub refused the token (401): check it has write access ({e})") from None
@@ -104,6 +114,10 @@ def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None) 
         if not _network_error(e): raise
         raise HubError(f"cannot reach the Hugging Face Hub at {api.endpoint} ({type(e).__name__}: {e}); check the network, or HF_ENDPOINT") from None
     return info.commit_url
+
+def _kohya_bytes(folder:Path, manifest:dict, ckpt:dict) -> bytes:
+    "Checkpoint `ckpt` of the results in `folder` in the kohya layout, as the bytes of its file"
+    with tempfile.TemporaryDirectory(prefix='cerebrium-ft-kohya-') as tmp: return kohya_of(folder, manifest, ckpt, Path(tmp)/'lora_kohya.safetensors').read_bytes()
 
 def _network_error(e:Exception) -> bool:
     "Whether `e` is a failure to reach the server, whichever HTTP library (requests, httpx, httpx2) raised it"

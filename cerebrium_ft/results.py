@@ -6,16 +6,17 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/results.html.md"""
 
 # %% ../nbs/05_results.ipynb #bb81dc66
 from __future__ import annotations
-import hashlib, json, math, shutil, tempfile, time, zipfile
+import hashlib, json, math, re, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import FAMILIES, pipeline_class, pretrained_kwargs, sampling_scheduler
+from .families import FAMILIES, ModelInfo, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
 from .speed import resolve_device
 
 # %% auto #0
-__all__ = ['PHASES', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'atomic_path', 'write_atomic',
-           'write_progress', 'file_sha256', 'ResultsError', 'verify_results', 'zip_results', 'unzip_results',
-           'opened_results', 'load_results', 'load_pipeline']
+__all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'atomic_path',
+           'write_atomic', 'write_progress', 'file_sha256', 'ResultsError', 'in_results', 'verify_results',
+           'zip_results', 'unzip_results', 'opened_results', 'to_kohya', 'write_kohya', 'kohya_of', 'choose_checkpoint',
+           'load_results', 'load_pipeline']
 
 # %% ../nbs/05_results.ipynb #1e5634e0
 PHASES = ('class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
@@ -36,9 +37,12 @@ class RunDir:
     weights = property(lambda s: s.root/'checkpoints'/'final'/'attn_procs'/'pytorch_lora_weights.safetensors')
     def validation(self, epoch:int) -> Path: return self.root/'validation'/f"epoch_{epoch:04d}"
     def validation_images(self) -> list[Path]:
-        "The validation images written so far, oldest epoch first"
-        return sorted((self.root/'validation').glob('epoch_*/*.png'))
+        "The validation images written so far, oldest epoch first (not the grids made of them)"
+        return sorted(p for p in (self.root/'validation').glob('epoch_*/*.png') if p.name != 'grid.png')
     def step_checkpoint(self, step:int) -> Path: return self.checkpoints/f"step_{step:06d}"
+    def kept_lora(self, step:int) -> Path:
+        "The folder of the usable LoRA kept at `step` (a validation's checkpoint), beside that step's resumable state"
+        return self.step_checkpoint(step)/'attn_procs'
     def latest_checkpoint(self) -> Path|None:
         "The newest complete step checkpoint"
         done = [p for p in sorted(self.checkpoints.glob('step_*')) if (p/'state.pt').exists() and (p/'lora.safetensors').exists()]
@@ -80,7 +84,14 @@ def file_sha256(path) -> str:
 class ResultsError(ValueError):
     "A results folder or zip that is incomplete or damaged"
 
-SKIP_IN_ZIP = ('checkpoints/step_', 'progress.json', 'job.json')  # resumable state and live status: not part of the results
+RESUMABLE_STATE = ('state.pt', 'lora.safetensors') # the files of a step checkpoint that only resume a run: not part of the results
+SKIP_IN_ZIP = ('progress.json', 'job.json') # live status and the run's own spec: not part of the results either
+
+def in_results(rel:str) -> bool:
+    "Whether the file at `rel` (a path inside a run folder, with /) belongs in its results zip"
+    parts = rel.split('/')
+    if rel in SKIP_IN_ZIP or any(p.startswith('.') for p in parts): return False  # and no temporary file of an unfinished write
+    return not (parts[0] == 'checkpoints' and len(parts) == 3 and parts[1].startswith('step_') and parts[2] in RESUMABLE_STATE)
 
 def verify_results(folder) -> dict:
     "The manifest of a finished results folder, after checking that every weights file it lists is there with its sha256"
@@ -102,7 +113,7 @@ def zip_results(folder, dest) -> Path:
     with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
         for f in sorted(folder.rglob('*')):
             rel = f.relative_to(folder).as_posix()
-            if f.is_file() and not rel.startswith(SKIP_IN_ZIP) and not f.name.startswith('.'):
+            if f.is_file() and in_results(rel):
                 z.write(f, rel, compress_type=zipfile.ZIP_STORED if f.suffix in ('.png', '.safetensors') else zipfile.ZIP_DEFLATED)
     return dest
 
@@ -140,15 +151,55 @@ def opened_results(results):
     try: yield unzip_results(results, tmp)
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
+# %% ../nbs/05_results.ipynb #c9bfd749
+def to_kohya(lora:dict, alpha:float, denoiser:str='unet') -> dict:
+    "A LoRA state dict of `denoiser` (diffusers' `<module>.lora.down.weight` or PEFT's `<module>.lora_A.weight`) in the kohya layout, `lora_<denoiser>_<module>`"
+    import torch
+    out = {}
+    for k, v in lora.items():
+        mod, kind, peft_kind = re.match(rf'^(?:{denoiser}\.)?(.*)\.lora(?:\.(down|up)|_([AB]))\.weight$', k).groups()
+        kind = kind or {'A': 'down', 'B': 'up'}[peft_kind]
+        name = f'lora_{denoiser}_' + mod.replace('.', '_')
+        out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
+        out[f"{name}.alpha"] = torch.tensor(float(alpha))
+    return out
+
+def write_kohya(dest, lora:dict, rank:int, alpha:float, model:ModelInfo) -> Path:
+    "Write `lora` (the denoiser's, either layout) to `dest` as a kohya/ComfyUI file whose metadata names `model`'s family"
+    from safetensors.torch import save_file
+    save_file(to_kohya(lora, alpha, model.family.denoiser), dest, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(rank),
+                                                                                  ss_network_alpha=str(alpha), **kohya_base_model(model)))
+    return Path(dest)
+
+def kohya_of(folder, manifest:dict, checkpoint:dict, dest) -> Path:
+    "Checkpoint `checkpoint` (a `choose_checkpoint` entry) of the results `folder` written to `dest` in the kohya layout"
+    from safetensors.torch import load_file
+    base = manifest['base_model']
+    model = ModelInfo(FAMILIES[base.get('family', 'sd1')], base.get('prediction', 'epsilon'), manifest.get('resolution') or 512)
+    return write_kohya(dest, load_file(Path(folder)/checkpoint['weights']), manifest['lora']['rank'], manifest['lora']['alpha'], model)
+
 # %% ../nbs/05_results.ipynb #ffb1de5d
-def load_results(pipeline, results, adapter_name:str|None=None):
-    "Load the LoRA of `results` (a results folder or zip) into a diffusers `pipeline` of its base model's family; returns the manifest"
+def choose_checkpoint(manifest:dict, use:str|int='final') -> dict:
+    "The manifest's entry (name, step, weights, scores) of checkpoint `use`: `final`, `best` (the lowest held-out score), or a kept one by name (`step_000040`) or step (`40`)"
+    kept = {c['name']: c for c in manifest.get('checkpoints', []) if c.get('weights')}
+    kept.setdefault('final', dict(name='final', step=manifest.get('steps'), weights=manifest['lora']['weights']))  # results made before checkpoints were kept
+    name = str(use).strip()
+    if name == 'best':
+        if not manifest.get('best'): raise ResultsError("these results name no best checkpoint (they were made before checkpoints were scored); use final")
+        name = manifest['best']['checkpoint']
+    elif name.isdigit(): name = 'final' if int(name) == kept['final']['step'] else f"step_{int(name):06d}"
+    if name not in kept: raise ResultsError(f"these results keep no checkpoint {use!r}; use final, best or one of: {', '.join(sorted(kept))}")
+    return kept[name]
+
+def load_results(pipeline, results, adapter_name:str|None=None, use:str|int='final'):
+    "Load the LoRA of checkpoint `use` (see `choose_checkpoint`) of `results` (a results folder or zip) into a diffusers `pipeline` of its base model's family; returns the manifest"
     with opened_results(results) as folder:
-        manifest, run = verify_results(folder), RunDir(folder)
-        pipeline.load_lora_weights(str(run.attn_procs), weight_name=run.weights.name, adapter_name=adapter_name)
+        manifest = verify_results(folder)
+        weights = Path(folder)/choose_checkpoint(manifest, use)['weights']
+        pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
     return manifest
-def load_pipeline(results, model:str|None=None, device=None):
-    "The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with their LoRA loaded: ready to generate"
+def load_pipeline(results, model:str|None=None, device=None, use:str|int='final'):
+    "The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with the LoRA of their checkpoint `use` loaded: ready to generate"
     import torch
     dev = resolve_device(device)
     with opened_results(results) as folder:
@@ -160,5 +211,5 @@ def load_pipeline(results, model:str|None=None, device=None):
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
         pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
         pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)
-        load_results(pipe, folder)
+        load_results(pipe, folder, use=use)
     return pipe

@@ -52,18 +52,20 @@ class Job(Base):
     pid: Mapped[int|None] = mapped_column(Integer, nullable=True)
     cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
     resumed_from: Mapped[int|None] = mapped_column(Integer, nullable=True)  # the checkpoint step this attempt started from
+    best: Mapped[str|None] = mapped_column(Text, nullable=True)  # the best-scoring checkpoint so far, as the progress file says it (JSON)
     idempotency_key: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the client's key for the submission
     request_sha256: Mapped[str|None] = mapped_column(String(64), nullable=True)  # what was submitted under that key
     __table_args__ = (Index('ix_jobs_idempotency', 'project_id', 'idempotency_key', unique=True),)
 
 JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss',
-              'resumed_from')
+              'resumed_from', 'best')
 
 def _finite(x): return x if x is None or not isinstance(x, float) or math.isfinite(x) else None
 
 def _job_dict(j:Job) -> dict:
     "What a client sees of a job; a number that is not finite (an exploding loss) is None, since JSON has no inf or NaN"
     d = {k: _finite(getattr(j, k)) for k in JOB_FIELDS}
+    d['best'] = json.loads(j.best) if j.best else None
     d['duration'] = ((j.finished or time.time()) - j.started) if j.started else None
     return d
 

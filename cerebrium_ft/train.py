@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
-import csv, gc, json, logging, math, random, re, shutil, time
+import csv, gc, json, logging, math, random, shutil, time
 from pathlib import Path
 from fastcore.basics import patch
 import numpy as np
@@ -14,25 +14,30 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, check_dataset, crop_square, to_upright_rgb, with_trigger
-from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, kohya_base_model, load_parts,
+from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, load_parts,
                                    model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, snr_weights, text_encoders)
 from .prior import class_images
-from .results import RunDir, atomic_path, file_sha256, write_atomic, write_progress
+from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, write_atomic, write_kohya, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'KEEP_CHECKPOINTS', 'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches',
-           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
-           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'validate',
-           'to_kohya', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
+__all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CHECKPOINT_OVERHEAD',
+           'METRIC_FIELDS', 'SCORE_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches', 'preflight', 'load_models',
+           'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint',
+           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
+           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train',
+           'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
     "A training run cannot start or go on; the message says why and what to do"
 
-KEEP_CHECKPOINTS = 2
+KEEP_CHECKPOINTS = 2 # resumable states kept: the newest and the one before (should the newest be damaged)
+HELDOUT_DRAWS = 4 # noise draws (a timestep and its noise) per image when a checkpoint is scored
+HELDOUT_CLASS_IMAGES = 8 # class images the prior part of a checkpoint's score is computed on
+VALIDATION_GRID = 'grid.png' # each validation's images in one: a row per prompt
 
 # %% ../nbs/04_train.ipynb #458358da
 def plan_steps(n_instance:int, n_class:int, s:TrainingSettings) -> dict:
@@ -62,6 +67,8 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     report = check_dataset(spec.dataset, size=s.resolution or model.resolution)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
+    if s.holdout_images >= len(report.usable):
+        raise TrainingError(f"holdout_images {s.holdout_images} would leave none of the {len(report.usable)} usable images to train on: hold out fewer (1 or 2 of 10-15), or 0 to score on the training images")
     if not s.trigger_word and (marked := next((i.name for i in report.usable if any(p in (i.entry.caption or '') for p in TRIGGER_PLACEHOLDERS)), None)):
         raise TrainingError(f"the caption of {marked} has a trigger placeholder ({' or '.join(TRIGGER_PLACEHOLDERS)}) and no trigger_word is set: add trigger_word (e.g. sks) to --training-args")
     if spec.prior_class_image_dir and not Path(spec.prior_class_image_dir).expanduser().is_dir():
@@ -151,16 +158,23 @@ def make_optimizer(params, s:TrainingSettings, lr:float, device):
 
 # %% ../nbs/04_train.ipynb #07075efc
 def save_checkpoint(run:RunDir, step:int, denoiser, optimizer, lr_scheduler, gen):
-    "Write checkpoint `step` atomically and drop all but the newest `KEEP_CHECKPOINTS`"
+    "Write the resumable state of `step` (each file atomically, `state.pt` last: a step folder without it is not resumable) and drop all but the newest `KEEP_CHECKPOINTS`"
     import torch
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
-    with atomic_path(run.step_checkpoint(step)) as tmp:
-        tmp.mkdir()
-        save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp/'lora.safetensors')
+    folder = run.step_checkpoint(step)  # it may hold that step's kept LoRA (attn_procs) already
+    with atomic_path(folder/'lora.safetensors') as tmp:
+        save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp)
+    with atomic_path(folder/'state.pt') as tmp:
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), generator=gen.get_state(),
-                        python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp/'state.pt')
-    for old in sorted(run.checkpoints.glob('step_*'))[:-KEEP_CHECKPOINTS]: shutil.rmtree(old, ignore_errors=True)
+                        python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp)
+    for old in [p for p in sorted(run.checkpoints.glob('step_*')) if (p/'state.pt').exists()][:-KEEP_CHECKPOINTS]:
+        for name in RESUMABLE_STATE: (old/name).unlink(missing_ok=True)  # state.pt first: never a half-removed state that looks complete
+        _remove_if_empty(old)
+
+def _remove_if_empty(folder:Path):
+    try: folder.rmdir()
+    except OSError: pass  # it holds a kept LoRA
 
 def load_checkpoint(path:Path, denoiser, optimizer, lr_scheduler, gen) -> int:
     "Restore a checkpoint written by `save_checkpoint`; returns its step"
@@ -190,7 +204,8 @@ class CheckpointClock:
         self.last, self.step = self.now(), step; self.cost = self.last - started
 
 # %% ../nbs/04_train.ipynb #cbb0be2b
-METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s']
+METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s', 'heldout_loss', 'heldout_prior_loss', 'score']
+SCORE_FIELDS = METRIC_FIELDS[-3:] # what a scored checkpoint adds to its step's row
 
 class MetricsLog:
     "metrics.csv, appended in batches, truncated to a resumed step"
@@ -198,12 +213,23 @@ class MetricsLog:
         self.path, self.flush_every, self.pending = Path(path), flush_every, []
         rows = self.read(self.path) if self.path.exists() and resume_step else []
         with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:  # a kill while rewriting keeps the old file
-            w = csv.DictWriter(f, METRIC_FIELDS); w.writeheader()
+            w = csv.DictWriter(f, METRIC_FIELDS, restval=''); w.writeheader()
             w.writerows(r for r in rows if int(r['step']) <= resume_step)
         self.last = None
     @staticmethod
     def read(path) -> list[dict]:
         with open(path, newline='') as f: return list(csv.DictReader(f))
+    def annotate(self, step:int, **values):
+        "Add `values` (of `SCORE_FIELDS`; None for none) to the row of `step`, rewriting the file atomically"
+        self.flush()
+        rows = self.read(self.path)
+        for r in rows:
+            if int(r['step']) == step: r.update({k: '' if v is None else f"{v:.6g}" for k, v in values.items()})
+        with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:
+            w = csv.DictWriter(f, METRIC_FIELDS, restval=''); w.writeheader(); w.writerows(rows)
+    def scores(self) -> dict:
+        "The scores recorded so far, by step"
+        return {int(r['step']): {k: float(r[k]) if r[k] else None for k in SCORE_FIELDS} for r in self.read(self.path) if r.get('score')}
     def add(self, step, epoch, loss, inst, prior, lr, elapsed):
         self.pending.append((step, epoch, loss.detach(), inst.detach(), None if prior is None else prior.detach(), lr, elapsed))
         if len(self.pending) >= self.flush_every: self.flush()
@@ -215,43 +241,106 @@ class MetricsLog:
         with open(self.path, 'a', newline='') as f:
             w = csv.writer(f)
             for (step, epoch, _, _, p, lr, el), (l, i, pv) in zip(self.pending, vals):
-                w.writerow([step, epoch, f"{l:.6g}", f"{i:.6g}", '' if p is None else f"{pv:.6g}", f"{lr:.6g}", f"{el:.2f}"])
+                w.writerow([step, epoch, f"{l:.6g}", f"{i:.6g}", '' if p is None else f"{pv:.6g}", f"{lr:.6g}", f"{el:.2f}", '', '', ''])
         self.last = vals[-1][0]; self.pending = []
 
-# %% ../nbs/04_train.ipynb #87778596
-def validate(run:RunDir, epoch:int, m:dict, cond:dict, uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family) -> list[Path]:
-    "Write the validation images of `epoch`, from the validation prompt's cached conditioning `cond` (and the empty prompt's, `uncond`)"
+# %% ../nbs/04_train.ipynb #d9b94745
+def heldout_split(images:list, n:int, seed:int) -> tuple[list, list]:
+    "(trained on, held out): `n` of `images` chosen by `seed` to score checkpoints on and the rest to train on, each in the given order"
+    out = set(np.random.default_rng([seed, 7]).choice(len(images), n, replace=False).tolist()) if n else set()
+    return [im for i, im in enumerate(images) if i not in out], [im for i, im in enumerate(images) if i in out]
+
+def heldout_loss(denoiser, noise_scheduler, latents, prompt, cond:dict, family:Family, seed:int, batch_size:int) -> float:
+    "The mean denoising loss of `latents`, each under the conditioning `cond` has for its `prompt` index, on fixed draws: the same noise and timesteps at every call with `seed`"
     import torch
+    gen, total = torch.Generator(latents.device).manual_seed(seed), 0.0
+    with torch.no_grad():
+        for part in torch.arange(len(latents), device=latents.device).split(batch_size):
+            _, inst, _ = denoising_loss(denoiser, noise_scheduler, latents[part], {k: v[prompt[part]] for k, v in cond.items()}, gen, family=family)
+            total += inst.float().item() * len(part)
+    return total / len(latents)
+
+def best_checkpoint(scores:dict, final_step:int|None=None) -> dict|None:
+    "The checkpoint of `scores` (step -> its score fields) with the lowest score, and the newest's score to compare (`final_step`'s checkpoint is named final)"
+    if not scores: return None
+    name = lambda step: 'final' if step == final_step else f"step_{step:06d}"
+    step = min(scores, key=lambda k: (scores[k]['score'], -k))  # a tie goes to the longer-trained
+    latest = max(scores)
+    return dict(checkpoint=name(step), step=step, score=scores[step]['score'], latest=name(latest), latest_score=scores[latest]['score'])
+
+# %% ../nbs/04_train.ipynb #87778596
+def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family) -> list[Path]:
+    "Write the validation images of `epoch` (at `step`): `num_validation_images` per prompt, from each validation prompt's cached conditioning in `conds` (and the negative prompt's, `uncond`), each with what made it in its PNG text; then the epoch's grid and `progress.png`"
+    import inspect, torch
     if not s.num_validation_images: return []
-    denoiser, vae = denoiser_of(family, m), m['vae']
+    denoiser, vae, n = denoiser_of(family, m), m['vae'], s.num_validation_images
     vae.to(device); denoiser.eval()
     pipe = assemble_pipeline(family, m, sampling_scheduler(family, m['noise_scheduler'].config))
     pipe.set_progress_bar_config(disable=True)
-    with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-        images = pipe(**prompt_kwargs(family, cond, uncond, s.num_validation_images, device, weight_dtype), num_inference_steps=25,
-                      height=s.resolution, width=s.resolution, generator=torch.Generator(device).manual_seed(s.seed)).images
-    out = run.validation(epoch); out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, im in enumerate(images): im.save(out/f"{i:02d}.png"); paths.append(out/f"{i:02d}.png")
+    guidance = s.validation_guidance_scale if s.validation_guidance_scale is not None else inspect.signature(pipe.__call__).parameters['guidance_scale'].default
+    out, paths, rows = run.validation(epoch), [], []
+    out.mkdir(parents=True, exist_ok=True)
+    for k, (prompt, cond) in enumerate(zip(s.validation_prompt, conds)):
+        with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            images = pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, guidance_scale=guidance,
+                          height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)]).images
+        for i, im in enumerate(images):
+            meta = dict(prompt=prompt, negative_prompt=s.validation_negative_prompt or '', seed=s.seed + i, step=step, epoch=epoch,
+                        guidance_scale=guidance, num_inference_steps=s.validation_inference_steps, software=f"cerebrium-ft {__version__}")
+            paths.append(save_png(im, out/f"{k * n + i:02d}.png", meta))
+        rows.append(images)
+    save_png(image_grid(rows), out/VALIDATION_GRID, dict(epoch=epoch, step=step, rows='one per validation prompt'))
+    save_png(progress_grid(run, len(rows), n), run.root/'validation'/'progress.png', dict(rows='one per validation, oldest first'))
     denoiser.train()
     if device.type != 'cpu': vae.to('cpu')
     return paths
 
+def save_png(im, path:Path, text:dict) -> Path:
+    "Save `im` as a PNG at `path` (atomically), with `text` as its text chunks (what made it: prompt, seed, step, ...)"
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for k, v in text.items(): info.add_text(k, str(v))
+    with atomic_path(path) as tmp: im.save(tmp, format='PNG', pnginfo=info)
+    return path
+
+def image_grid(rows:list[list], labels:list[str]|None=None):
+    "One image of `rows` of images (all of one size), each row labelled on its left when `labels` are given"
+    from PIL import ImageDraw
+    w, h = rows[0][0].size
+    pad = 80 if labels else 0
+    grid = Image.new('RGB', (pad + w * max(len(r) for r in rows), h * len(rows)), 'white')
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row): grid.paste(im.convert('RGB').resize((w, h)), (pad + x * w, y * h))
+        if labels: ImageDraw.Draw(grid).text((4, y * h + h // 2 - 6), labels[y], fill='black')
+    return grid
+
+def progress_grid(run:RunDir, n_prompts:int, n:int):
+    "validation/progress.png: a row per validation so far, oldest first (the first image of each prompt, or every image of the one prompt)"
+    rows, labels = [], []
+    for folder in sorted((run.root/'validation').glob('epoch_*')):
+        pick = [k * n for k in range(n_prompts)] if n_prompts > 1 else range(n)
+        files = [folder/f"{j:02d}.png" for j in pick]
+        if not all(f.exists() for f in files): continue
+        row = []
+        for f in files:
+            with Image.open(f) as im: row.append(im.convert('RGB'))
+        rows.append(row); labels.append(f"epoch {int(folder.name[6:])}")
+    return image_grid(rows, labels)
+
 # %% ../nbs/04_train.ipynb #4eeb405e
-def to_kohya(lora:dict, alpha:float, denoiser:str='unet') -> dict:
-    "A LoRA state dict of `denoiser` (diffusers' `<module>.lora.down.weight` or PEFT's `<module>.lora_A.weight`) in the kohya layout, `lora_<denoiser>_<module>`"
-    import torch
-    out = {}
-    for k, v in lora.items():
-        mod, kind, peft_kind = re.match(rf'^(?:{denoiser}\.)?(.*)\.lora(?:\.(down|up)|_([AB]))\.weight$', k).groups()
-        kind = kind or {'A': 'down', 'B': 'up'}[peft_kind]
-        name = f'lora_{denoiser}_' + mod.replace('.', '_')
-        out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
+def save_lora(folder:Path, denoiser, family:Family) -> dict:
+    "Write `denoiser`'s LoRA into `folder` as `pytorch_lora_weights.safetensors`, which `load_lora_weights(folder)` loads (the UNet's in diffusers' layout, a transformer's in PEFT's, as diffusers' examples save them); the state dict back"
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    part = family.denoiser
+    lora = get_peft_model_state_dict(denoiser) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+    lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
+    pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **{f'{part}_lora_layers': lora,
+                                             f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
+    return lora
 
 def plot_loss(metrics:Path, out:Path):
-    "loss.png: the loss (instance and prior) and the learning rate per step"
+    "loss.png: the loss (instance and prior) and the learning rate per step, and each scored checkpoint's held-out score (the best starred)"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     rows = MetricsLog.read(metrics)
@@ -261,26 +350,21 @@ def plot_loss(metrics:Path, out:Path):
     a.plot(step, col('loss'), lw=1, label='loss')
     if any(r['prior_loss'] for r in rows):
         a.plot(step, col('instance_loss'), lw=1, label='instance'); a.plot(step, col('prior_loss'), lw=1, label='prior')
+    if (scored := [(int(r['step']), float(r['score'])) for r in rows if r.get('score')]):
+        a.plot(*zip(*scored), 'o-', ms=4, lw=1, color='black', label='checkpoint score')
+        a.plot(*min(scored, key=lambda x: x[1]), '*', ms=14, color='gold', markeredgecolor='black', label='best checkpoint')
     a.set_ylabel('loss'); a.legend(); b.plot(step, col('lr'), lw=1, color='gray'); b.set_ylabel('lr'); b.set_xlabel('step')
     fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
 
 def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, model:ModelInfo):
-    "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family)"
+    "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family and lists the kept checkpoints of `extra`)"
     import diffusers, peft, torch, transformers
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
     s = spec.training_args
     alpha = s.lora_alpha or s.rank
-    part = model.family.denoiser  # the UNet's LoRA in diffusers' layout, the transformer's in PEFT's, as diffusers' examples save them
-    lora = get_peft_model_state_dict(denoiser) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
-    pipeline_class(model.family).save_lora_weights(run.attn_procs, safe_serialization=True, **{f'{part}_lora_layers': lora,
-                                                   f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
-    save_file(to_kohya(lora, alpha, part), run.kohya, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(s.rank), ss_network_alpha=str(alpha),
-                                                             **kohya_base_model(model)))
+    lora = save_lora(run.attn_procs, denoiser, model.family)
+    write_kohya(run.kohya, lora, s.rank, alpha, model)
     plot_loss(run.metrics, run.loss_plot)
-    files = [run.weights, run.kohya]
+    files = [run.weights, run.kohya] + [run.root/c['weights'] for c in extra.get('checkpoints', []) if c['weights'] and c['name'] != 'final']
     manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
                     lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root))),
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
@@ -343,11 +427,13 @@ class Training:
     def __init__(self, spec:JobSpec, run:RunDir, report, device, cache=None, progress:bool=True):
         import torch
         self.spec, self.s, self.run, self.device, self.cache, self.progress = spec, spec.training_args, run, device, cache, progress
-        self.t0, self.inst, self.cls_paths, self.step = time.time(), report.usable, [], 0
+        self.t0, self.cls_paths, self.step = time.time(), [], 0
+        self.inst, self.heldout = heldout_split(report.usable, self.s.holdout_images, self.s.seed)
         self.precision = resolve_precision(self.s.mixed_precision, device)
         self.weight_dtype = precision_dtype(self.precision)
         if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         self.model = model_family(spec.hf_model_path, spec.revision)
+        if self.heldout: log.info(f"held out of training to score checkpoints on: {', '.join(i.name for i in self.heldout)} (holdout_images {len(self.heldout)})")
         log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision} ({self.model.family.name}, "
                  f"{self.model.prediction}), {device.type}, precision {self.precision}")
         if self.s.resolution is None:  # the model's own: the settings the phases read say it
@@ -407,18 +493,30 @@ def encode_inputs(self:Training):
     vae.to(device, *([dtype] if self.precision == 'bf16' else []))  # fp16 VAE encodes overflow
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: with_trigger(i.entry.caption, s.trigger_word) if i.entry.caption else spec.training_prompt
-    prompts = sorted({caption(i) for i in self.inst} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
+    images = self.inst + self.heldout  # the held-out ones last: the training images crop as they would with none held out
+    prompts = sorted({caption(i) for i in images} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
-    cond = encode_text(self.model.family, m, prompts + [s.validation_prompt or spec.training_prompt, ''], device, dtype, s.resolution)
-    self.cond, self.val_cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, -2), slice(-2, -1), slice(-1, None)))
-    self.inst_prompt = torch.tensor([prompts.index(caption(i)) for i in self.inst], device=device)
-    self.inst_mean, self.inst_std = encode_images(vae, load_pixels([i.entry.path for i in self.inst], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
+    if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
+    if s.validation_negative_prompt and self.model.prediction == 'flow_matching':
+        log.warning(f"{self.model.family.name} has no negative prompt (its guidance is embedded): validation_negative_prompt is not used")
+    cond = encode_text(self.model.family, m, prompts + s.validation_prompt + [s.validation_negative_prompt or ''], device, dtype, s.resolution)
+    n = len(prompts)
+    self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
+    self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
+    prompt_of = torch.tensor([prompts.index(caption(i)) for i in images], device=device)
+    mean, std = encode_images(vae, load_pixels([i.entry.path for i in images], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
+    n, self.scaling, self.shift = len(self.inst), vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
+    self.inst_mean, self.inst_std, self.inst_prompt = mean[:n], std[:n], prompt_of[:n]
+    fixed = lambda d: ((d[:, 0] - self.shift) * self.scaling).repeat_interleave(HELDOUT_DRAWS, 0)  # each image's unflipped mean latent, once per draw
+    scored = slice(n, None) if self.heldout else slice(0, n)
+    self.score_inst, self.score_prior = (fixed(mean[scored]), prompt_of[scored].repeat_interleave(HELDOUT_DRAWS)), None
     if self.cls_paths:
         self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
+        lat = fixed(self.cls_mean[:HELDOUT_CLASS_IMAGES])
+        self.score_prior = (lat, torch.full((len(lat),), self.cls_prompt, device=device))
     self.empty_prompt = prompts.index('') if s.caption_dropout_rate else None
-    self.scaling, self.shift = vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
     for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None  # the cached embeddings are all training and validation need
     del encoders
     gc.collect()
@@ -444,8 +542,14 @@ def setup_optimizer(self:Training):
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
     self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
     self.metrics, self.clock = MetricsLog(run.metrics, resume_step=self.step), CheckpointClock(s, step=self.step)
+    self.scores = self.metrics.scores()  # the checkpoints a stopped run scored before its resumable state
     log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g} ({s.lr_schedule}), "
              f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(self.optimizer.optimizer).__name__}")
+
+@patch
+def status(self:Training) -> dict:
+    "What the progress file says of the run besides its step: the step it resumed from, and the best checkpoint so far"
+    return dict(self.resumed, best=best_checkpoint(self.scores))
 
 @patch
 def checkpoint(self:Training):
@@ -453,6 +557,22 @@ def checkpoint(self:Training):
     started = self.clock.now(); self.metrics.flush()
     save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen)
     self.clock.saved(started, self.step)
+
+# %% ../nbs/04_train.ipynb #94689dd3
+@patch
+def score(self:Training, lora:bool=True) -> dict:
+    "The score of the denoiser as it is now (of the base model alone, without `lora`): `heldout_loss`, `heldout_prior_loss` (None without prior preservation) and `score`"
+    s, denoiser = self.s, self.denoiser
+    loss = lambda lat, prompt: heldout_loss(denoiser, self.m['noise_scheduler'], lat, prompt, self.cond, self.model.family, s.seed + 7919, s.train_batch_size)
+    denoiser.eval()
+    if not lora: denoiser.disable_adapters()
+    try:
+        with self.accelerator.autocast():
+            inst, prior = loss(*self.score_inst), loss(*self.score_prior) if self.score_prior else None
+    finally:
+        if not lora: denoiser.enable_adapters()
+        denoiser.train()
+    return dict(heldout_loss=inst, heldout_prior_loss=prior, score=inst + (s.prior_loss_weight * prior if prior is not None else 0.0))
 
 # %% ../nbs/04_train.ipynb #aa6f988b
 @patch
@@ -485,7 +605,7 @@ def optimizer_step(self:Training, epoch:int, losses:tuple):
     self.bar.update(1)
     if self.step % self.metrics.flush_every == 0:
         self.metrics.flush(); self.bar.set_postfix(loss=f"{self.metrics.last:.4f}")
-        write_progress(self.run, 'training', self.step, self.plan['max_train_steps'], self.metrics.last, **self.resumed)
+        write_progress(self.run, 'training', self.step, self.plan['max_train_steps'], self.metrics.last, **self.status())
 
 # %% ../nbs/04_train.ipynb #f5c31cb8
 @patch
@@ -503,25 +623,43 @@ def train_epoch(self:Training, epoch:int):
         if self.step >= max_steps: break
 
 @patch
-def validation(self:Training, epoch:int):
-    "Validation images for `epoch`, the progress saying so meanwhile"
+def keep_checkpoint(self:Training):
+    "Keep a usable LoRA of this step in the results, and drop the kept ones `checkpoints_total_limit` leaves out (never the best)"
+    run, limit = self.run, self.s.checkpoints_total_limit
+    with atomic_path(run.kept_lora(self.step)) as tmp: save_lora(tmp, self.denoiser, self.model.family)
+    if limit is None: return
+    best = best_checkpoint(self.scores)['step']
+    for step in sorted(st for st in self.scores if run.kept_lora(st).exists())[:-limit]:
+        if step != best: shutil.rmtree(run.kept_lora(step), ignore_errors=True); _remove_if_empty(run.step_checkpoint(step))
+
+@patch
+def validation(self:Training, epoch:int, final:bool=False):
+    "Score this step's checkpoint, keep its LoRA (the `final` one is saved with the results) and write the validation images for `epoch`, the progress saying so meanwhile"
     self.metrics.flush()
-    write_progress(self.run, 'validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch)
-    validate(self.run, epoch, self.m, self.val_cond, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family)
+    write_progress(self.run, 'validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
+    self.scores[self.step] = sc = self.score()
+    self.metrics.annotate(self.step, **sc)
+    if not final: self.keep_checkpoint()
+    best = best_checkpoint(self.scores)
+    log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f}" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
+    validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family)
 
 @patch
 def loop(self:Training):
     "Phase 5: the epochs, validation images every `validation_epochs`, checkpoints when the clock says"
     from tqdm.auto import tqdm
     plan = self.plan; max_steps = plan['max_train_steps']
-    write_progress(self.run, 'training', self.step, max_steps, **self.resumed)
+    write_progress(self.run, 'training', self.step, max_steps, **self.status())
+    spe = plan['steps_per_epoch']
+    if 0 < self.step < max_steps and self.step % spe == 0 and (self.step // spe) % self.s.validation_epochs == 0 and self.step not in self.scores:
+        self.validation(self.step // spe)  # the stopped run saved this epoch's end before its validation
     self.bar = tqdm(total=max_steps, initial=self.step, desc='training', unit='step', disable=not self.progress)
     self.denoiser.train()
     for self.epoch in range(self.step // plan['steps_per_epoch'], plan['epochs']):
         self.train_epoch(self.epoch)
         if (self.epoch + 1) % self.s.validation_epochs == 0 and self.step < max_steps:
             self.validation(self.epoch + 1)
-            write_progress(self.run, 'training', self.step, max_steps, self.metrics.last, **self.resumed)
+            write_progress(self.run, 'training', self.step, max_steps, self.metrics.last, **self.status())
         if self.step < max_steps and self.clock.due(self.step, epoch_end=True): self.checkpoint()
         if self.step >= max_steps: break
     self.bar.close(); self.metrics.flush()
@@ -531,14 +669,32 @@ def loop(self:Training):
 def finish(self:Training) -> Path:
     "Phase 6: the last validation images and the results; the results folder back"
     run, plan = self.run, self.plan
-    self.validation(self.epoch + 1)
+    self.validation(self.epoch + 1, final=True)
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
+    base, best = self.score(lora=False)['score'], best_checkpoint(self.scores, final_step=self.step)
     save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, resolution=self.s.resolution, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
-                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1)), self.model)
-    write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last)
+                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1),
+                                                            checkpoints=self.kept_checkpoints(), best=best,
+                                                            heldout=dict(images=[i.name for i in self.heldout], draws=HELDOUT_DRAWS, class_images=min(len(self.cls_paths), HELDOUT_CLASS_IMAGES),
+                                                                         base_model_score=base)), self.model)
+    write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last, best=best)
     log.info(f"done: {self.step} steps in {time.time() - self.t0:.0f} s; LoRA in {run.weights}")
+    gain = 1 - best['score'] / best['latest_score'] if best['latest_score'] else 0.0
+    log.info(f"the final checkpoint scored best ({best['score']:.5f}; the base model {base:.5f})" if best['checkpoint'] == 'final' else
+             f"best checkpoint: {best['checkpoint']} (score {best['score']:.5f}, {gain:.1%} below the final's {best['latest_score']:.5f}; the base model {base:.5f}): use it with --use best")
     return run.root
+
+@patch
+def kept_checkpoints(self:Training) -> list[dict]:
+    "Each scored checkpoint, oldest first, with its scores and its weights file (None for one dropped by `checkpoints_total_limit`)"
+    out, spe = [], self.plan['steps_per_epoch']
+    for step, sc in sorted(self.scores.items()):
+        final = step == self.step
+        weights = self.run.weights if final else self.run.kept_lora(step)/self.run.weights.name
+        out.append(dict(name='final' if final else f"step_{step:06d}", step=step, epoch=math.ceil(step / spe), **sc,
+                        weights=weights.relative_to(self.run.root).as_posix() if final or weights.exists() else None))  # the final one is written with the results
+    return out
 
 def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
     "Run every phase of a `Training`"

@@ -6,11 +6,11 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/widget.html.md"""
 
 # %% ../nbs/12_widget.ipynb #0779d003
 from __future__ import annotations
-import html, tempfile, threading, time, typing
+import html, json, tempfile, threading, time, typing
 from pathlib import Path
 import ipywidgets as W
 from fastcore.basics import patch
-from .client import ApiError, Client
+from .client import ApiError, Client, best_summary
 from .config import BASE_QUANTIZATIONS, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
 from .dataset import check_dataset
 from .families import resolution_for
@@ -20,6 +20,7 @@ __all__ = ['setting_widgets', 'settings_from', 'JobPanel']
 
 # %% ../nbs/12_widget.ipynb #23473403
 _CHOICES = dict(lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISIONS, base_quantization=BASE_QUANTIZATIONS)
+_PLACEHOLDERS = dict(resolution="the model's own", validation_prompt='the training prompt; several: ["...", "..."]')
 
 def setting_widgets() -> dict:
     "A widget per training setting, holding its default"
@@ -28,13 +29,21 @@ def setting_widgets() -> dict:
         style, layout = {'description_width': '190px'}, W.Layout(width='360px')
         if name in _CHOICES: w = W.Dropdown(options=_CHOICES[name], value=default, description=name, style=style, layout=layout)
         elif hints[name] is bool: w = W.Checkbox(value=default, description=name, style=style, layout=layout, indent=True)
-        else: w = W.Text(value='' if default is None else str(default), description=name, style=style, layout=layout, placeholder="the model's own" if name == 'resolution' else 'none')
+        else: w = W.Text(value='' if default is None else str(default), description=name, style=style, layout=layout, placeholder=_PLACEHOLDERS.get(name, 'none'))
         out[name] = w
     return out
 
 def settings_from(widgets:dict) -> TrainingSettings:
     "Check the widgets' values as training settings (an empty box is None); raises `SettingsError`"
-    return TrainingSettings.from_dict({k: (None if w.value == '' else w.value) for k, w in widgets.items()})
+    return TrainingSettings.from_dict({k: _box_value(k, w.value) for k, w in widgets.items()})
+
+def _box_value(name:str, value):
+    "A setting widget's value as the setting takes it: an empty box is None, and a box of a list setting also takes a JSON list"
+    if value == '': return None
+    if name == 'validation_prompt' and value.strip().startswith('['):
+        try: return json.loads(value)
+        except ValueError: raise SettingsError(f"validation_prompt: write several prompts as a JSON list, e.g. [\"a photo of sks dog\", \"sks dog as a watercolor\"]; got {value}") from None
+    return value
 
 # %% ../nbs/12_widget.ipynb #11b4c907
 def _err(msg:str) -> str: return f"<span style='color:#c62828'>⚠ {html.escape(msg)}</span>"
@@ -69,6 +78,7 @@ class JobPanel:
         self.log = W.Textarea(layout=W.Layout(width='100%', height='160px'), disabled=True)
         self.images = W.HBox(layout=W.Layout(flex_flow='row wrap'))
         self.repo = W.Text(description='Hub repo', style=S, placeholder='yourname/sks-dog-lora', layout=L('360px'))
+        self.use = W.Dropdown(options=[('final checkpoint', 'final'), ('best checkpoint', 'best')], value='final', layout=L('160px'))
         self.download_btn, self.cancel_btn, self.push_btn = W.Button(description='Download', icon='download'), W.Button(description='Cancel', icon='stop'), W.Button(description='Push to Hub', icon='upload')
         self._logs, self._shown, self._lock, self._stop = {}, {}, threading.RLock(), threading.Event()
         self.dataset.observe(lambda c: self._safe(self.check_dataset), 'value')
@@ -83,7 +93,7 @@ class JobPanel:
                        W.Accordion([W.VBox([W.GridBox(list(self.settings.values()), layout=W.Layout(grid_template_columns='repeat(2, 370px)')), self.settings_msg])],
                                    titles=('Training settings',)), self.start_btn])
         follow = W.VBox([self.jobs, self.job, self.status, self.progress, self.log, self.images,
-                         W.HBox([self.download_btn, self.cancel_btn, self.repo, self.push_btn])])
+                         W.HBox([self.download_btn, self.cancel_btn, self.repo, self.use, self.push_btn])])
         self.widget = W.VBox([W.Tab([form, follow], titles=('New job', 'Jobs')), self.message])
         self._thread = threading.Thread(target=self._loop, daemon=True, name='cerebrium-ft-panel')
         if autorefresh: self._thread.start()
@@ -164,7 +174,8 @@ def show_job(self:JobPanel):
         if not jid: return
         j = self.client.job(jid)
         err = f" — {html.escape(j['error'])}" if j['error'] else ''
-        self.status.value = f"<b>{j['status']}</b> {html.escape(j['phase'] or '')}{err}"
+        best = f"<br>best checkpoint: {html.escape(best_summary(j['best']))}" if j.get('best') else ''
+        self.status.value = f"<b>{j['status']}</b> {html.escape(j['phase'] or '')}{err}{best}"
         self.progress.max, self.progress.value = max(1, j['total']), j['step']
         off, text = self._logs.get(jid, (0, ''))
         lg = self.client.logs(jid, off)
@@ -190,5 +201,5 @@ def push(self:JobPanel) -> str:
     from cerebrium_ft.hub import push_to_hub
     if not self.repo.value: raise ValueError("type the Hub repo to push to, e.g. yourname/sks-dog-lora")
     z = self.client.download(self.job.value, Path(tempfile.mkdtemp())/f"{self.job.value}.zip")
-    url = push_to_hub(z, self.repo.value)
+    url = push_to_hub(z, self.repo.value, use=self.use.value)
     self.message.value = _ok(f"pushed to {self.repo.value}: {url}"); return url

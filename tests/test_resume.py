@@ -82,4 +82,9 @@ def test_a_default_job_killed_between_checkpoints_resumes(tiny_model, tmp_path):
     a = load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
     b = load_file(whole/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
-    assert sorted(p.name for p in (out/'validation').iterdir()) == ['epoch_0010', 'epoch_0020', 'epoch_0030']
+    assert sorted(p.name for p in (out/'validation').glob('epoch_*')) == ['epoch_0010', 'epoch_0020', 'epoch_0030']
+    scored = lambda d: [(int(r['step']), float(r['score'])) for r in csv.DictReader(open(d/'metrics.csv')) if r['score']]
+    assert [s for s, _ in scored(out)] == [s for s, _ in scored(whole)] == [60, 120, 180]  # a scored checkpoint per validation, kept across the kill
+    assert max(abs(a - b) for (_, a), (_, b) in zip(scored(out), scored(whole))) < 1e-4
+    ma, mb = (json.loads((d/'manifest.json').read_text()) for d in (out, whole))
+    assert ma['best']['checkpoint'] == mb['best']['checkpoint'] and [c['name'] for c in ma['checkpoints']] == ['step_000060', 'step_000120', 'final']

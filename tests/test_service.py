@@ -1,10 +1,10 @@
 "The job service as a user runs it: a real server process on loopback, real SQLite, the tiny model, the CLI as subprocesses"
-import json, os, signal, socket, subprocess, threading, time
+import json, os, signal, socket, subprocess, threading, time, zipfile
 from pathlib import Path
 import pytest
 import requests
 from diffusers import StableDiffusionPipeline
-from cerebrium_ft.results import load_results
+from cerebrium_ft.results import choose_checkpoint, load_results
 from cerebrium_ft.testing import make_subject_images
 from conftest import BIN, run_cli
 
@@ -63,12 +63,14 @@ def wait_for(server, jid, cond, timeout=180):
 
 def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model, data, tmp_path):
     (data/'robot_00.txt').write_text('a photo of sks robot on a red sofa'); (data/'robot_01.txt').write_text('a photo of sks robot in the snow')
-    r = submit(server, tiny_model, data, follow=True)
+    r = submit(server, tiny_model, data, follow=True, extra=dict(validation_epochs=2))
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
     assert j['status'] == 'succeeded' and j['step'] == j['total'] == 20
+    assert j['best']['step'] in (6, 12, 18, 20) and j['best']['latest'] == 'final'  # the job names its best-scoring checkpoint
     r = run_cli('check-job-status', j['id'], server.key, '--include-logs', 'True', '--url', server.url)
     assert r.returncode == 0 and 'succeeded' in r.stdout and '--- log ---' in r.stdout and 'done: 20 steps' in r.stdout
+    assert f"best      {j['best']['checkpoint']} (step {j['best']['step']}): score" in r.stdout
     assert 'captions: 2 of 6 images have their own' in r.stdout  # the .txt captions went up with their images and reached the trainer
     r = run_cli('get-most-recent-jobs', server.project, server.key, '--url', server.url)
     assert r.returncode == 0 and j['id'] in r.stdout and 'DURATION' in r.stdout
@@ -76,7 +78,16 @@ def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model,
     r = run_cli('download-model', j['id'], server.key, '--output', out, '--url', server.url)
     assert r.returncode == 0 and out.exists() and not list(tmp_path.glob('.*.partial'))
     pipe = StableDiffusionPipeline.from_pretrained(tiny_model)
-    assert load_results(pipe, out)['steps'] == 20
+    m = load_results(pipe, out)
+    assert m['steps'] == 20 and m['best']['checkpoint'] == j['best']['checkpoint']
+    r = run_cli('download-model', j['id'], server.key, '--use', 'best', '--url', server.url, '--json', cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert (got['checkpoint'], got['step'], got['path']) == (j['best']['checkpoint'], j['best']['step'], f"{j['id']}-best.safetensors")
+    with zipfile.ZipFile(out) as z: want = z.read(choose_checkpoint(m, 'best')['weights'])
+    assert (tmp_path/f"{j['id']}-best.safetensors").read_bytes() == want  # that checkpoint's LoRA alone
+    r = run_cli('download-model', j['id'], server.key, '--use', '7', '--output', tmp_path/'seven.safetensors', '--url', server.url)
+    assert r.returncode != 0 and "keep no checkpoint '7'" in r.stderr and not list(tmp_path.glob('*seven*'))
 
 def test_keys_and_projects_are_isolated(server, tiny_model, data):
     r = submit(server, tiny_model, data, steps=2)
@@ -218,6 +229,10 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
         assert {'README.md', 'pytorch_lora_weights.safetensors', 'lora_kohya.safetensors', 'manifest.json'} <= set(files)
         assert 'pytorch_lora_weights.safetensors' in hub.lfs_paths()
         assert sum(c.endswith('/commit/main') for c in hub.calls) == 1
+        r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--use', 'best', env=env)
+        assert r.returncode == 0 and hub.files()['pytorch_lora_weights.safetensors'] == files['pytorch_lora_weights.safetensors']  # 4 steps: one scored checkpoint, the final
+        r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--use', '2', env=env)
+        assert r.returncode == 2 and "keep no checkpoint '2'" in r.stderr
         r = run_cli('push-to-hub', jid, 'me/sks-robot', '--api-key', server.key, '--url', server.url, env={**env, 'HF_TOKEN': ''})
         assert r.returncode == 2 and 'no Hugging Face token' in r.stderr
         r = run_cli('push-to-hub', 'no/such/folder', 'me/x', '--token', 't', env=env)

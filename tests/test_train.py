@@ -8,7 +8,7 @@ from diffusers import StableDiffusionPipeline
 from cerebrium_ft import train as T
 from cerebrium_ft.config import JobSpec, SettingsError
 from cerebrium_ft.families import encode_prompts
-from cerebrium_ft.results import load_pipeline, load_results
+from cerebrium_ft.results import RunDir, load_pipeline, load_results
 from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
 
 @pytest.fixture(scope='module')
@@ -51,7 +51,9 @@ def test_run_writes_the_results_contract(trained):
     assert m['lora'] == dict(rank=4, alpha=8, targets=['to_q', 'to_k', 'to_v', 'to_out.0'], format='diffusers',
                              weights='checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
     assert set(m['versions']) >= {'diffusers', 'peft', 'torch'} and m['steps'] == 40
-    assert set(m['sha256']) == {'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors', 'lora_kohya.safetensors'}
+    assert set(m['sha256']) == {'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors', 'lora_kohya.safetensors',
+                                'checkpoints/step_000015/attn_procs/pytorch_lora_weights.safetensors', 'checkpoints/step_000030/attn_procs/pytorch_lora_weights.safetensors'}
+    assert [c['name'] for c in m['checkpoints']] == ['step_000015', 'step_000030', 'final']  # a usable LoRA at each validation (every 5 epochs of 3 steps)
     assert json.loads((trained/'progress.json').read_text())['phase'] == 'done'
 
 def test_lora_loads_in_diffusers_and_changes_the_output(trained, model):
@@ -85,8 +87,9 @@ def test_denoising_loss_on_the_instance_images_goes_down(trained, model, data):
 
 def test_prior_preservation_pairs_every_batch_and_logs_the_prior_loss(model, data, tmp_path, monkeypatch):
     seen, real = [], T.denoising_loss
-    def spy(unet, sched, latents, emb, gen, n_prior=0, *rest):
-        seen.append((latents.shape[0], n_prior)); return real(unet, sched, latents, emb, gen, n_prior, *rest)
+    def spy(unet, sched, latents, emb, gen, n_prior=0, *rest, **kw):
+        if torch.is_grad_enabled(): seen.append((latents.shape[0], n_prior))  # the training steps, not the scoring of checkpoints
+        return real(unet, sched, latents, emb, gen, n_prior, *rest, **kw)
     monkeypatch.setattr(T, 'denoising_loss', spy)
     out = tmp_path/'run'
     T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=4,
@@ -96,6 +99,8 @@ def test_prior_preservation_pairs_every_batch_and_logs_the_prior_loss(model, dat
     assert len(r) == 6 and all(x['prior_loss'] and x['instance_loss'] for x in r)
     for x in r: assert math.isclose(float(x['loss']), float(x['instance_loss']) + 0.5 * float(x['prior_loss']), rel_tol=1e-4)
     assert manifest(out)['class_images'] == 4
+    c = manifest(out)['checkpoints'][-1]  # the score adds the prior's loss on class images, weighted as in training
+    assert c['heldout_prior_loss'] > 0 and math.isclose(c['score'], c['heldout_loss'] + 0.5 * c['heldout_prior_loss'], rel_tol=1e-6)
     assert len(list((tmp_path/'cache').rglob('class_*.png'))) == 4
     assert '(4 generated now)' in (out/'logs.txt').read_text()
 
@@ -138,7 +143,7 @@ def test_epochs_batch_size_accumulation_and_max_steps(model, data, tmp_path):
 
 def test_validation_epochs(model, data, tmp_path):
     out = run(model, data, tmp_path, num_train_epochs=5, validation_epochs=2, num_validation_images=1)
-    assert sorted(p.name for p in (out/'validation').iterdir()) == ['epoch_0002', 'epoch_0004', 'epoch_0005']
+    assert sorted(p.name for p in (out/'validation').glob('epoch_*')) == ['epoch_0002', 'epoch_0004', 'epoch_0005']
 
 def test_use_8bit_adam_and_its_fallback(model, data, tmp_path, monkeypatch):
     assert manifest(run(model, data, tmp_path, 'a', max_train_steps=2))['optimizer'] == 'AdamW8bit'
@@ -236,7 +241,7 @@ def test_sd2_v_prediction_trains_towards_the_velocity_and_its_results_load(data,
     "A tiny SD 2.x 768-v-shaped model: recognised as sd2, trained on the velocity target, its loss lowered, its results loaded as they were trained"
     model = str(build_tiny_pipeline(tmp_path/'sd2', family='sd2-v'))
     kinds, loss = [], T.denoising_loss  # the loss gets a v-prediction scheduler (the notebook tests that it then targets the velocity)
-    monkeypatch.setattr(T, 'denoising_loss', lambda unet, sched, *a, **k: kinds.append(sched.config.prediction_type) or loss(unet, sched, *a, **k))
+    monkeypatch.setattr(T, 'denoising_loss', lambda unet, sched, *a, **k: (torch.is_grad_enabled() and kinds.append(sched.config.prediction_type)) or loss(unet, sched, *a, **k))
     out = T.train(spec(model, data, training_args=dict(max_train_steps=40, learning_rate=1e-2, num_validation_images=1, validation_epochs=10, mixed_precision='no')), tmp_path/'run', progress=False)
     assert set(kinds) == {'v_prediction'} and len(kinds) == 40
     monkeypatch.setattr(T, 'denoising_loss', loss)
@@ -376,10 +381,64 @@ def test_trigger_word_and_caption_dropout(model, data, tmp_path, monkeypatch):
     assert not (tmp_path/'refused').exists()
     encoded, batches, encode, loss = [], [], T.encode_text, T.denoising_loss
     monkeypatch.setattr(T, 'encode_text', lambda family, m, prompts, *a, **k: encoded.append((list(prompts), encode(family, m, prompts, *a, **k))) or encoded[-1][1])
-    monkeypatch.setattr(T, 'denoising_loss', lambda net, sched, latents, cond, *a, **k: batches.append(cond['embeds']) or loss(net, sched, latents, cond, *a, **k))
+    monkeypatch.setattr(T, 'denoising_loss', lambda net, sched, latents, cond, *a, **k: (torch.is_grad_enabled() and batches.append(cond['embeds'])) or loss(net, sched, latents, cond, *a, **k))
     T.train(spec(model, d, training_args=dict(max_train_steps=3, num_validation_images=0, mixed_precision='no', trigger_word='sks', caption_dropout_rate=1.0)),
             tmp_path/'run', progress=False)
     prompts, cond = encoded[0]
     assert {'a photo of sks robot on a sofa', 'sks, a robot in the snow', 'a photo of sks robot', ''} <= set(prompts)
     empty = cond['embeds'][prompts.index('')]
     assert len(batches) == 3 and all(torch.equal(row, empty) for b in batches for row in b)  # every example on the empty prompt
+
+def test_the_best_checkpoint_is_the_lowest_held_out_score_and_generate_uses_it(model, tmp_path):
+    "Two images held out of training score a LoRA kept at every epoch; checkpoints_total_limit keeps the newest two and the best; `generate --use best` draws with the best"
+    from PIL import Image
+    from conftest import run_cli
+    data = tmp_path/'robot8'; make_subject_images(data, n=8, size=64)
+    out = tmp_path/'run'
+    ta = dict(resolution=64, learning_rate=0.2, holdout_images=2, validation_epochs=1, num_train_epochs=8, num_validation_images=0, mixed_precision='no',
+              checkpoints_total_limit=2)
+    r = run_cli('train', 'robot', model, data, 'a photo of sks robot', '--output', out, '--training-args', json.dumps(ta))
+    assert r.returncode == 0, r.stderr
+    m = manifest(out)
+    assert len(m['heldout']['images']) == 2 and len(m['instance_images']) == 6 and not set(m['heldout']['images']) & set(m['instance_images'])
+    logs = (out/'logs.txt').read_text()
+    assert 'held out of training to score checkpoints on' in logs and ('best checkpoint: step_' in logs or 'the final checkpoint scored best' in logs)
+    scores = {int(r['step']): float(r['score']) for r in rows(out) if r['score']}
+    assert sorted(scores) == list(range(3, 25, 3)) == [c['step'] for c in m['checkpoints']]  # 6 images, batch 2: one scored checkpoint per 3-step epoch
+    best = min(scores, key=scores.get)
+    assert m['best']['step'] == best and m['best']['checkpoint'] == ('final' if best == 24 else f"step_{best:06d}")
+    kept = [c['step'] for c in m['checkpoints'] if c['weights'] and c['name'] != 'final']
+    assert kept == sorted({18, 21} | ({best} - {24}))  # the newest two, and the best wherever it is
+    assert all((out/c['weights']).is_file() == bool(c['weights']) for c in m['checkpoints'] if c['weights'])
+    r = run_cli('generate', out, 'a photo of sks robot', '-n', '1', '--steps', '2', '--use', 'best', '--output', tmp_path/'best.png', '--device', 'cpu')
+    assert r.returncode == 0, r.stderr
+    pipe = load_pipeline(out, device='cpu', use=best)
+    want = np.asarray(pipe(['a photo of sks robot'], num_inference_steps=2, guidance_scale=7.5, generator=[torch.Generator('cpu').manual_seed(42)]).images[0], dtype=float)
+    assert np.abs(np.asarray(Image.open(tmp_path/'best.png'), dtype=float) - want).max() <= 1.0  # the best checkpoint's LoRA drew it
+    r = run_cli('generate', out, 'a photo of sks robot', '--use', '5', '--output', tmp_path/'x.png', '--device', 'cpu')
+    assert r.returncode != 0 and "keep no checkpoint '5'" in r.stderr and not (tmp_path/'x.png').exists()
+
+@pytest.mark.parametrize('family', ['sd1', 'flux'])
+def test_validation_with_several_prompts_a_negative_prompt_guidance_and_steps(data, tmp_path, family, monkeypatch):
+    "Each validation prompt gets its row of images, each PNG says what made it, the negative prompt is encoded (not for FLUX.1 [dev]), guidance and steps reach the pipeline"
+    from PIL import Image
+    model = str(build_tiny_pipeline(tmp_path/family, family=family))
+    calls, encoded, assemble, encode = [], [], T.assemble_pipeline, T.encode_text
+    class Spy:
+        def __init__(self, pipe): self.pipe = pipe
+        def __getattr__(self, k): return getattr(self.pipe, k)
+        def __call__(self, **kw): calls.append(kw); return self.pipe(**kw)
+    monkeypatch.setattr(T, 'assemble_pipeline', lambda *a, **k: Spy(assemble(*a, **k)))
+    monkeypatch.setattr(T, 'encode_text', lambda fam, m, prompts, *a, **k: encoded.extend(prompts) or encode(fam, m, prompts, *a, **k))
+    prompts = ['a photo of sks robot on the moon', 'sks robot as a watercolor']
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=3, mixed_precision='no', num_validation_images=2, validation_prompt=prompts,
+                                                      validation_negative_prompt='blurry', validation_guidance_scale=3.0, validation_inference_steps=4)),
+                  tmp_path/'run', progress=False)
+    assert [(c['num_inference_steps'], c['guidance_scale']) for c in calls] == [(4, 3.0)] * 2  # one call per prompt
+    assert encoded[-3:] == prompts + ['blurry']
+    assert family == 'flux' or all('negative_prompt_embeds' in c for c in calls)
+    ims = [Image.open(p) for p in sorted((out/'validation'/'epoch_0001').glob('0*.png'))]
+    assert [(im.text['prompt'], im.text['seed'], im.text['negative_prompt'], im.text['step']) for im in ims] == \
+        [(p, str(42 + i), 'blurry', '3') for p in prompts for i in range(2)]
+    assert Image.open(out/'validation'/'epoch_0001'/'grid.png').size == (128, 128)  # a row of 2 per prompt
+    assert 'grid.png' not in {p.name for p in RunDir(out).validation_images()}

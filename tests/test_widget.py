@@ -1,7 +1,8 @@
 "The notebook job panel driven as a user drives it (values set, buttons clicked) against a real server on loopback"
-import time
+import json, time, zipfile
 import pytest
 from cerebrium_ft.client import Client
+from cerebrium_ft.results import choose_checkpoint
 from cerebrium_ft.testing import FakeHub, make_subject_images
 from cerebrium_ft.widget import JobPanel
 from test_service import Server
@@ -37,6 +38,7 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
         until(lambda: len(panel.images.children) >= 2)                # with its validation images
         assert (panel.progress.value, panel.progress.max) == (10, 10)
         assert 'done: 10 steps' in panel.log.value
+        assert 'best checkpoint: ' in panel.status.value              # the checkpoint that scored best, named
         panel.download_btn.click()
         assert (tmp_path/f"{jid}.zip").exists() and 'downloaded' in panel.message.value
         hub = FakeHub().start()
@@ -45,6 +47,10 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
         panel.push_btn.click()
         assert 'pushed to me/robot' in panel.message.value, panel.message.value
         assert 'pytorch_lora_weights.safetensors' in hub.files()
+        panel.use.value = 'best'
+        panel.push_btn.click()
+        with zipfile.ZipFile(tmp_path/f"{jid}.zip") as z: want = z.read(choose_checkpoint(json.loads(z.read('manifest.json')), 'best')['weights'])
+        assert hub.files()['pytorch_lora_weights.safetensors'] == want  # the best checkpoint's LoRA went up
         panel.repo.value = 'someone-else/robot'
         panel.push_btn.click()
         assert 'belongs to someone else' in panel.message.value      # an error shows in the panel, not as a traceback
