@@ -18,7 +18,7 @@ from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
 from .config import SettingsError, spec_from_args
 from .dataset import check_dataset, prepare_dataset
-from .families import resolution_for
+from .families import prompt_tokens, resolution_for
 from .client import ApiError, Client, best_summary, save_login
 from .results import ResultsError, atomic_path, choose_checkpoint, opened_results
 
@@ -103,7 +103,8 @@ def check_dataset_cmd(
     path:str, # A folder of images, or a JSON manifest listing them (optionally with captions)
     mode:str='object', # 'object' for a subject, 'style' to also check that the colouring is consistent
     size:int=None, # The training resolution to check against (default: MODEL's own, else 512)
-    model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1
+    model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1, and captions against its text encoder's length
+    trigger_word:str=None, # The trigger word the captions are built around: says which captions lack it
     fix:str=None, # Write the usable images, upright and cropped to SIZE x SIZE, to this new folder, then check it
     json:bool=False, # Print one JSON object instead of tables
 ) -> int:
@@ -113,14 +114,15 @@ def check_dataset_cmd(
         if not size: raise CliError(f"cannot read the configuration of --model {model}: give --size instead")
         if not json: print(f"checking at {size}x{size}, the resolution {model} was made for", file=sys.stderr)
     size = size or 512
-    try: report = check_dataset(path, mode=mode, size=size)
+    tokens = prompt_tokens(model) if model else None
+    try: report = check_dataset(path, mode=mode, size=size, trigger=trigger_word, tokens=tokens)
     except ValueError as e: raise CliError(f"--{e}") from None
     if fix is None:
         _print_json(report.to_dict()) if json else print(report)
         return 0 if report.ok else 1
     try: prepared = prepare_dataset(path, fix, size=size, mode=mode)
     except ValueError as e: raise CliError(str(e)) from None
-    fixed = check_dataset(fix, mode=mode, size=size)
+    fixed = check_dataset(fix, mode=mode, size=size, trigger=trigger_word, tokens=tokens)
     if json:
         _print_json(dict(report=report.to_dict(), fixed=dict(output=str(prepared.output), written=[p.name for p in prepared.written],
                                                             skipped=[dict(file=n, reason=r) for n, r in prepared.skipped], report=fixed.to_dict())))

@@ -191,6 +191,8 @@ class TrainingSettings(SeedSettings):
     snr_gamma:Optional[float] = Field(None, ge=0.01, le=1e3, description="Min-SNR-gamma weighting of the instance loss (5.0 is the paper's and the diffusers examples' suggestion; kohya: min_snr_gamma); None: unweighted. Stable Diffusion families only")
     noise_offset:float = Field(0.0, ge=0.0, le=1.0, description="Add this much noise constant over each image and channel (0.05 to 0.1 lets a model learn very dark and very bright images); 0: none")
     trigger_word:Optional[str] = Field(None, min_length=1, max_length=100, description="The token captions are built around (e.g. sks): {trigger} or [trigger] in a caption becomes it, and a caption without it gets it in front")
+    shuffle_caption:bool = Field(False, description="Train each example on one of up to 8 orders of its caption's comma-separated tags (kohya's shuffle_caption), so no tag's place is learnt")
+    keep_tokens:int = Field(0, ge=0, le=64, description="With shuffle_caption: keep the first this many tags in place (kohya's keep_tokens; 1 keeps a leading trigger word first)")
     caption_dropout_rate:float = Field(0.0, ge=0.0, le=1.0, description="Train this fraction of instance examples on the empty prompt instead of their caption (kohya's caption_dropout_rate); 0: never")
     max_grad_norm:float = Field(1.0, ge=1e-6, le=1e6, description="Gradient clipping norm")
     adam_beta1:float = Field(0.9, ge=0.0, le=0.999999, description="AdamW beta1")

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/dataset.html.md"""
 
 # %% ../nbs/01_dataset.ipynb #74794af8
 from __future__ import annotations
-import base64, html, io, json, re, shutil, textwrap, warnings
+import base64, html, io, json, math, re, shutil, textwrap, warnings, zlib
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -16,9 +16,9 @@ from .results import file_sha256
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry',
-           'read_dataset', 'caption_beside', 'with_trigger', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats',
-           'ImageInfo', 'inspect_image', 'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'crop_square',
-           'prepare_dataset']
+           'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions', 'perceptual_hash', 'hamming',
+           'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb', 'DatasetReport',
+           'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -93,6 +93,17 @@ def with_trigger(caption:str, trigger:str|None) -> str:
     if not trigger: return caption
     for p in TRIGGER_PLACEHOLDERS: caption = caption.replace(p, trigger)
     return caption if re.search(rf'(?<!\w){re.escape(trigger)}(?!\w)', caption) else f"{trigger}, {caption}"
+
+def shuffled_captions(caption:str, keep_tokens:int=0, n:int=8, seed:int=0) -> list[str]:
+    "Up to `n` different orders of `caption`'s comma-separated tags, the first `keep_tokens` kept in place (kohya's `shuffle_caption` and `keep_tokens`): the caption's own order first, the others drawn by `seed`"
+    tags = [t.strip() for t in caption.split(',') if t.strip()]
+    head, tail = tags[:keep_tokens], tags[keep_tokens:]
+    out, rng = [', '.join(tags)], np.random.default_rng([seed, zlib.crc32(caption.encode())])
+    want = min(n, math.factorial(min(len(tail), 10)))
+    for _ in range(20 * n):
+        if len(out) >= want: break
+        if (c := ', '.join(head + [tail[i] for i in rng.permutation(len(tail))])) not in out: out.append(c)
+    return out
 
 # %% ../nbs/01_dataset.ipynb #6bddcb96
 _DCT32 = np.cos(np.pi * np.outer(np.arange(32), 2*np.arange(32) + 1) / 64)
@@ -308,12 +319,21 @@ def _colour_findings(infos:list[ImageInfo]) -> list[Finding]:
                                    'keep the colouring consistent across a style dataset: replace or recolour it'))
     return out
 
-def _caption_findings(infos:list[ImageInfo]) -> list[Finding]:
-    "Captions that will not say what the user meant: empty ones, images without one beside images with one, one caption for all"
+def _caption_findings(infos:list[ImageInfo], trigger:str|None=None, tokens=None) -> list[Finding]:
+    "Captions that will not say what the user meant: empty ones, images without one beside images with one, one caption for all, one without the `trigger` word, one longer than the text encoder reads (`tokens`: (count, limit, encoder name) of a text)"
     usable = [i for i in infos if i.usable]
     given = [i.entry.caption for i in usable if i.entry.caption is not None]
     if not given: return []  # no captions at all: every image trains on the training prompt, as intended
-    out = [Finding('warning', 'caption', i.name, 'has an empty caption: it trains on the training prompt', 'write what the photo shows, with the instance token, or delete the empty caption')
+    out = []
+    for i in usable:
+        if not i.entry.caption: continue
+        if trigger and with_trigger(i.entry.caption, trigger) != i.entry.caption.replace('{trigger}', trigger).replace('[trigger]', trigger):
+            out.append(Finding('info', 'caption', i.name, f"its caption does not name the trigger word {trigger!r}: it trains as {with_trigger(i.entry.caption, trigger)!r}",
+                               f"put {trigger} where it reads naturally (or {{trigger}}), e.g. \"a photo of {trigger} dog on a beach\""))
+        if tokens and (got := tokens(with_trigger(i.entry.caption, trigger)))[0] > got[1]:
+            out.append(Finding('warning', 'caption', i.name, f"its caption is {got[0]} tokens and {got[2]} reads {got[1]}: the rest is cut off",
+                               'shorten it: the subject and what differs in this photo first'))
+    out += [Finding('warning', 'caption', i.name, 'has an empty caption: it trains on the training prompt', 'write what the photo shows, with the instance token, or delete the empty caption')
            for i in usable if i.entry.caption == '']
     out += [Finding('warning', 'caption', i.name, f"has no caption while {len(given)} other image{'s'*(len(given)>1)} do: it trains on the training prompt",
                     f"add a caption ({Path(i.name).stem}.txt beside it, or in the manifest)") for i in usable if i.entry.caption is None]
@@ -401,8 +421,8 @@ def _html_report(r:DatasetReport) -> str:
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 # %% ../nbs/01_dataset.ipynb #c7c3562a
-def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
-    "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'"
+def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None) -> DatasetReport:
+    "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives)"
     if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
     if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
     entries, findings = read_dataset(path)
@@ -412,7 +432,7 @@ def check_dataset(path, mode:str='object', size:int=512) -> DatasetReport:
         except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
             info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
         infos.append(info); findings += fs
-    findings += _duplicate_findings(infos) + _caption_findings(infos)
+    findings += _duplicate_findings(infos) + _caption_findings(infos, trigger, tokens)
     if mode == 'style': findings += _colour_findings(infos)
     if entries or not any(f.severity == 'error' for f in findings): findings += _count_findings(infos)  # else the dataset's own error says it
     order = {s: i for i, s in enumerate(SEVERITIES)}

@@ -13,9 +13,9 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
            'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
-           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'denoiser_inputs', 'noised',
-           'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
-           'assemble_pipeline', 'prompt_kwargs']
+           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'prompt_tokens',
+           'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
+           'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -167,6 +167,18 @@ def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:i
     r = resolution  # size and crop conditioning: original size, crop corner, target size of the square training crop
     time_ids = torch.tensor([r, r, 0, 0, r, r], device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device
     return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype), time_ids=time_ids)  # pooled: the second encoder's projected output
+
+# %% ../nbs/00a_families.ipynb #d14bd92c
+def prompt_tokens(model:str, revision:str='main', family:Family|None=None, cached_only:bool=False):
+    "A function of a text giving (its tokens, how many the conditioning text encoder of `model` reads, that encoder's name), or None when the tokenizer cannot be read"
+    from transformers import AutoTokenizer
+    family = family or model_family(model, revision, cached_only).family
+    sub, name = ('tokenizer_2', 'T5') if family.key == 'flux' else ('tokenizer', 'CLIP')
+    kw = {} if Path(model).expanduser().is_dir() else dict(revision=revision)
+    try: tok = AutoTokenizer.from_pretrained(model, subfolder=sub, local_files_only=cached_only, **kw)
+    except (OSError, ValueError): return None
+    limit = min(tok.model_max_length, 512)  # as `encode_text` reads it
+    return lambda text: (len(tok(text).input_ids), limit, name)
 
 # %% ../nbs/00a_families.ipynb #step
 FLUX_GUIDANCE = 3.5 # the guidance embedding's value while training FLUX.1 [dev] (diffusers' example's default)

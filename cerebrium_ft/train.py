@@ -13,9 +13,9 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, check_dataset, crop_square, to_upright_rgb, with_trigger
+from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, check_dataset, crop_square, shuffled_captions, to_upright_rgb, with_trigger
 from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, load_parts,
-                                   model_family, noised, pipeline_class, predict, prompt_kwargs, sampling_scheduler, snr_weights, text_encoders)
+                                   model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, snr_weights, text_encoders)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, write_atomic, write_kohya, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -23,12 +23,12 @@ from .speed import DeviceError, precision_dtype, resolve_device, resolve_precisi
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CHECKPOINT_OVERHEAD',
-           'METRIC_FIELDS', 'SCORE_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches', 'preflight', 'load_models',
-           'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss', 'make_optimizer', 'save_checkpoint',
-           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
-           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train',
-           'fresh_accelerator', 'Training']
+__all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
+           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches',
+           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
+           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split',
+           'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora',
+           'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -38,6 +38,7 @@ KEEP_CHECKPOINTS = 2 # resumable states kept: the newest and the one before (sho
 HELDOUT_DRAWS = 4 # noise draws (a timestep and its noise) per image when a checkpoint is scored
 HELDOUT_CLASS_IMAGES = 8 # class images the prior part of a checkpoint's score is computed on
 VALIDATION_GRID = 'grid.png' # each validation's images in one: a row per prompt
+CAPTION_ORDERS = 8 # with shuffle_caption, the orders of each caption's tags encoded (once) and drawn from at each step
 
 # %% ../nbs/04_train.ipynb #458358da
 def plan_steps(n_instance:int, n_class:int, s:TrainingSettings) -> dict:
@@ -64,7 +65,7 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
-    report = check_dataset(spec.dataset, size=s.resolution or model.resolution)
+    report = check_dataset(spec.dataset, size=s.resolution or model.resolution, trigger=s.trigger_word, tokens=prompt_tokens(spec.hf_model_path, spec.revision, model.family))
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
     if s.holdout_images >= len(report.usable):
@@ -433,6 +434,8 @@ class Training:
         self.weight_dtype = precision_dtype(self.precision)
         if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         self.model = model_family(spec.hf_model_path, spec.revision)
+        for f in report.findings:
+            if f.severity == 'warning': log.warning(f"dataset: {f.file + ': ' if f.file else ''}{f.message} ({f.fix})")
         if self.heldout: log.info(f"held out of training to score checkpoints on: {', '.join(i.name for i in self.heldout)} (holdout_images {len(self.heldout)})")
         log.info(f"job {spec.name}: {len(self.inst)} instance images, model {spec.hf_model_path}@{spec.revision} ({self.model.family.name}, "
                  f"{self.model.prediction}), {device.type}, precision {self.precision}")
@@ -494,7 +497,9 @@ def encode_inputs(self:Training):
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: with_trigger(i.entry.caption, s.trigger_word) if i.entry.caption else spec.training_prompt
     images = self.inst + self.heldout  # the held-out ones last: the training images crop as they would with none held out
-    prompts = sorted({caption(i) for i in images} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
+    orders = [shuffled_captions(caption(i), s.keep_tokens, CAPTION_ORDERS, s.seed) if s.shuffle_caption else [caption(i)] for i in images]
+    if s.shuffle_caption: log.info(f"shuffle_caption: {sum(map(len, orders))} orders of the {len(images)} captions' tags encoded (keep_tokens {s.keep_tokens})")
+    prompts = sorted({p for o in orders for p in o} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
     if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
@@ -504,13 +509,14 @@ def encode_inputs(self:Training):
     n = len(prompts)
     self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
     self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
-    prompt_of = torch.tensor([prompts.index(caption(i)) for i in images], device=device)
+    width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
+    prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     mean, std = encode_images(vae, load_pixels([i.entry.path for i in images], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
     n, self.scaling, self.shift = len(self.inst), vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
     self.inst_mean, self.inst_std, self.inst_prompt = mean[:n], std[:n], prompt_of[:n]
     fixed = lambda d: ((d[:, 0] - self.shift) * self.scaling).repeat_interleave(HELDOUT_DRAWS, 0)  # each image's unflipped mean latent, once per draw
     scored = slice(n, None) if self.heldout else slice(0, n)
-    self.score_inst, self.score_prior = (fixed(mean[scored]), prompt_of[scored].repeat_interleave(HELDOUT_DRAWS)), None
+    self.score_inst, self.score_prior = (fixed(mean[scored]), prompt_of[scored, 0].repeat_interleave(HELDOUT_DRAWS)), None  # scored on each caption as written
     if self.cls_paths:
         self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
@@ -580,7 +586,9 @@ def backward(self:Training, ii, ci) -> tuple:
     "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii]
+    latents, orders = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii]
+    pick = torch.randint(0, orders.shape[1], (len(ii),), generator=self.gen, device=self.gen.device) if s.shuffle_caption else torch.zeros_like(ii)
+    prompt = orders.gather(1, pick[:, None])[:, 0]  # each example's caption, in the order drawn for it
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)

@@ -28,3 +28,16 @@ def test_benchmark_runs_sdxl_and_flux_beside_their_reference():
         assert [l.split()[1] for l in lines] == ['ours', 'reference'], r.stdout
         assert 'denoiser' in lines[0] and 'GFLOP a step' in lines[0]
     assert r.stdout.count('ours/ref') == 2
+
+def test_benchmark_quality_mode_prints_learning_beside_the_reference():
+    "--quality: both trainers on the same data, steps and learning rate; one evaluator measures each kept LoRA; the figures are printed, never asserted"
+    script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
+    r = subprocess.run([sys.executable, script, '--quality', '--models', 'tiny', '--steps', '20', '--every', '5', '--lr', '1e-3', '--prior', '4',
+                        '--ours-args', '{"use_8bit_adam": false}'],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    rows = {l.split()[0] + (' snr' if ' snr 5 ' in l else ''): l for l in r.stdout.splitlines() if l.startswith(('reference ', 'ours '))}
+    assert set(rows) == {'reference', 'ours', 'ours snr'}, r.stdout
+    assert all(len(l.split()) >= 7 and ':' in l.split()[-1] for l in rows.values()), r.stdout  # optimizer, held-out loss, class drift, job time, time to quality, the curve
+    assert rows['ours'].split()[2] == rows['ours snr'].split()[4] == 'AdamW'  # --ours-args reached our runs (8-bit AdamW otherwise)
+    assert "target: ours reaches the reference's final held-out loss" in r.stdout

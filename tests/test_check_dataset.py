@@ -94,3 +94,15 @@ def test_bad_arguments(tmp_path, cli, args, status, message):
 def test_missing_path(tmp_path, cli):
     r = cli('check-dataset', tmp_path/'nowhere')
     assert r.returncode == 1 and 'does not exist' in r.stdout and 'Traceback' not in r.stderr
+
+def test_captions_against_the_trigger_word_and_the_models_text_encoder(tmp_path, cli, tiny_model):
+    "--trigger-word says which captions lack it; --model counts each caption's tokens with the model's own tokenizer (CLIP reads 77)"
+    photos = make_subject_images(tmp_path/'p', n=10, size=64)
+    for k, p in enumerate(photos): p.with_suffix('.txt').write_text(f"a photo of sks robot, view {k}")
+    photos[0].with_suffix('.txt').write_text('a photo of a robot on a beach')
+    photos[1].with_suffix('.txt').write_text('a photo of sks robot ' + 'in deep snow ' * 30)
+    r = cli('check-dataset', tmp_path/'p', '--model', tiny_model, '--trigger-word', 'sks', '--json')
+    found = {(f['file'], f['severity'], f['message'].split(':')[0].split(' tokens')[0]) for f in json.loads(r.stdout)['findings'] if f['code'] == 'caption'}
+    assert r.returncode == 0 and {(photos[0].name, 'info', "its caption does not name the trigger word 'sks'")} <= found, found
+    assert any(f == photos[1].name and s == 'warning' and m.startswith('its caption is') for f, s, m in found), found
+    assert len(found) == 2, found  # the other eight say nothing

@@ -442,3 +442,20 @@ def test_validation_with_several_prompts_a_negative_prompt_guidance_and_steps(da
         [(p, str(42 + i), 'blurry', '3') for p in prompts for i in range(2)]
     assert Image.open(out/'validation'/'epoch_0001'/'grid.png').size == (128, 128)  # a row of 2 per prompt
     assert 'grid.png' not in {p.name for p in RunDir(out).validation_images()}
+
+def test_shuffle_caption_trains_on_orders_of_the_tags_keeping_the_first(model, data, tmp_path, monkeypatch):
+    "shuffle_caption: each example trains on one of its caption's tag orders, drawn each step; keep_tokens 1 keeps the trigger tag first"
+    import shutil
+    d = tmp_path/'tagged'; shutil.copytree(data, d)
+    caption = 'sks robot, red paint, on a beach, at sunset, smiling'
+    for k in range(6): (d/f'robot_{k:02d}.txt').write_text(caption)
+    encoded, batches, encode, loss = [], [], T.encode_text, T.denoising_loss
+    monkeypatch.setattr(T, 'encode_text', lambda family, m, prompts, *a, **k: encoded.append((list(prompts), encode(family, m, prompts, *a, **k))) or encoded[-1][1])
+    monkeypatch.setattr(T, 'denoising_loss', lambda net, sched, latents, cond, *a, **k: (torch.is_grad_enabled() and batches.append(cond['embeds'])) or loss(net, sched, latents, cond, *a, **k))
+    T.train(spec(model, d, training_args=dict(max_train_steps=12, num_validation_images=0, mixed_precision='no', shuffle_caption=True, keep_tokens=1)),
+            tmp_path/'run', progress=False)
+    prompts, cond = encoded[0]
+    used = [prompts[next(j for j in range(len(prompts)) if torch.equal(row, cond['embeds'][j]))] for b in batches for row in b]
+    assert len(set(used)) >= 4, used  # several orders trained on, not one
+    assert all(u.startswith('sks robot, ') and sorted(u.split(', ')) == sorted(caption.split(', ')) for u in used)  # the same tags, the kept one first
+    assert 'shuffle_caption: 48 orders of the 6 captions' in (tmp_path/'run'/'logs.txt').read_text()

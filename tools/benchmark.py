@@ -91,13 +91,14 @@ def reference(args):
     model, res = _build(args.model, root)
     family = model_family(str(model)).family
     res = args.resolution or res or 512
-    make_subject_images(root/'data', n=12, size=max(res, 512))
+    data = Path(args.data) if args.data else root/'data'
+    if not args.data: make_subject_images(data, n=12, size=max(res, 512))
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0); random.seed(0)
     if family.key in ('sdxl', 'flux'): return reference_sdxl_flux(args, family, model, res, root, device)
     t0 = time.perf_counter()
-    class_files = []
-    if args.prior:
+    class_files = sorted(Path(args.class_dir).glob('*.png')) if args.class_dir else []
+    if args.prior and not class_files:
         gen_dtype = precision_dtype(args.reference_precision)
         pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False, torch_dtype=gen_dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
@@ -120,14 +121,14 @@ def reference(args):
     unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=['to_k', 'to_q', 'to_v', 'to_out.0']))
     cast_training_params(unet, dtype=torch.float32)  # as the example: the LoRA trains in fp32
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-4)
+    opt = torch.optim.AdamW(params, lr=args.lr)
     lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
-    inst = sorted((root/'data').glob('*.jpg'))
+    inst = sorted(data.glob('*.jpg'))
     def pixels(path):
         im = Image.open(path).convert('RGB'); w, h = im.size; s = min(w, h)
         im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
         return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-    stamps = []
+    stamps, snapshots = [], []
     for step in range(args.steps):
         files = random.sample(inst, args.batch) + (random.sample(class_files, args.batch) if class_files else [])
         prompts = ['a photo of sks robot'] * args.batch + ['a photo of a robot'] * (len(files) - args.batch)
@@ -144,8 +145,11 @@ def reference(args):
             loss = F.mse_loss(p.float(), n.float()) + F.mse_loss(pp.float(), pn.float())
         else: loss = F.mse_loss(pred.float(), noise.float())
         _reference_step(loss, params, opt, lr_sched, stamps)
+        if args.every and ((step + 1) % args.every == 0 or step + 1 == args.steps):  # the quality mode's snapshots, each with the job's time so far
+            snapshots.append((round(stamps[-1] - t0, 3), step + 1, str(root/'out'/f"step_{step + 1:06d}")))
+            StableDiffusionPipeline.save_lora_weights(snapshots[-1][2], unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
     StableDiffusionPipeline.save_lora_weights(root/'out', unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
-    _print_reference(args, res, t0, stamps, len(class_files), device)
+    _print_reference(args, res, t0, stamps, len(class_files), device, snapshots=snapshots)
 
 def _reference_step(loss, params, opt, lr_sched, stamps):
     "The example's step after the loss: backward, clipping at 1.0, AdamW and schedule steps, the loss read back for the progress bar"
@@ -156,14 +160,14 @@ def _reference_step(loss, params, opt, lr_sched, stamps):
     loss.detach().item()
     stamps.append(time.perf_counter())
 
-def _print_reference(args, res, t0, stamps, class_images, device):
+def _print_reference(args, res, t0, stamps, class_images, device, **extra):
     "The reference run's figures, as JSON"
     import torch
     w = min(args.warmup, len(stamps) - 2)
     out = dict(model=args.model, trainer='reference', device=device.type, resolution=res, batch=args.batch, steps=args.steps,
                wall_s=round(time.perf_counter() - t0, 2), steps_per_s=round((len(stamps) - 1 - w) / (stamps[-1] - stamps[w]), 3),
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), optimizer='AdamW', class_images=class_images,
-               precision=args.reference_precision, sampler=args.reference_sampler)
+               precision=args.reference_precision, sampler=args.reference_sampler, **extra)
     if device.type == 'cuda': out['peak_allocated_mb'] = round(torch.cuda.max_memory_allocated() / 2**20)
     print(json.dumps(out))
 
@@ -185,8 +189,8 @@ def reference_sdxl_flux(args, family, model, res, root, device):
     from cerebrium_ft.speed import precision_dtype
     t0 = time.perf_counter()
     dtype = precision_dtype(args.reference_precision)
-    class_files = []
-    if args.prior:
+    class_files = sorted(Path(args.class_dir).glob('*.png')) if args.class_dir else []
+    if args.prior and not class_files:
         pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype).to(device); pipe.set_progress_bar_config(disable=True)
         sampler_kw = {}
         if args.reference_sampler == 'dpm25':  # ours: DPM-Solver++ (FLUX.1: its flow-matching Euler) at 25 steps
@@ -208,7 +212,7 @@ def reference_sdxl_flux(args, family, model, res, root, device):
     opt = torch.optim.AdamW(params, lr=1e-4)
     lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
     sched, gen = m['noise_scheduler'], torch.Generator(device).manual_seed(0)
-    inst = sorted((root/'data').glob('*.jpg'))
+    inst = sorted((Path(args.data) if args.data else root/'data').glob('*.jpg'))
     def pixels(path):
         im = Image.open(path).convert('RGB'); w, h = im.size; s = min(w, h)
         im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
@@ -309,10 +313,108 @@ def matmul_ceiling(device, dtype) -> float:
         a @ b; sync(); t = time.perf_counter(); a @ b; sync(); best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
+QUALITY_DRAWS = 8 # noise draws (a timestep and its noise) per image when a LoRA's losses are measured
+
+def quality_child(args):
+    "Our trainer on the quality mode's data, a usable LoRA kept every `--every` steps or so; its snapshots (job time so far, step, LoRA folder) as JSON"
+    import torch
+    from cerebrium_ft import train as T
+    from cerebrium_ft.config import JobSpec
+    import logging; logging.getLogger('cerebrium_ft').setLevel(logging.WARNING)
+    root = Path(tempfile.mkdtemp(prefix='cft-quality-'))
+    model, res = _build(args.model, root)
+    n_class = len(list(Path(args.class_dir).glob('*.png'))) if args.class_dir else 0
+    prior = dict(prior_class_prompt='a photo of a robot', prior_class_image_dir=args.class_dir, num_prior_class_images=n_class) if n_class else {}
+    n = len(list(Path(args.data).glob('*.jpg')))
+    per_epoch = -(-max(n, n_class) // args.batch)
+    spec = JobSpec('quality', str(model), args.data, 'a photo of sks robot', **prior, training_args=dict(
+        resolution=args.resolution or res, train_batch_size=args.batch, max_train_steps=args.steps, learning_rate=args.lr, num_validation_images=0,
+        validation_epochs=max(1, args.every // per_epoch), checkpointing_steps=10**6, mixed_precision=args.precision, snr_gamma=args.snr_gamma,
+        **json.loads(args.ours_args or '{}')))
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    out = T.train(spec, root/'run', device=str(device), progress=False)
+    elapsed = {int(r['step']): float(r['elapsed_s']) for r in T.MetricsLog.read(out/'metrics.csv')}
+    m = json.loads((out/'manifest.json').read_text())
+    snaps = [(elapsed[c['step']], c['step'], str((out/c['weights']).parent)) for c in m['checkpoints'] if c['weights']]
+    print(json.dumps(dict(trainer='ours', precision=m['precision'], optimizer=m['optimizer'], snapshots=snaps, best=m['best'], wall_s=m['train_seconds'])))
+
+def measure(model:str, lora:str|None, images:list, prompt:str, res:int, seed:int=1234) -> float:
+    "The mean denoising loss of `images` under `prompt` with the LoRA in folder `lora` (None: the base model), on fixed draws: plain diffusers, none of the trainers' code"
+    import numpy as np, torch
+    from PIL import Image
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+    if lora: pipe.load_lora_weights(lora)
+    def px(f):
+        im = Image.open(f).convert('RGB'); w, h = im.size; s = min(w, h)
+        im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
+        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    g, total = torch.Generator().manual_seed(seed), []
+    with torch.no_grad():
+        latents = pipe.vae.encode(torch.stack([px(f) for f in images])).latent_dist.mean * pipe.vae.config.scaling_factor
+        ids = pipe.tokenizer([prompt], padding='max_length', max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors='pt').input_ids
+        emb = pipe.text_encoder(ids)[0]
+        sched = DDPMScheduler.from_config(pipe.scheduler.config)  # the training noise schedule
+        for x in latents.repeat_interleave(QUALITY_DRAWS, 0).split(8):
+            noise = torch.randn(x.shape, generator=g)
+            t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=g)
+            pred = pipe.unet(sched.add_noise(x, noise, t), t, emb.expand(len(x), -1, -1)).sample
+            target = noise if sched.config.prediction_type == 'epsilon' else sched.get_velocity(x, noise, t)
+            total += ((pred - target) ** 2).mean(dim=(1, 2, 3)).tolist()
+    return sum(total) / len(total)
+
+def quality(args):
+    """--quality: our trainer and the reference loop on the same model, data, steps and learning rate; each LoRA kept along the way is
+    measured by one evaluator (plain diffusers) on fixed noise and timesteps: the held-out instance loss, the class prompt's loss drift,
+    and the time each trainer took to reach the reference's final held-out loss"""
+    import shutil
+    from cerebrium_ft.testing import make_subject_images
+    name = args.models.split(',')[0]
+    if name not in ('tiny', 'sd15-cpu', 'sd15'): raise SystemExit("--quality measures the Stable Diffusion 1.x presets: tiny, sd15-cpu or sd15")
+    root = Path(tempfile.mkdtemp(prefix='cft-quality-'))
+    model, res = _build(name, root)
+    res = args.resolution or res
+    photos = make_subject_images(root/'all', n=12, size=max(res, 512))
+    (root/'data').mkdir()
+    for p in photos[:10]: shutil.copy(p, root/'data'/p.name)
+    heldout = photos[10:]  # two photos no trainer sees
+    class_dir = None
+    if args.prior:
+        import torch
+        from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+        pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, requires_safety_checker=False)
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config); pipe.set_progress_bar_config(disable=True)
+        class_dir = root/'class'; class_dir.mkdir()
+        for i in range(args.prior): pipe('a photo of a robot', height=res, width=res, num_inference_steps=25, generator=torch.Generator().manual_seed(i)).images[0].save(class_dir/f"{i:04d}.png")
+    class_images = sorted(class_dir.glob('*.png'))[:8] if class_dir else photos[:0]
+    every = args.every or max(1, args.steps // 8)
+    common = argparse.Namespace(**{**vars(args), 'every': every, 'data': str(root/'data'), 'class_dir': str(class_dir) if class_dir else None, 'resolution': res})
+    runs = [('reference', _run(name, 'reference', common)), ('ours', _run(name, 'quality', common))]
+    if not args.no_snr: runs.append(('ours snr 5', _run(name, 'quality', argparse.Namespace(**{**vars(common), 'snr_gamma': 5.0}))))
+    base_held, base_cls = measure(str(model), None, heldout, 'a photo of sks robot', res), (measure(str(model), None, class_images, 'a photo of a robot', res) if class_dir else None)
+    print(f"cerebrium-ft quality benchmark: {name}, {res} px, {args.steps} steps, lr {args.lr:g}, batch {args.batch}, {args.prior} class images; "
+          f"10 photos trained on, 2 held out; {QUALITY_DRAWS} fixed draws per image; base model held-out loss {base_held:.5f}")
+    results = {}
+    for label, o in runs:
+        curve = [(t, step, measure(str(model), lora, heldout, 'a photo of sks robot', res)) for t, step, lora in o['snapshots']]
+        drift = measure(str(model), o['snapshots'][-1][2], class_images, 'a photo of a robot', res) - base_cls if class_dir else None
+        results[label] = (curve, drift, o)
+    ref_curve = results['reference'][0]
+    target, ref_t = ref_curve[-1][2], ref_curve[-1][0]
+    print(f"{'trainer':12} {'precision':9} {'optimizer':10} {'held-out':>9} {'class drift':>11} {'job s':>6} {'time to ref final':>17}  curve (step: held-out loss)")
+    for label, (curve, drift, o) in results.items():
+        reach = next((t for t, _, l in curve if l <= target), None)
+        when = f"{reach:.1f} s ({reach / ref_t:.2f}x)" if reach is not None else 'not reached'
+        print(f"{label:12} {o.get('precision', 'no').replace('no', 'fp32'):9} {o['optimizer']:10} {curve[-1][2]:>9.5f} {'-' if drift is None else f'{drift:+.5f}':>11} {curve[-1][0]:>6.1f} {when:>17}  "
+              + ' '.join(f"{s}:{l:.4f}" for _, s, l in curve))
+    print(f"target: ours reaches the reference's final held-out loss ({target:.5f}, at {ref_t:.1f} s) in at most 0.5x its time, with class drift no worse. "
+          "Random-weight models: these figures say whether the loop learns as fast as the reference's, not how good a LoRA of a real model looks.")
+
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
     flags = sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
-                 if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision', 'reference_sampler') and v is not None), [])
+                 if k in ('steps', 'warmup', 'batch', 'resolution', 'device', 'prior', 'precision', 'reference_precision', 'reference_sampler',
+                          'lr', 'every', 'data', 'class_dir', 'snr_gamma', 'ours_args') and v is not None), [])
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -334,10 +436,19 @@ def main():
     ap.add_argument('--no-like-for-like', action='store_true', help="skip the reference run in our precision and with our class-image sampler")
     ap.add_argument('--no-fp32-check', action='store_true', help="skip the run of our trainer in fp32 that checks the loss curve is unchanged")
     ap.add_argument('--no-reference', action='store_true', help="only our trainer")
+    ap.add_argument('--quality', action='store_true', help="measure learning instead of speed: held-out loss, class drift and time to the reference's final held-out loss")
+    ap.add_argument('--lr', type=float, default=5e-4, help="learning rate of both trainers (5e-4: the seed's default)")
+    ap.add_argument('--every', type=int, default=0, help="--quality: keep a LoRA about every this many steps (default: steps / 8)")
+    ap.add_argument('--no-snr', action='store_true', help="--quality: skip the run of ours with snr_gamma 5")
+    ap.add_argument('--ours-args', default=None, help='--quality: more training settings for our runs, as JSON (e.g. \'{"use_8bit_adam": false}\')')
     ap.add_argument('--model', help=argparse.SUPPRESS)
     ap.add_argument('--trainer', default='ours', help=argparse.SUPPRESS)
+    ap.add_argument('--data', help=argparse.SUPPRESS)
+    ap.add_argument('--class-dir', help=argparse.SUPPRESS)
+    ap.add_argument('--snr-gamma', type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model: return (child if args.trainer == 'ours' else reference)(args)
+    if args.model: return {'ours': child, 'reference': reference, 'quality': quality_child}[args.trainer](args)
+    if args.quality: return quality(args)
     print(f"cerebrium-ft training benchmark: {args.steps} steps, batch {args.batch}, {args.prior} class images, {os.cpu_count()} CPUs")
     print("reference: a baseline loop doing the diffusers DreamBooth-LoRA example's per-step work (the example script is not vendored)")
     head = f"{'model':10} {'trainer':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  notes"
