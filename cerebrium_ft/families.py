@@ -176,7 +176,7 @@ def prompt_tokens(model:str, revision:str='main', family:Family|None=None, cache
     sub, name = ('tokenizer_2', 'T5') if family.key == 'flux' else ('tokenizer', 'CLIP')
     kw = {} if Path(model).expanduser().is_dir() else dict(revision=revision)
     try: tok = AutoTokenizer.from_pretrained(model, subfolder=sub, local_files_only=cached_only, **kw)
-    except (OSError, ValueError): return None
+    except Exception: return None  # a missing file, a missing library (sentencepiece), anything: the length check is advice, never a reason not to train
     limit = min(tok.model_max_length, 512)  # as `encode_text` reads it
     return lambda text: (len(tok(text).input_ids), limit, name)
 
