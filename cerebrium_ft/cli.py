@@ -225,11 +225,9 @@ def sample_dataset_cmd(
 DEMO_PROMPT = "a photo of sks robot"
 
 def _grid(images, cols:int=4):
-    "diffusers' `make_image_grid` of `images`, `cols` wide, the last row filled out with white"
-    from diffusers.utils import make_image_grid
-    from PIL import Image
-    cols = min(cols, len(images)); rows = -(-len(images) // cols)
-    return make_image_grid(images + [Image.new('RGB', images[0].size, 'white')] * (rows * cols - len(images)), rows, cols)
+    "`images` in rows of `cols`, the last row filled out with white: the trainer's `image_grid`, as its validation grids are made"
+    from cerebrium_ft.train import image_grid
+    return image_grid([images[i:i + cols] for i in range(0, len(images), cols)])
 
 @command()
 def demo(

@@ -586,9 +586,10 @@ def backward(self:Training, ii, ci) -> tuple:
     "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    latents, orders = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii]
-    pick = torch.randint(0, orders.shape[1], (len(ii),), generator=self.gen, device=self.gen.device) if s.shuffle_caption else torch.zeros_like(ii)
-    prompt = orders.gather(1, pick[:, None])[:, 0]  # each example's caption, in the order drawn for it
+    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii, 0]
+    if s.shuffle_caption:  # each example's caption in an order drawn for it; without it, no draw and no gather in the step
+        pick = torch.randint(0, self.inst_prompt.shape[1], (len(ii),), generator=self.gen, device=self.gen.device)
+        prompt = self.inst_prompt[ii, pick]
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
