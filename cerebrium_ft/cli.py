@@ -17,7 +17,7 @@ from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
 from .config import SettingsError, spec_from_args
-from .dataset import check_dataset, prepare_dataset
+from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
 from .families import prompt_tokens, resolution_for
 from .client import ApiError, Client, best_summary, save_login
 from .results import ResultsError, atomic_path, choose_checkpoint, opened_results
@@ -105,7 +105,8 @@ def check_dataset_cmd(
     size:int=None, # The training resolution to check against (default: MODEL's own, else 512)
     model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1, and captions against its text encoder's length
     trigger_word:str=None, # The trigger word the captions are built around: says which captions lack it
-    fix:str=None, # Write the usable images, upright and cropped to SIZE x SIZE, to this new folder, then check it
+    fix:str=None, # Write the usable images, upright and cropped to SIZE x SIZE (or with --enable-bucket to their buckets), to this new folder, then check it
+    enable_bucket:bool=False, # Check against aspect-ratio buckets (training with enable_bucket) instead of square crops
     json:bool=False, # Print one JSON object instead of tables
 ) -> int:
     "Check a training dataset: exit status 0 when no finding is an error, 1 when one is"
@@ -114,15 +115,15 @@ def check_dataset_cmd(
         if not size: raise CliError(f"cannot read the configuration of --model {model}: give --size instead")
         if not json: print(f"checking at {size}x{size}, the resolution {model} was made for", file=sys.stderr)
     size = size or 512
-    tokens = prompt_tokens(model) if model else None
-    try: report = check_dataset(path, mode=mode, size=size, trigger=trigger_word, tokens=tokens)
+    tokens, buckets = prompt_tokens(model) if model else None, bucket_sizes(size) if enable_bucket else None
+    try: report = check_dataset(path, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets)
     except ValueError as e: raise CliError(f"--{e}") from None
     if fix is None:
         _print_json(report.to_dict()) if json else print(report)
         return 0 if report.ok else 1
-    try: prepared = prepare_dataset(path, fix, size=size, mode=mode)
+    try: prepared = prepare_dataset(path, fix, size=size, mode=mode, buckets=buckets)
     except ValueError as e: raise CliError(str(e)) from None
-    fixed = check_dataset(fix, mode=mode, size=size, trigger=trigger_word, tokens=tokens)
+    fixed = check_dataset(fix, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets)
     if json:
         _print_json(dict(report=report.to_dict(), fixed=dict(output=str(prepared.output), written=[p.name for p in prepared.written],
                                                             skipped=[dict(file=n, reason=r) for n, r in prepared.skipped], report=fixed.to_dict())))
@@ -412,7 +413,8 @@ def train_diffuser(
     if len(rest) == 4: api_key, rest = api_key or rest[0], rest[1:]
     model, dataset, prompt = rest
     spec = spec_from_args(name, model, dataset, prompt, **options)
-    report = check_dataset(dataset, size=spec.training_args.resolution or resolution_for(model, spec.revision))
+    size = spec.training_args.resolution or resolution_for(model, spec.revision)
+    report = check_dataset(dataset, size=size, buckets=training_buckets(spec.training_args, size))
     if not report.ok:
         print(report, file=sys.stderr)
         print(f"\ncerebrium-ft train-diffuser: the dataset has errors; nothing was uploaded. Fix them, or run: cerebrium-ft check-dataset {dataset} --fix NEW_FOLDER", file=sys.stderr)

@@ -203,6 +203,10 @@ class TrainingSettings(SeedSettings):
     lr_power:float = Field(1.0, ge=1e-3, le=100.0, description="Power of the polynomial schedule")
     random_flip:bool = Field(False, description="Also train on horizontally flipped images")
     center_crop:bool = Field(True, description="Centre crop (True) or random crop (False) to the resolution")
+    enable_bucket:bool = Field(False, description="Aspect-ratio bucketing (kohya's enable_bucket): each image trains at the bucket nearest its own aspect ratio, of about the resolution's pixel count, instead of cropped square")
+    bucket_reso_steps:int = Field(64, ge=8, le=512, description="With enable_bucket: bucket sides are multiples of this many pixels, a multiple of 8 (of 16 for FLUX.1)")
+    min_bucket_reso:Optional[int] = Field(None, ge=64, le=4096, description="With enable_bucket: the shortest bucket side in pixels; None: half the resolution")
+    max_bucket_reso:Optional[int] = Field(None, ge=64, le=8192, description="With enable_bucket: the longest bucket side in pixels; None: twice the resolution")
     gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")
     base_quantization:Literal[BASE_QUANTIZATIONS] = Field("none", description='"nf4" or "8bit": load the frozen base denoiser quantized by bitsandbytes and train the LoRA over it (QLoRA, CUDA only; FLUX.1 on a 24 GB GPU needs nf4)')
     sample_batch_size:int = Field(4, ge=1, le=256, description="Batch size when generating class images for prior preservation")
@@ -229,11 +233,17 @@ class TrainingSettings(SeedSettings):
             raise ValueError(f"each validation prompt must be 1 to 1000 characters; got {_short(bad)}")
         return v
 
-    @field_validator('resolution')
+    @field_validator('resolution', 'bucket_reso_steps')
     @classmethod
-    def _multiple_of_8(cls, v:int|None) -> int|None:
-        if v is not None and v % 8: raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {v//8*8} or {v//8*8+8}")
+    def _multiple_of_8(cls, v:int|None, info) -> int|None:
+        if v is not None and v % 8: raise ValueError(f"{info.field_name} must be a multiple of 8 (the VAE downsamples by 8); got {v}, try {max(8, v//8*8)} or {v//8*8+8}")
         return v
+
+    @model_validator(mode='after')
+    def _bucket_range(self):
+        if self.min_bucket_reso and self.max_bucket_reso and self.min_bucket_reso > self.max_bucket_reso:
+            raise SettingsError(f"min_bucket_reso {self.min_bucket_reso} is above max_bucket_reso {self.max_bucket_reso}: give the shorter side first")
+        return self
 
 # %% ../nbs/00_config.ipynb #95e5f322
 def setting_names() -> list[str]: return list(TrainingSettings.model_fields)

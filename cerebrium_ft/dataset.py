@@ -17,15 +17,15 @@ from .results import file_sha256
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry',
            'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions', 'perceptual_hash', 'hamming',
-           'sharpness', 'colour_stats', 'ImageInfo', 'inspect_image', 'to_upright_rgb', 'DatasetReport',
-           'check_dataset', 'Prepared', 'crop_square', 'prepare_dataset']
+           'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets', 'bucket_for', 'fit_bucket',
+           'inspect_image', 'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
 FORMATS = ('JPEG', 'PNG', 'WEBP')
 MIN_IMAGES, MAX_IMAGES = 10, 15
 MAX_PIXELS = 80_000_000 # more is refused as a possible decompression bomb, from the header alone
-MAX_ASPECT = 1.4 # longer/shorter side above this loses over 28% to the centre crop
+MAX_ASPECT = 1.4 # a crop that keeps less than 1/MAX_ASPECT of an image (a 1.4:1 photo cropped square loses 29%) is reported
 SIDECAR_SUFFIXES = {'.txt', '.json', '.md', '.csv', '.yaml', '.yml'} # not images: ignored, with a note
 UNUSABLE = {'empty', 'unreadable', 'corrupt', 'bomb', 'missing'} # codes of findings that drop a file
 
@@ -181,18 +181,50 @@ def _mode_finding(im:Image.Image, path:Path, name:str) -> Finding|None:
     if im.mode in ('L', '1'): return W('grayscale', 'is grayscale: the model learns a colourless subject', 'use colour photos')
     if im.mode != 'RGB': return W('mode', f"has the unusual colour mode {im.mode}", 'save it as RGB; --fix converts it')
 
+# %% ../nbs/01_dataset.ipynb #29870463
+def bucket_sizes(resolution:int, step:int=64, min_side:int|None=None, max_side:int|None=None) -> list[tuple[int, int]]:
+    "The (width, height) buckets for training at `resolution`: the square, and each width a multiple of `step` from `min_side` (default half the resolution) to `max_side` (default twice) with the longest height a multiple of `step` that keeps within `resolution`² pixels"
+    min_side, max_side = min_side or resolution // 2, max_side or resolution * 2
+    area, out = resolution * resolution, {(resolution, resolution)}
+    for w in range(-(-min_side // step) * step, max_side + 1, step):
+        h = min(max_side, area // w // step * step)
+        if h >= min_side: out.add((w, h))
+    return sorted(out, key=lambda b: (b != (resolution, resolution), b[0] / b[1]))
+
+def training_buckets(s, resolution:int) -> list|None:
+    "The buckets a run with `TrainingSettings` `s` trains in at `resolution` px (its `bucket_reso_steps`, `min_bucket_reso`, `max_bucket_reso`), or None when it crops square"
+    return bucket_sizes(resolution, s.bucket_reso_steps, s.min_bucket_reso, s.max_bucket_reso) if s.enable_bucket else None
+
+def bucket_for(size:tuple[int, int], buckets:list[tuple[int, int]]) -> tuple[int, int]:
+    "The bucket of `buckets` whose aspect ratio is nearest (in log ratio) that of an image of `size` (width, height); a tie goes to the larger"
+    ratio = math.log(size[0] / size[1])
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+def fit_bucket(im:Image.Image, bucket:tuple[int, int], rng:np.random.Generator|None=None) -> tuple[Image.Image, tuple[int, int]]:
+    "`im` scaled (Lanczos) to cover `bucket` (width, height) and cropped to it, centred or at a place drawn from `rng`; and the crop's (top, left) corner in the scaled image"
+    (w, h), (bw, bh) = im.size, bucket
+    cw, ch = (h * bw / bh, h) if w * bh >= h * bw else (w, w * bh / bw)  # the crop in the image's own pixels: its full height, or its full width
+    x, y = ((w - cw) / 2, (h - ch) / 2) if rng is None else (float(rng.uniform(0, w - cw)), float(rng.uniform(0, h - ch)))
+    scale = bw / cw
+    return im.resize(bucket, Image.Resampling.LANCZOS, box=(x, y, x + cw, y + ch), reducing_gap=3.0), (round(y * scale), round(x * scale))
+
 # %% ../nbs/01_dataset.ipynb #5ed34095
-def _size_findings(info:ImageInfo, target:int) -> list[Finding]:
-    "Findings for the upright size of a decoded image"
+def _size_findings(info:ImageInfo, target:int, buckets:list|None=None) -> list[Finding]:
+    "Findings for the upright size of a decoded image trained at `target` px: cropped square, or to its bucket of `buckets` when given"
     (w, h), name, out = info.size, info.name, []
-    if min(w, h) < target / 2:
-        out.append(Finding('warning', 'small', name, f"is only {w}x{h}: upscaling it to {target}x{target} trains on blur", f"use a photo at least {target} px on its short side"))
-    elif (w, h) != (target, target):
-        out.append(Finding('warning', 'size', name, f"is {w}x{h}, not {target}x{target}", f"--fix centre-crops and resizes it to {target}x{target}"))
-    if max(w, h) / min(w, h) > MAX_ASPECT:
-        lost = 1 - min(w, h) / max(w, h)
-        out.append(Finding('warning', 'aspect', name, f"has aspect ratio {max(w, h)/min(w, h):.2f}:1: a centre crop to square cuts {lost:.0%} of it",
-                           'crop it square yourself, around the subject'))
+    bw, bh = bucket_for((w, h), buckets) if buckets else (target, target)
+    scale = max(bw / w, bh / h)
+    if scale > 2:
+        out.append(Finding('warning', 'small', name, f"is only {w}x{h}: upscaling it to {bw}x{bh} trains on blur",
+                           f"use a photo at least {bw} px wide and {bh} px high" if buckets else f"use a photo at least {target} px on its short side"))
+    elif (w, h) != (bw, bh):
+        out.append(Finding('warning', 'size', name, f"is {w}x{h}, not {bw}x{bh}" + (' (its aspect-ratio bucket)' if buckets else ''), f"--fix centre-crops and resizes it to {bw}x{bh}"))
+    kept = bw * bh / (scale * scale * w * h)  # the share of the image the crop keeps
+    if kept * MAX_ASPECT < 1 - 1e-9:
+        ratio = f"has aspect ratio {max(w, h)/min(w, h):.2f}:1"
+        out.append(Finding('warning', 'aspect', name, f"{ratio}: cropped to its nearest bucket, {bw}x{bh}, it loses {1 - kept:.0%}", 'crop it yourself, around the subject, or allow longer buckets (max_bucket_reso)')
+                   if buckets else Finding('warning', 'aspect', name, f"{ratio}: a centre crop to square cuts {1 - kept:.0%} of it",
+                                           'crop it square yourself, around the subject, or train with enable_bucket (aspect-ratio buckets keep it whole)'))
     return out
 
 # %% ../nbs/01_dataset.ipynb #09929927
@@ -210,8 +242,8 @@ def _decode_small(im:Image.Image) -> Image.Image:
 # %% ../nbs/01_dataset.ipynb #7bd61531
 BLUR_THRESHOLD = 25.0 # sharpness below this is reported as blurred
 
-def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]]:
-    "Open, measure and check one dataset file; bad files give findings, never exceptions"
+def inspect_image(entry:Entry, target:int=512, buckets:list|None=None) -> tuple[ImageInfo, list[Finding]]:
+    "Open, measure and check one dataset file for training at `target` px (in aspect-ratio `buckets`, when given); bad files give findings, never exceptions"
     info, name, path = ImageInfo(entry), entry.name, entry.path
     E = lambda code, msg, fix: (info, [Finding('error', code, name, msg, fix)])
     if not path.is_file(): return E('missing', 'does not exist', 'fix the path in the manifest or add the file')
@@ -245,7 +277,7 @@ def inspect_image(entry:Entry, target:int=512) -> tuple[ImageInfo, list[Finding]
     if info.orientation != 1:
         findings.append(Finding('warning', 'orientation', name, f"is stored {_ROTATIONS.get(info.orientation, 'rotated')} (EXIF orientation {info.orientation}); tools that ignore EXIF train on it that way",
                                 '--fix writes it upright'))
-    findings += _size_findings(info, target)
+    findings += _size_findings(info, target, buckets)
     info.phash, info.sharpness, info.colour = perceptual_hash(up), sharpness(up), colour_stats(up)
     if info.sharpness < BLUR_THRESHOLD:
         findings.append(Finding('warning', 'blur', name, f"looks blurred (sharpness {info.sharpness:.0f}, below {BLUR_THRESHOLD:.0f})", 'replace it with a sharp photo of the subject'))
@@ -421,14 +453,14 @@ def _html_report(r:DatasetReport) -> str:
             f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 # %% ../nbs/01_dataset.ipynb #c7c3562a
-def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None) -> DatasetReport:
-    "Check the images in folder or JSON manifest `path` for training; `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives)"
+def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None) -> DatasetReport:
+    "Check the images in folder or JSON manifest `path` for training at `size` px (in aspect-ratio `buckets`, as `bucket_sizes` gives them, else square); `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives)"
     if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
     if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
     entries, findings = read_dataset(path)
     infos = []
     for e in entries:
-        try: info, fs = inspect_image(e, size)
+        try: info, fs = inspect_image(e, size, buckets)
         except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
             info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
         infos.append(info); findings += fs
@@ -447,20 +479,14 @@ class Prepared:
     written:list # paths written
     skipped:list # (name, reason) pairs
 
-def crop_square(im:Image.Image, size:int, rng:np.random.Generator|None=None) -> Image.Image:
-    "Crop `im` to a square, centred (or at a random place drawn from `rng`), and resize it to `size` with Lanczos"
-    w, h = im.size; s = min(w, h)
-    x, y = ((w - s) / 2, (h - s) / 2) if rng is None else (float(rng.uniform(0, w - s)), float(rng.uniform(0, h - s)))
-    return im.resize((size, size), Image.Resampling.LANCZOS, box=(x, y, x + s, y + s), reducing_gap=3.0)
-
-def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
-    "Write the usable images of dataset `src` to new folder `dst` as upright RGB `size`x`size` PNGs without metadata, each caption in a `.txt` beside its image"
+def prepare_dataset(src, dst, size:int=512, mode:str='object', buckets:list|None=None) -> Prepared:
+    "Write the usable images of dataset `src` to new folder `dst` as upright RGB PNGs without metadata, `size`x`size` (or each its bucket's size of `buckets`), each caption in a `.txt` beside its image"
     dst = Path(dst).expanduser()
     src_dir = Path(src).expanduser().resolve()
     src_dir = src_dir.parent if src_dir.is_file() else src_dir
     if dst.resolve() == src_dir: raise ValueError(f"{dst} is the source folder: give a new folder, so the originals stay as they are")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())): raise ValueError(f"{dst} already exists and is not an empty folder: give a new or empty folder")
-    report = check_dataset(src, mode=mode, size=size)
+    report = check_dataset(src, mode=mode, size=size, buckets=buckets)
     dst.mkdir(parents=True, exist_ok=True)
     written, skipped, names = [], [], set()
     for info in report.images:
@@ -473,7 +499,7 @@ def prepare_dataset(src, dst, size:int=512, mode:str='object') -> Prepared:
         k = 1
         while out.name in names: out, k = dst/f"{stem}-{k}.png", k + 1
         names.add(out.name)
-        with _open(info.entry.path) as im: clean = crop_square(to_upright_rgb(im), size)
+        with _open(info.entry.path) as im: clean, _ = fit_bucket(to_upright_rgb(im), bucket_for(info.size, buckets) if buckets else (size, size))
         Image.fromarray(np.asarray(clean)).save(out, 'PNG', optimize=False)
         written.append(out)
         if info.entry.caption: out.with_suffix('.txt').write_text(info.entry.caption + '\n', encoding='utf-8')  # the caption beside it

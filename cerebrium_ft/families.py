@@ -13,8 +13,8 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
            'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
-           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'prompt_tokens',
-           'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
+           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning',
+           'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
            'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
@@ -33,6 +33,7 @@ class Family:
     denoiser:str = 'unet'  # the pipeline part the LoRA trains: unet or transformer
     lora_targets:tuple = UNET_TARGETS  # the denoiser's modules that get a LoRA
     resolution:int = 512    # its usual training resolution in pixels, when the configuration does not say
+    pixel_multiple:int = 8  # an image's sides must be multiples of this: the VAE's downsampling, times 2 where latents are packed in 2x2 patches (FLUX.1)
     classes:tuple = ('UNet2DConditionModel', 'DDPMScheduler', None)  # the denoiser's and training scheduler's diffusers classes, the second text encoder's transformers class
     encoders = property(lambda f: 1 + (f.classes[2] is not None), doc="how many text encoders condition it")
 
@@ -41,7 +42,7 @@ FAMILIES = {f.key: f for f in [
     Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2', resolution=768),
     Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0', resolution=1024,
            classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection')),
-    Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024,
+    Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024, pixel_multiple=16,
            classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'))]}
 
 def trained_families() -> str:
@@ -152,7 +153,7 @@ def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
     with torch.no_grad(): return text_encoder(_ids(tokenizer, prompts).to(device))[0].to(dtype)
 
 def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512) -> dict:
-    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids'; for FLUX.1 'pooled'"
+    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids' (of a square image at `resolution`: `size_conditioning` gives an image's own); for FLUX.1 'pooled'"
     import torch
     if family.key in ('sd1', 'sd2'): return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
     if family.key == 'flux':
@@ -164,9 +165,13 @@ def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:i
     for tok, enc in text_encoders(m):
         with torch.no_grad(): out = enc(_ids(tok, prompts).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
-    r = resolution  # size and crop conditioning: original size, crop corner, target size of the square training crop
-    time_ids = torch.tensor([r, r, 0, 0, r, r], device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device
+    ids = size_conditioning(family, (resolution, resolution), (0, 0), (resolution, resolution))['time_ids']  # a square training image's, which the trainer replaces by each image's own
+    time_ids = torch.tensor(ids, device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device
     return dict(embeds=torch.cat(hidden, -1).to(dtype), pooled=out[0].to(dtype), time_ids=time_ids)  # pooled: the second encoder's projected output
+
+def size_conditioning(family:Family, original:tuple[int, int], crop:tuple[int, int], target:tuple[int, int]) -> dict:
+    "What a training image adds to its prompt's conditioning, from its `original` size, the (top, left) corner of its `crop` in the scaled image and the `target` size it trains at (each height first): SDXL's 'time_ids', as its pipeline and diffusers' example make them; nothing for the other families"
+    return dict(time_ids=[*original, *crop, *target]) if family.key == 'sdxl' else {}
 
 # %% ../nbs/00a_families.ipynb #d14bd92c
 def prompt_tokens(model:str, revision:str='main', family:Family|None=None, cached_only:bool=False):

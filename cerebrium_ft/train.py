@@ -7,15 +7,17 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
 import csv, gc, json, logging, math, random, shutil, time
+from dataclasses import dataclass
 from pathlib import Path
 from fastcore.basics import patch
 import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, check_dataset, crop_square, shuffled_captions, to_upright_rgb, with_trigger
+from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
 from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, load_parts,
-                                   model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, snr_weights, text_encoders)
+                                   model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, size_conditioning,
+                                   snr_weights, text_encoders)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, write_atomic, write_kohya, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
@@ -26,9 +28,9 @@ log = logging.getLogger('cerebrium_ft')
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
            'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches',
            'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
-           'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split',
-           'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora',
-           'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
+           'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock',
+           'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid',
+           'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -41,19 +43,22 @@ VALIDATION_GRID = 'grid.png' # each validation's images in one: a row per prompt
 CAPTION_ORDERS = 8 # with shuffle_caption, the orders of each caption's tags encoded (once) and drawn from at each step
 
 # %% ../nbs/04_train.ipynb #458358da
-def plan_steps(n_instance:int, n_class:int, s:TrainingSettings) -> dict:
-    "Batches per epoch, optimizer steps per epoch, total optimizer steps and epochs for a run"
-    examples = max(n_instance, n_class) if n_class else n_instance
-    batches = math.ceil(examples / s.train_batch_size)
+def plan_steps(n_instance:int, n_class:int, s:TrainingSettings, bucket_of=None) -> dict:
+    "Batches per epoch, optimizer steps per epoch, total optimizer steps and epochs for a run (whose instance images are in buckets `bucket_of`, when given)"
+    batches = len(epoch_batches(0, n_instance, n_class, s.train_batch_size, s.seed, bucket_of))  # the same count every epoch: each has the same examples
     per_epoch = math.ceil(batches / s.gradient_accumulation_steps)
     steps = s.max_train_steps if s.max_train_steps is not None else s.num_train_epochs * per_epoch
     return dict(batches_per_epoch=batches, steps_per_epoch=per_epoch, max_train_steps=steps, epochs=math.ceil(steps / per_epoch))
 
-def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:int) -> list:
-    "The (instance indices, class indices or None) of each batch of `epoch`: a shuffle that depends only on the seed and the epoch"
+def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:int, bucket_of=None) -> list:
+    "The (instance indices, class indices or None) of each batch of `epoch`: a shuffle that depends only on the seed and the epoch; with `bucket_of` (each instance image's bucket) each batch's instance images share a bucket"
     n = max(n_instance, n_class) if n_class else n_instance
     perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return [(b % n_instance, b % n_class if n_class else None) for b in (perm[i:i + batch_size] for i in range(0, n, batch_size))]
+    kinds = np.unique(bucket_of) if bucket_of is not None else [None]
+    groups = [perm] if len(kinds) == 1 else [perm[np.asarray(bucket_of)[perm % n_instance] == k] for k in kinds]
+    batches = [g[i:i + batch_size] for g in groups for i in range(0, len(g), batch_size)]
+    if len(groups) > 1: batches = [batches[k] for k in np.random.default_rng([seed, epoch, 1]).permutation(len(batches))]  # buckets interleaved
+    return [(b % n_instance, b % n_class if n_class else None) for b in batches]
 
 # %% ../nbs/04_train.ipynb #e7ac3a8a
 def preflight(spec:JobSpec, output_dir) -> DatasetReport:
@@ -65,7 +70,13 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
-    report = check_dataset(spec.dataset, size=s.resolution or model.resolution, trigger=s.trigger_word, tokens=prompt_tokens(spec.hf_model_path, spec.revision, model.family))
+    resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
+    for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
+        if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
+    if s.enable_bucket and not (s.min_bucket_reso or 0) <= resolution <= (s.max_bucket_reso or resolution):
+        raise TrainingError(f"the resolution, {resolution} px, must lie between min_bucket_reso and max_bucket_reso ({s.min_bucket_reso or 'none'} and {s.max_bucket_reso or 'none'}): widen them")
+    report = check_dataset(spec.dataset, size=resolution, trigger=s.trigger_word, tokens=prompt_tokens(spec.hf_model_path, spec.revision, model.family),
+                           buckets=training_buckets(s, resolution))
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
     if s.holdout_images >= len(report.usable):
@@ -92,15 +103,18 @@ def load_models(model:str, revision:str='main', family:Family|None=None, quantiz
         raise TrainingError(f"could not load the model {model} (revision {revision}): {e}") from None
 
 # %% ../nbs/04_train.ipynb #790c4e7b
-def load_pixels(paths:list, resolution:int, center_crop:bool=True, seed:int=0):
-    "Images at `paths` as a float tensor [N, 3, R, R] in [-1, 1]: upright RGB, cropped square (centred or at a seeded random place), resized"
+def load_pixels(paths:list, resolution:int, center_crop:bool=True, seed:int=0, buckets:list|None=None) -> tuple[list, list]:
+    "Images at `paths` as float tensors [3, h, w] in [-1, 1], upright RGB, each fitted to its bucket of `buckets` (else the `resolution` square), cropped centred or at a place drawn from `seed`; and each one's (original size, crop corner, size), heights first"
     import torch
     rng = None if center_crop else np.random.default_rng(seed)
-    out = []
+    out, sizes = [], []
     for p in paths:
-        with Image.open(p) as im: a = np.asarray(crop_square(to_upright_rgb(im), resolution, rng), dtype=np.float32)
-        out.append(torch.from_numpy(a).permute(2, 0, 1) / 127.5 - 1)
-    return torch.stack(out)
+        with Image.open(p) as im: up = to_upright_rgb(im)
+        size = bucket_for(up.size, buckets) if buckets else (resolution, resolution)
+        fitted, corner = fit_bucket(up, size, rng)
+        out.append(torch.from_numpy(np.asarray(fitted, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+        sizes.append(((up.height, up.width), corner, size[::-1]))
+    return out, sizes
 
 def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype):
     "Latent mean and std of each image ([N, 1 or 2, 4, h, w]: the second is the flipped image), computed once"
@@ -114,25 +128,74 @@ def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype):
     return torch.cat(means).float(), torch.cat(stds).float()
 
 # %% ../nbs/04_train.ipynb #2c036b8f
-def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.0):
-    "Draw latents for examples `idx` from their cached distributions, each flipped with probability 1/2 when `flip`; shifted and scaled as the VAE's configuration says"
+def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.0) -> tuple:
+    "Draw latents for examples `idx` from their cached distributions, each flipped with probability 1/2 when `flip`, shifted and scaled as the VAE's configuration says; and the view each was drawn from (1: flipped)"
     import torch
     view = torch.randint(0, 2, (len(idx),), generator=gen, device=gen.device) if flip else torch.zeros(len(idx), dtype=torch.long, device=gen.device)
     m, s = mean[idx, view], std[idx, view]
-    return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling
+    return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling, view
 
 def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None,
                    snr_gamma:float|None=None, noise_offset:float=0.0):
-    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples"
+    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples. `latents` and `cond` may be lists: parts of one batch whose images differ in size (instance images in a bucket, square class images), a denoiser call each"
+    import torch
     family = family or FAMILIES['sd1']
-    noisy, t, target = noised(family, noise_scheduler, latents, gen, noise_offset)
-    pred = predict(family, denoiser, noisy, t, cond if isinstance(cond, dict) else dict(embeds=cond)).float()
-    per = (pred - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))  # each sample's mean square error
-    k = latents.shape[0] - n_prior
+    per, ts = [], []
+    for lat, c in (zip(latents, cond) if isinstance(latents, list) else [(latents, cond)]):
+        noisy, t, target = noised(family, noise_scheduler, lat, gen, noise_offset)
+        pred = predict(family, denoiser, noisy, t, c if isinstance(c, dict) else dict(embeds=c)).float()
+        per.append((pred - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))); ts.append(t)  # each sample's mean square error
+    per, t = (per[0], ts[0]) if len(per) == 1 else (torch.cat(per), torch.cat(ts))
+    k = len(per) - n_prior
     inst = (per[:k] * snr_weights(noise_scheduler, t[:k], snr_gamma)).mean() if snr_gamma else per[:k].mean()
     if not n_prior: return inst, inst, None
     prior = per[k:].mean()
     return inst + prior_loss_weight * prior, inst, prior
+
+# %% ../nbs/04_train.ipynb #d00b1a9c
+@dataclass
+class ImageLatents:
+    "Images' latent distributions, encoded once and grouped by size: bucket b's are `mean[b]` and `std[b]` ([n_b, views, C, h, w]; the second view, with `random_flip`, the mirror image); image i is row `row[i]` of bucket `bucket[i]`; `extra`: each image's own conditioning per view ([N, views, ...]: SDXL's size and crop ids)"
+    sizes:list # each bucket's (width, height) in pixels
+    bucket:np.ndarray
+    row:object # a tensor on the device
+    mean:list
+    std:list
+    extra:dict
+
+    def sample(self, idx, bucket:int, flip:bool, gen, scaling:float, shift:float=0.0) -> tuple:
+        "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; and their own conditioning"
+        latents, view = sample_latents(self.mean[bucket], self.std[bucket], self.row[idx], flip, gen, scaling, shift)
+        return latents, {k: v[idx, view] for k, v in self.extra.items()}
+
+    def fixed(self, idx, draws:int, scaling:float, shift:float=0.0) -> list:
+        "The unflipped mean latents of images `idx`, each `draws` times, a (latents, their image indices, their conditioning) group per bucket: what a checkpoint is scored on"
+        import torch
+        idx = np.asarray(idx)
+        out = []
+        for b in sorted(set(self.bucket[idx].tolist())):
+            ids = torch.as_tensor(idx[self.bucket[idx] == b], device=self.row.device).repeat_interleave(draws)
+            out.append(((self.mean[b][self.row[ids], 0] - shift) * scaling, ids, {k: v[ids, 0] for k, v in self.extra.items()}))
+        return out
+
+def encode_latents(vae, paths:list, s:TrainingSettings, buckets:list|None, family:Family, device, dtype, seed:int) -> ImageLatents:
+    "The images at `paths` as `load_pixels` fits them (to `buckets`, else square at the resolution of settings `s`), each bucket's encoded by `vae` as `encode_images` does, with each image's `size_conditioning` for `family`"
+    import torch
+    pixels, sizes = load_pixels(paths, s.resolution, s.center_crop, seed, buckets)
+    shapes = list(dict.fromkeys(tuple(p.shape[1:]) for p in pixels))  # in order of first appearance: one without buckets
+    bucket = np.array([shapes.index(tuple(p.shape[1:])) for p in pixels])
+    row = np.zeros(len(pixels), dtype=np.int64)
+    mean, std = [], []
+    for b in range(len(shapes)):
+        ids = np.flatnonzero(bucket == b); row[ids] = np.arange(len(ids))
+        m, sd = encode_images(vae, torch.stack([pixels[i] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype)
+        mean.append(m); std.append(sd)
+    def views(original, corner, size):  # the mirror image's crop starts as far from the scaled image's right edge as this one's from its left
+        scaled_w = round(original[1] * max(size[0] / original[0], size[1] / original[1]))
+        return [corner] + [(corner[0], scaled_w - corner[1] - size[1])] * s.random_flip
+    rows = [[size_conditioning(family, o, c, size) for c in views(o, corner, size)] for o, corner, size in sizes]
+    extra = {k: torch.tensor([[v[k] for v in r] for r in rows], device=device, dtype=torch.float32) for k in rows[0][0]}
+    return ImageLatents([(h, w)[::-1] for h, w in shapes], bucket, torch.as_tensor(row, device=device), mean, std, extra)
 
 # %% ../nbs/04_train.ipynb #ff36da86
 def _adamw8bit(device):
@@ -251,15 +314,18 @@ def heldout_split(images:list, n:int, seed:int) -> tuple[list, list]:
     out = set(np.random.default_rng([seed, 7]).choice(len(images), n, replace=False).tolist()) if n else set()
     return [im for i, im in enumerate(images) if i not in out], [im for i, im in enumerate(images) if i in out]
 
-def heldout_loss(denoiser, noise_scheduler, latents, prompt, cond:dict, family:Family, seed:int, batch_size:int) -> float:
-    "The mean denoising loss of `latents`, each under the conditioning `cond` has for its `prompt` index, on fixed draws: the same noise and timesteps at every call with `seed`"
+def heldout_loss(denoiser, noise_scheduler, groups:list, cond:dict, family:Family, seed:int, batch_size:int) -> float:
+    "The mean denoising loss over `groups` of (latents, their `cond` prompt indices, their own conditioning; a group per image size), on fixed draws: the same noise and timesteps at every call with `seed`"
     import torch
-    gen, total = torch.Generator(latents.device).manual_seed(seed), 0.0
+    total, count = 0.0, 0
     with torch.no_grad():
-        for part in torch.arange(len(latents), device=latents.device).split(batch_size):
-            _, inst, _ = denoising_loss(denoiser, noise_scheduler, latents[part], {k: v[prompt[part]] for k, v in cond.items()}, gen, family=family)
-            total += inst.float().item() * len(part)
-    return total / len(latents)
+        for k, (latents, prompt, extra) in enumerate(groups):
+            gen = torch.Generator(latents.device).manual_seed(seed + k)
+            for part in torch.arange(len(latents), device=latents.device).split(batch_size):
+                c = {**{n: v[prompt[part]] for n, v in cond.items()}, **{n: v[part] for n, v in extra.items()}}
+                _, inst, _ = denoising_loss(denoiser, noise_scheduler, latents[part], c, gen, family=family)
+                total, count = total + inst.float().item() * len(part), count + len(part)
+    return total / count
 
 def best_checkpoint(scores:dict, final_step:int|None=None) -> dict|None:
     "The checkpoint of `scores` (step -> its score fields) with the lowest score, and the newest's score to compare (`final_step`'s checkpoint is named final)"
@@ -511,17 +577,19 @@ def encode_inputs(self:Training):
     self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
     width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
-    mean, std = encode_images(vae, load_pixels([i.entry.path for i in images], s.resolution, s.center_crop, s.seed), s.random_flip, s.sample_batch_size, device, dtype)
+    family, buckets = self.model.family, training_buckets(s, s.resolution)
+    self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, dtype, s.seed)
     n, self.scaling, self.shift = len(self.inst), vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
-    self.inst_mean, self.inst_std, self.inst_prompt = mean[:n], std[:n], prompt_of[:n]
-    fixed = lambda d: ((d[:, 0] - self.shift) * self.scaling).repeat_interleave(HELDOUT_DRAWS, 0)  # each image's unflipped mean latent, once per draw
-    scored = slice(n, None) if self.heldout else slice(0, n)
-    self.score_inst, self.score_prior = (fixed(mean[scored]), prompt_of[scored, 0].repeat_interleave(HELDOUT_DRAWS)), None  # scored on each caption as written
-    if self.cls_paths:
-        self.cls_mean, self.cls_std = encode_images(vae, load_pixels(self.cls_paths, s.resolution, s.center_crop, s.seed + 1), s.random_flip, s.sample_batch_size, device, dtype)
+    self.inst_prompt = prompt_of[:n]
+    if buckets: log.info("aspect-ratio buckets (enable_bucket), with the training images in each: " + ', '.join(f"{w}x{h} ({(self.latents.bucket[:n] == b).sum()})" for b, (w, h) in enumerate(self.latents.sizes)))
+    scored = range(n, len(images)) if self.heldout else range(n)
+    self.score_inst = [(lat, prompt_of[ids, 0], extra) for lat, ids, extra in self.latents.fixed(scored, HELDOUT_DRAWS, self.scaling, self.shift)]  # each caption as written
+    self.score_prior = None
+    if self.cls_paths:  # square at the resolution: a batch whose instance images are in another bucket runs them through the denoiser apart
+        self.cls_latents = encode_latents(vae, self.cls_paths, s, None, family, device, dtype, s.seed + 1)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
-        lat = fixed(self.cls_mean[:HELDOUT_CLASS_IMAGES])
-        self.score_prior = (lat, torch.full((len(lat),), self.cls_prompt, device=device))
+        self.score_prior = [(lat, torch.full_like(ids, self.cls_prompt), extra)
+                            for lat, ids, extra in self.cls_latents.fixed(range(min(HELDOUT_CLASS_IMAGES, len(self.cls_paths))), HELDOUT_DRAWS, self.scaling, self.shift)]
     self.empty_prompt = prompts.index('') if s.caption_dropout_rate else None
     for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None  # the cached embeddings are all training and validation need
     del encoders
@@ -535,7 +603,8 @@ def setup_optimizer(self:Training):
     import torch
     from diffusers.optimization import get_scheduler
     s, run = self.s, self.run
-    self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s)
+    self.bucket_of = self.latents.bucket[:len(self.inst)]  # each training image's bucket
+    self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s, self.bucket_of)
     self.lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * self.accelerator.num_processes if s.scale_lr else 1)
     self.optimizer = self.accelerator.prepare(make_optimizer(self.params, s, self.lr, self.device))
     self.lr_scheduler = get_scheduler(s.lr_schedule, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
@@ -569,12 +638,12 @@ def checkpoint(self:Training):
 def score(self:Training, lora:bool=True) -> dict:
     "The score of the denoiser as it is now (of the base model alone, without `lora`): `heldout_loss`, `heldout_prior_loss` (None without prior preservation) and `score`"
     s, denoiser = self.s, self.denoiser
-    loss = lambda lat, prompt: heldout_loss(denoiser, self.m['noise_scheduler'], lat, prompt, self.cond, self.model.family, s.seed + 7919, s.train_batch_size)
+    loss = lambda groups: heldout_loss(denoiser, self.m['noise_scheduler'], groups, self.cond, self.model.family, s.seed + 7919, s.train_batch_size)
     denoiser.eval()
     if not lora: denoiser.disable_adapters()
     try:
         with self.accelerator.autocast():
-            inst, prior = loss(*self.score_inst), loss(*self.score_prior) if self.score_prior else None
+            inst, prior = loss(self.score_inst), loss(self.score_prior) if self.score_prior else None
     finally:
         if not lora: denoiser.enable_adapters()
         denoiser.train()
@@ -582,21 +651,23 @@ def score(self:Training, lora:bool=True) -> dict:
 
 # %% ../nbs/04_train.ipynb #aa6f988b
 @patch
-def backward(self:Training, ii, ci) -> tuple:
-    "The gradients of one batch (instance indices `ii`, class indices `ci` or None); its loss, instance loss and prior loss back"
+def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
+    "The gradients of one batch (instance indices `ii`, all in `bucket`; class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    latents, prompt = sample_latents(self.inst_mean, self.inst_std, ii, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii, 0]
+    (latents, extra), prompt = self.latents.sample(ii, bucket, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii, 0]
     if s.shuffle_caption:  # each example's caption in an order drawn for it; without it, no draw and no gather in the step
         pick = torch.randint(0, self.inst_prompt.shape[1], (len(ii),), generator=self.gen, device=self.gen.device)
         prompt = self.inst_prompt[ii, pick]
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
+    cond = {**{k: v[prompt] for k, v in self.cond.items()}, **extra}
     if ci is not None:
-        latents = torch.cat([latents, sample_latents(self.cls_mean, self.cls_std, ci, s.random_flip, self.gen, self.scaling, self.shift)])
-        prompt = torch.cat([prompt, torch.full_like(ci, self.cls_prompt)])
-    cond = {k: v[prompt] for k, v in self.cond.items()}
+        cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
+        cls_cond = {**{k: v[torch.full_like(ci, self.cls_prompt)] for k, v in self.cond.items()}, **cls_extra}
+        if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
+        else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
     with self.accelerator.autocast():
         losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
                                 self.model.family, s.snr_gamma, s.noise_offset)
@@ -621,11 +692,11 @@ def optimizer_step(self:Training, epoch:int, losses:tuple):
 def train_epoch(self:Training, epoch:int):
     "The steps of `epoch` still to train, an optimizer step every `gradient_accumulation_steps` batches"
     s, max_steps = self.s, self.plan['max_train_steps']
-    batches = epoch_batches(epoch, len(self.inst), len(self.cls_paths), s.train_batch_size, s.seed)
+    batches = epoch_batches(epoch, len(self.inst), len(self.cls_paths), s.train_batch_size, s.seed, self.bucket_of)
     skip = (self.step - epoch * self.plan['steps_per_epoch']) * s.gradient_accumulation_steps  # batches a resumed run already trained on
     for k, (ii, ci) in enumerate(zip(*_epoch_on_device(batches, self.device))):
         if k < skip: continue
-        losses = self.backward(ii, ci)
+        losses = self.backward(ii, ci, int(self.bucket_of[batches[k][0][0]]))
         if (k + 1) % s.gradient_accumulation_steps and k + 1 < len(batches): continue
         self.optimizer_step(epoch, losses)
         if self.step < max_steps and self.clock.due(self.step, epoch_end=False): self.checkpoint()

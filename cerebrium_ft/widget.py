@@ -12,7 +12,7 @@ import ipywidgets as W
 from fastcore.basics import patch
 from .client import ApiError, Client, best_summary
 from .config import BASE_QUANTIZATIONS, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
-from .dataset import check_dataset
+from .dataset import check_dataset, training_buckets
 from .families import resolution_for
 
 # %% auto #0
@@ -125,8 +125,9 @@ def close(self:JobPanel):
 def check_dataset(self:JobPanel):
     "Show the dataset check of the typed path, with thumbnails"
     if not self.dataset.value.strip(): self.dataset_report.value = ''; return
-    size = (None if self.settings_msg.value else settings_from(self.settings).resolution) or resolution_for(self.model.value.strip(), cached_only=True)
-    self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size)._repr_html_()
+    s = None if self.settings_msg.value else settings_from(self.settings)
+    size = (s and s.resolution) or resolution_for(self.model.value.strip(), cached_only=True)
+    self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size, buckets=s and training_buckets(s, size))._repr_html_()
 
 @patch
 def check_settings(self:JobPanel):
@@ -143,7 +144,8 @@ def spec(self:JobPanel) -> JobSpec:
 def start(self:JobPanel):
     "Check the form and the dataset here, upload, and follow the new job"
     spec = self.spec()
-    report = check_dataset(spec.dataset, size=spec.training_args.resolution or resolution_for(spec.hf_model_path, spec.revision))
+    size = spec.training_args.resolution or resolution_for(spec.hf_model_path, spec.revision)
+    report = check_dataset(spec.dataset, size=size, buckets=training_buckets(spec.training_args, size))
     self.dataset_report.value = report._repr_html_()
     if not report.ok: raise ValueError("the dataset has errors (see its check above); nothing was uploaded")
     self.message.value = 'uploading…'

@@ -106,3 +106,23 @@ def test_captions_against_the_trigger_word_and_the_models_text_encoder(tmp_path,
     assert r.returncode == 0 and {(photos[0].name, 'info', "its caption does not name the trigger word 'sks'")} <= found, found
     assert any(f == photos[1].name and s == 'warning' and m.startswith('its caption is') for f, s, m in found), found
     assert len(found) == 2, found  # the other eight say nothing
+
+def test_buckets_take_the_aspect_ratios_a_square_crop_would_cut(tmp_path, cli):
+    "Portrait and landscape phone photos: warned of with square crops; with --enable-bucket no aspect finding, and --fix writes each at its bucket's size, which passes"
+    photos = make_subject_images(tmp_path/'src', n=10, size=768)
+    d = tmp_path/'photos'; d.mkdir()
+    for k, p in enumerate(photos):  # 3:4 portraits, 4:3 landscapes, squares
+        with Image.open(p) as im: (im.crop((96, 0, 672, 768)) if k < 4 else im.crop((0, 96, 768, 672)) if k < 7 else im.copy()).save(d/p.name, quality=95)
+    wide = make_subject_images(tmp_path/'w', n=1, size=1024, seed=5)[0]
+    with Image.open(wide) as im: im.crop((0, 256, 1024, 640)).save(d/'banner.jpg', quality=95)  # 1024x384: 2.67:1
+    square = json.loads(cli('check-dataset', d, '--json').stdout)
+    assert sorted(f['file'] for f in square['findings'] if f['code'] == 'aspect') == ['banner.jpg']  # 4:3 loses 25%: under the warning's 29%
+    assert 'enable_bucket' in next(f['fix'] for f in square['findings'] if f['code'] == 'aspect')
+    r = cli('check-dataset', d, '--enable-bucket', '--json')
+    assert r.returncode == 0 and not [f for f in json.loads(r.stdout)['findings'] if f['code'] == 'aspect'], r.stdout
+    r = cli('check-dataset', d, '--enable-bucket', '--fix', tmp_path/'fixed')
+    assert r.returncode == 0, r.stdout + r.stderr
+    sizes = {p.name: Image.open(p).size for p in (tmp_path/'fixed').glob('*.png')}
+    assert sizes['robot_00.png'] == (448, 576) and sizes['robot_05.png'] == (576, 448) and sizes['robot_08.png'] == (512, 512) and sizes['banner.png'] == (768, 320)
+    again = json.loads(cli('check-dataset', tmp_path/'fixed', '--enable-bucket', '--json').stdout)
+    assert again['findings'] == [] and again['ok']

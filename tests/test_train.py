@@ -72,7 +72,7 @@ def test_kohya_file_loads_to_the_same_model(trained, model):
 
 def test_denoising_loss_on_the_instance_images_goes_down(trained, model, data):
     pipe = tiny_pipe(model)
-    pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
+    pix = torch.stack(T.load_pixels(sorted(data.glob("*.jpg")), 64)[0])
     with torch.no_grad():
         latents = pipe.vae.encode(pix).latent_dist.mean * pipe.vae.config.scaling_factor
         emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ['a photo of sks robot'], 'cpu', torch.float32).expand(len(pix), -1, -1)
@@ -177,7 +177,7 @@ def held_out_loss(model, images, results=None):
     "The denoising loss on images the run did not train on, over 16 fixed draws of noise and timestep"
     pipe = tiny_pipe(model)
     if results: load_results(pipe, results)
-    pix = T.load_pixels(images, 64)
+    pix = torch.stack(T.load_pixels(images, 64)[0])
     with torch.no_grad():
         latents = pipe.vae.encode(pix).latent_dist.mean * pipe.vae.config.scaling_factor
         emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ['a photo of sks robot'], 'cpu', torch.float32).expand(len(pix), -1, -1)
@@ -251,7 +251,7 @@ def test_sd2_v_prediction_trains_towards_the_velocity_and_its_results_load(data,
     with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f: meta = f.metadata()
     assert (meta['ss_base_model_version'], meta['ss_v2'], meta['ss_v_parameterization']) == ('sd_v2', 'True', 'True')
     pipe = tiny_pipe(model)
-    pix = T.load_pixels(sorted(data.glob('*.jpg')), 64)
+    pix = torch.stack(T.load_pixels(sorted(data.glob("*.jpg")), 64)[0])
     with torch.no_grad():
         latents = pipe.vae.encode(pix).latent_dist.mean * pipe.vae.config.scaling_factor
         emb = encode_prompts(pipe.tokenizer, pipe.text_encoder, ['a photo of sks robot'], 'cpu', torch.float32).expand(len(pix), -1, -1)
@@ -274,7 +274,7 @@ def loss_before_and_after(model, key, data, out, seeds):
     "The family's denoising loss on the instance images (the mean over `seeds` noise draws): of the base model, then with the run's LoRA loaded"
     from cerebrium_ft.families import FAMILIES, denoiser_of, encode_text, load_parts
     family = FAMILIES[key]; parts = load_parts(model, 'main', family); net = denoiser_of(family, parts)
-    pix, vae = T.load_pixels(sorted(data.glob('*.jpg')), 64), parts['vae']
+    pix, vae = torch.stack(T.load_pixels(sorted(data.glob("*.jpg")), 64)[0]), parts['vae']
     with torch.no_grad():
         latents = (vae.encode(pix).latent_dist.mean - (getattr(vae.config, 'shift_factor', None) or 0)) * vae.config.scaling_factor
         cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(family, parts, ['a photo of sks robot'], 'cpu', torch.float32, resolution=64).items()}
@@ -330,6 +330,58 @@ def test_sdxl_and_flux_train_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path, fam
     assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', family, 4)
     assert all(math.isfinite(l) for l in col(out, 'loss'))
 
+@pytest.fixture(scope='module')
+def shapes(tmp_path_factory):
+    "Six photos of the robot: two portrait (60x96), two landscape (96x60), two square; and a folder of two square class images"
+    from PIL import Image
+    d = tmp_path_factory.mktemp('shapes')
+    for k, p in enumerate(make_subject_images(d/'src', n=6, size=96)):
+        with Image.open(p) as im: (im.crop((18, 0, 78, 96)) if k < 2 else im.crop((0, 18, 96, 78)) if k < 4 else im.copy()).save(d/p.name)
+    make_subject_images(d/'class', n=2, size=64, seed=1)
+    import shutil; shutil.rmtree(d/'src')
+    return d
+
+@pytest.mark.parametrize('family', ['sdxl', 'flux'])
+def test_aspect_ratio_buckets_train_each_image_at_its_own_shape(shapes, tmp_path, family, monkeypatch):
+    "With enable_bucket, portrait and landscape photos train uncropped at their buckets' shapes (48x80, 80x48), square class images beside them at 64x64; SDXL is conditioned on each image's real size and crop; the results load"
+    import diffusers
+    seen, predict = [], T.predict
+    def spy(fam, net, noisy, t, cond):
+        if torch.is_grad_enabled(): seen.append((tuple(noisy.shape[2:]), cond.get('time_ids')))
+        return predict(fam, net, noisy, t, cond)
+    monkeypatch.setattr(T, 'predict', spy)
+    model = str(build_tiny_pipeline(tmp_path/family, family=family))
+    out = T.train(spec(model, shapes, prior_class_prompt='a photo of a robot', prior_class_image_dir=str(shapes/'class'),
+                       training_args=dict(max_train_steps=6, learning_rate=2e-2, train_batch_size=2, enable_bucket=True, bucket_reso_steps=16, num_validation_images=1,
+                                          validation_epochs=3, mixed_precision='no')), tmp_path/'run', progress=False)
+    assert "aspect-ratio buckets (enable_bucket), with the training images in each: 48x80 (2), 80x48 (2), 64x64 (2)" in (out/'logs.txt').read_text()
+    assert {s for s, _ in seen} == {(10, 6), (6, 10), (8, 8)}  # latents of 48x80, 80x48 and 64x64 images: none cropped square
+    if family == 'sdxl':
+        ids = {tuple(int(v) for v in row) for _, t in seen for row in t}
+        # original size, crop corner (the portrait's 60 px scaled to 50, centred in 48: one column off), bucket, heights first; the class images' own
+        assert ids == {(96, 60, 0, 1, 80, 48), (60, 96, 1, 0, 48, 80), (96, 96, 0, 0, 64, 64), (64, 64, 0, 0, 64, 64)}, ids
+    loads_as_trained(out, model, getattr(diffusers, 'StableDiffusionXLPipeline' if family == 'sdxl' else 'FluxPipeline'))
+
+def test_a_bucketed_run_stopped_after_a_checkpoint_resumes_as_if_never_stopped(model, shapes, tmp_path, monkeypatch):
+    "Buckets, mirror images, random crops and prior preservation: a run stopped after its checkpoint at step 3 ends with the losses and weights of one never stopped"
+    from safetensors.torch import load_file
+    s = spec(model, shapes, prior_class_prompt='a photo of a robot', prior_class_image_dir=str(shapes/'class'),
+             training_args=dict(max_train_steps=8, checkpointing_steps=3, enable_bucket=True, bucket_reso_steps=16, random_flip=True, center_crop=False, mixed_precision='no'))
+    whole = T.train(s, tmp_path/'whole', progress=False)
+    save = T.Training.checkpoint
+    def stop(self):
+        save(self)
+        raise KeyboardInterrupt('stopped after its first checkpoint')
+    with monkeypatch.context() as m:
+        m.setattr(T.Training, 'checkpoint', stop)
+        with pytest.raises(KeyboardInterrupt): T.train(s, tmp_path/'stopped', progress=False)
+    assert len(rows(tmp_path/'stopped')) == 3
+    out = T.train(s, tmp_path/'stopped', progress=False)
+    assert 'resuming from step_000003' in (out/'logs.txt').read_text()
+    assert [(r['step'], r['loss']) for r in rows(out)] == [(r['step'], r['loss']) for r in rows(whole)]
+    a, b = (load_file(d/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors') for d in (out, whole))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
 def test_a_quantized_base_is_refused_off_cuda_before_anything_is_written(model, data, tmp_path):
     "QLoRA (bitsandbytes' nf4 or 8-bit denoiser) trains on CUDA only: elsewhere the run stops at once, saying what to set"
     for q in ('nf4', '8bit'):
@@ -358,6 +410,8 @@ def test_min_snr_and_noise_offset_change_the_loss_and_flux_refuses_snr_gamma(mod
     flux = str(build_tiny_pipeline(tmp_path/'flux', family='flux'))
     with pytest.raises(T.TrainingError, match='trained by flow matching: leave snr_gamma unset'):
         T.train(spec(flux, data, training_args=dict(snr_gamma=5.0)), tmp_path/'o')
+    with pytest.raises(T.TrainingError, match=r'bucket_reso_steps must be a multiple of 16 for FLUX.1 \(its latents are packed in 2x2 patches\); got 24, try 16'):
+        T.train(spec(flux, data, training_args=dict(enable_bucket=True, bucket_reso_steps=24)), tmp_path/'o')
     assert not (tmp_path/'o').exists()
 
 def test_captions_beside_the_images_are_what_the_text_encoder_encodes(model, data, tmp_path, monkeypatch):

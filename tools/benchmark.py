@@ -250,7 +250,7 @@ def breakdown(T, spec, device, args, n=None):
     vae = m['vae'].to(device)
     for _, enc in text_encoders(m): enc.to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
-    mean, std = T.encode_images(vae, T.load_pixels(paths, s.resolution), False, 4, device, torch.float32)
+    mean, std = T.encode_images(vae, torch.stack(T.load_pixels(paths, s.resolution)[0]), False, 4, device, torch.float32)
     batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
     cond = {k: v.expand(batch, *v.shape[1:]) for k, v in encode_text(family, m, [spec.training_prompt], device, dtype, s.resolution).items()}
     params = [p for p in net.parameters() if p.requires_grad]
@@ -262,7 +262,7 @@ def breakdown(T, spec, device, args, n=None):
     for i in range(args.warmup + (n or min(args.steps, 10))):
         t = [time.perf_counter()]
         idx = torch.randint(0, len(paths), (batch,), generator=gen, device=device)
-        latents = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor, shift)
+        latents, _ = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor, shift)
         noisy, ts, target = noised(family, sched, latents, gen); sync(); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pred = predict(family, net, noisy, ts, cond)
