@@ -15,7 +15,7 @@ from .store import Store
 
 # %% auto #0
 __all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space',
-           'LocalProcesses', 'Executor', 'run_job']
+           'LocalProcesses', 'Executor', 'visible_gpus', 'run_job']
 
 # %% ../nbs/07_executor.ipynb #abf0252d
 MAX_ATTEMPTS = 3
@@ -105,9 +105,9 @@ class LocalProcesses:
         self.cache, self.grace = Path(cache), grace
         self.command = command or (lambda d: [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job', str(d), '--cache', str(self.cache)])
 
-    def start(self, job_dir:Path, attempt:int):
-        "Start the job in `job_dir`; its handle (a `Popen`). Raises `OSError` if it cannot start"
-        env = {**os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(job_dir)}
+    def start(self, job_dir:Path, attempt:int, gpus:list[str]|None=None):
+        "Start the job in `job_dir`, seeing only `gpus` (when given: its CUDA_VISIBLE_DEVICES); its handle (a `Popen`). Raises `OSError` if it cannot start"
+        env = {**os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(job_dir), **({'CUDA_VISIBLE_DEVICES': ','.join(gpus)} if gpus is not None else {})}
         log = open(job_dir/'job.log', 'ab')
         try:
             log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()); log.flush()
@@ -137,9 +137,11 @@ class _Complaints:
 
 # %% ../nbs/07_executor.ipynb #67cefd8a
 class Executor:
-    "Runs queued jobs on `engine` (default: `LocalProcesses`), `workers` at a time, and keeps the store's job rows up to date"
-    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5, stall_s:float=1800, engine=None):
+    "Runs queued jobs on `engine` (default: `LocalProcesses`), `workers` at a time, each on a GPU of its own from `gpus` when given, and keeps the store's job rows up to date"
+    def __init__(self, store:Store, data_dir, workers:int=1, poll:float=0.5, stall_s:float=1800, engine=None, gpus:list[str]|None=None):
         self.store, self.data_dir, self.workers, self.poll, self.stall_s = store, Path(data_dir), workers, poll, stall_s
+        self.gpus = list(gpus) if gpus is not None else None
+        self.free = list(self.gpus or [])  # the GPUs no running job holds, in the order given
         self.engine = engine or LocalProcesses(self.data_dir/'cache')
         self.running = {}    # job id -> the engine's handle of its process, kept until its end is recorded
         self.unsettled = {}  # job id -> the end of a job whose database write failed, retried each tick
@@ -163,17 +165,47 @@ class Executor:
                 try: self._watch(jid, h)
                 except Exception as e: self.complain(f"job {jid}: {type(e).__name__}: {e}")  # it stays: the next tick tries again
             self._fail_lost()
-            while len(self.running) < self.workers and not self._stop.is_set() and (j := self.store.claim_next()): self._start(j)
+            while (len(self.running) < self.workers and (self.gpus is None or self.free) and not self._stop.is_set()
+                   and (j := self.store.claim_next())): self._start(j)
+
+# %% ../nbs/07_executor.ipynb #a042ed78
+def visible_gpus() -> list[str]:
+    "The GPUs this process may use, as `CUDA_VISIBLE_DEVICES` names them: its entries (up to the first invalid one) when it is set, else 0 to n-1 for the n GPUs CUDA finds; none without CUDA"
+    if (env := os.environ.get('CUDA_VISIBLE_DEVICES')) is not None:
+        out = []
+        for g in (g.strip() for g in env.split(',')):
+            if not g or g.startswith('-'): break  # CUDA ignores this one and the rest
+            out.append(g)
+        return out
+    if not (shutil.which('nvidia-smi') or Path('/proc/driver/nvidia').exists()): return []  # no NVIDIA driver: no need to load torch to know
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception: return []
 
 # %% ../nbs/07_executor.ipynb #22af64c8
 @patch
 def _start(self:Executor, j:dict):
-    "Start job `j` on the engine; fail it with the reason if it cannot start"
-    try: h = self.engine.start(self.job_dir(j['id']), j['attempts'])
-    except OSError as e: return self._finish(j['id'], 'failed', dict(error=f"the job process could not start: {type(e).__name__}: {e}"))
-    h.stall, h.seen = False, None
+    "Start job `j` on the engine, on the first free GPU when the executor has GPUs; fail it with the reason if it cannot start"
+    gpus = [self.free.pop(0)] if self.gpus is not None else None
+    try: h = self.engine.start(self.job_dir(j['id']), j['attempts'], gpus)
+    except OSError as e:
+        self._give_back(gpus)
+        return self._finish(j['id'], 'failed', dict(error=f"the job process could not start: {type(e).__name__}: {e}"))
+    h.stall, h.seen, h.gpus = False, None, gpus
     self.running[j['id']] = h
-    self.store.started(j['id'], h.pid)
+    self.store.started(j['id'], h.pid, ','.join(gpus) if gpus else None)
+
+@patch
+def _give_back(self:Executor, gpus:list|None):
+    "Return `gpus` to the free ones, in the order the executor was given them"
+    self.free = sorted(self.free + list(gpus or []), key=self.gpus.index) if self.gpus is not None else self.free
+
+@patch
+def _let_go(self:Executor, jid:str):
+    "Stop tracking job `jid`'s ended process: release it, and give back its GPUs"
+    h = self.running.pop(jid)
+    self.engine.release(h); self._give_back(getattr(h, 'gpus', None))
 
 @patch
 def _finish(self:Executor, jid:str, status:str, fields:dict|None=None):
@@ -185,9 +217,10 @@ def _finish(self:Executor, jid:str, status:str, fields:dict|None=None):
 
 @patch
 def _fail_lost(self:Executor):
-    "Fail `running` jobs that have no process here and no end waiting to be recorded"
+    "Fail this server's `running` jobs that have no process here and no end waiting to be recorded; end those cancelled through another server sharing the database"
     for j in self.store.jobs_in('running'):
-        if j['id'] not in self.running and j['id'] not in self.unsettled:
+        if j['id'] in self.running and j['cancel_requested']: self._end(j['id']); self._finish(j['id'], 'cancelled')
+        elif j['id'] not in self.running and j['id'] not in self.unsettled:
             self._finish(j['id'], 'failed', dict(error="the job service lost track of the job's process; submit the job again"))
 
 # %% ../nbs/07_executor.ipynb #d47c9a45
@@ -199,7 +232,7 @@ def _watch(self:Executor, jid:str, h):
     if rc is None and self._stalled(jid, h): self.engine.end(h); rc, h.stall = self.engine.poll(h), True
     if rc is None: return
     self._settle(jid, rc, h.stall)
-    self.engine.release(self.running.pop(jid))
+    self._let_go(jid)
 
 @patch
 def _stalled(self:Executor, jid:str, h) -> bool:
@@ -259,8 +292,7 @@ def recover(self:Executor):
 @patch
 def _end(self:Executor, jid:str):
     "End a running job's whole process tree and let go of it"
-    h = self.running.pop(jid)
-    self.engine.end(h); self.engine.release(h)
+    self.engine.end(self.running[jid]); self._let_go(jid)
 
 @patch
 def cancel(self:Executor, job_id:str) -> dict:

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/08_server.ipynb #047c0ec5
 from __future__ import annotations
-import fcntl, hashlib, json, os, re, shutil, threading
+import fcntl, hashlib, json, os, re, secrets, shutil, threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +16,7 @@ from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSetti
 from .dataset import check_dataset
 from .executor import Executor, is_out_of_space
 from .families import FamilyError, HubUnreachable, model_family
-from .results import RunDir
+from .results import RunDir, atomic_path
 from .store import Store, new_job_id
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
@@ -27,9 +27,9 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 # %% auto #0
 __all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'service_routes', 'SCHEMAS',
            'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey',
-           'DataDirBusy', 'open_data_dir', 'close_data_dir', 'server_model', 'create_job', 'Service', 'service',
-           'project', 'own_job', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs',
-           'results', 'images', 'image', 'create_app']
+           'DataDirBusy', 'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'create_job', 'Service',
+           'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs',
+           'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -101,6 +101,13 @@ def open_data_dir(data_dir) -> int:
     shutil.rmtree(d/'uploads', ignore_errors=True)
     for sub in ('uploads', 'jobs', 'cache'): _private_dir(d/sub)
     return fd
+
+def server_id(data_dir) -> str:
+    "This server's id, kept in its data folder (made on its first start): the jobs it stores carry it, and only it runs them and holds their files"
+    f = Path(data_dir)/'server-id'
+    if not f.exists():
+        with atomic_path(f) as tmp: tmp.write_text('s_' + secrets.token_hex(6))
+    return f.read_text().strip()
 
 def close_data_dir(fd:int):
     fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
@@ -253,6 +260,12 @@ def own_job(job_id:str, pid:str=Depends(project), svc:Service=Depends(service)) 
     if j is None: raise HTTPException(404, f"no job {job_id}")
     return j
 
+def job_here(job:dict=Depends(own_job), svc:Service=Depends(service)) -> dict:
+    "`own_job`, if this server holds its files; 409 for a job another server sharing the database runs, naming it"
+    if job['server'] not in (None, svc.store.home):
+        raise HTTPException(409, f"job {job['id']} runs on another job server ({job['server']}), which holds its log, images and results: ask the server it was submitted to")
+    return job
+
 async def _bad_request(request, exc):
     "400, not FastAPI's 422, for a parameter out of range: the message names it"
     where = lambda e: '.'.join(str(x) for x in e.get('loc', ()) if x not in ('query', 'path', 'body', 'header'))
@@ -288,7 +301,7 @@ def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(.
 def get_job(job:dict=Depends(own_job)): return job
 
 @job_routes.get('/{job_id}/logs')
-def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0, le=2**53), limit:int=Query(1 << 20, ge=1, le=8 << 20), svc:Service=Depends(service)):
+def get_logs(job:dict=Depends(job_here), offset:int=Query(0, ge=0, le=2**53), limit:int=Query(1 << 20, ge=1, le=8 << 20), svc:Service=Depends(service)):
     "Up to `limit` bytes of the job's log from byte `offset`, and the offset to ask for next"
     f, text = svc.executor.job_dir(job['id'])/'job.log', b''
     if f.exists():
@@ -297,8 +310,10 @@ def get_logs(job:dict=Depends(own_job), offset:int=Query(0, ge=0, le=2**53), lim
 
 @job_routes.post('/{job_id}/cancel')
 def cancel(job:dict=Depends(own_job), svc:Service=Depends(service)):
-    "Cancel a queued job, or ask the executor to end a running one; a finished job is returned as it is"
-    return job if job['status'] in FINAL else svc.executor.cancel(job['id'])
+    "Cancel a queued job, or ask the executor to end a running one (another server's job: its server ends it within a second); a finished job is returned as it is"
+    if job['status'] in FINAL: return job
+    if job['server'] in (None, svc.store.home): return svc.executor.cancel(job['id'])
+    svc.store.request_cancel(job['id']); return svc.store.job(job['id'])
 
 # %% ../nbs/08_server.ipynb #2956799e
 project_routes = APIRouter(prefix='/v1/projects', tags=['projects'])
@@ -311,20 +326,20 @@ def list_jobs(project_id:str, limit:int=Query(10, ge=1, le=500), pid:str=Depends
 result_routes = APIRouter(prefix='/v1/jobs/{job_id}', tags=['results'])
 
 @result_routes.get('/results')
-def results(job:dict=Depends(own_job), svc:Service=Depends(service)):
+def results(job:dict=Depends(job_here), svc:Service=Depends(service)):
     z = svc.executor.job_dir(job['id'])/'results.zip'
     if job['status'] != 'succeeded' or not z.is_file():
         raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
     return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
 
 @result_routes.get('/images')
-def images(job:dict=Depends(own_job), svc:Service=Depends(service)):
+def images(job:dict=Depends(job_here), svc:Service=Depends(service)):
     "The validation images written so far, as epoch_NNNN/NN.png, oldest first"
     run = RunDir(svc.executor.job_dir(job['id'])/'results')
     return [p.relative_to(run.root/'validation').as_posix() for p in run.validation_images()]
 
 @result_routes.get('/images/{epoch}/{name}')
-def image(epoch:str, name:str, job:dict=Depends(own_job), svc:Service=Depends(service)):
+def image(epoch:str, name:str, job:dict=Depends(job_here), svc:Service=Depends(service)):
     f = svc.executor.job_dir(job['id'])/'results'/'validation'/epoch/name
     if not (re.fullmatch(r'epoch_\d{4}', epoch) and re.fullmatch(r'\d{2}\.png', name) and f.is_file()):
         raise HTTPException(404, f"no image {epoch}/{name} in job {job['id']}")
@@ -334,12 +349,14 @@ def image(epoch:str, name:str, job:dict=Depends(own_job), svc:Service=Depends(se
 ROUTERS = (service_routes, job_routes, project_routes, result_routes)
 OPEN_PATHS = ('/v1/health', *(f'/v1/schemas/{name}' for name in SCHEMAS))  # answered without a key
 
-def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=()):
-    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process); jobs may load local models only from `model_dirs`"
+def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=(), gpus:list[str]|None=None,
+               database_url:str|None=None):
+    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process; the job table in SQLite there, or in the database `database_url` names, which other servers may share); jobs may load local models only from `model_dirs`, and each runs on a GPU of its own from `gpus` when given"
     data_dir = Path(data_dir).expanduser()
     lock = open_data_dir(data_dir)
-    store = Store(data_dir/'cerebrium-ft.sqlite')
-    svc = Service(store, Executor(store, data_dir, workers, stall_s=stall_minutes * 60), data_dir, tuple(model_dirs))
+    try: store = Store(database_url or data_dir/'cerebrium-ft.sqlite', home=server_id(data_dir))
+    except BaseException: close_data_dir(lock); raise
+    svc = Service(store, Executor(store, data_dir, workers, stall_s=stall_minutes * 60, gpus=gpus), data_dir, tuple(model_dirs))
 
     @asynccontextmanager
     async def lifespan(app):

@@ -1,4 +1,4 @@
-"""Projects, API keys and jobs in SQLite through SQLAlchemy: WAL, a busy timeout, keys kept only as hashes.
+"""Projects, API keys and jobs through SQLAlchemy: in SQLite by default (WAL, a busy timeout), or in PostgreSQL shared by several job servers; keys kept only as hashes.
 
 Docs: https://cerebrium-ft.github.io/cerebrium-ft/store.html.md"""
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, hmac, json, math, os, secrets, time
 from pathlib import Path
 from fastcore.basics import patch
-from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, case, create_engine, event, inspect, select, text, update
+from sqlalchemy import Float, ForeignKey, Index, Integer, String, Text, case, create_engine, event, inspect, or_, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .config import FINAL
 
@@ -53,12 +53,14 @@ class Job(Base):
     cancel_requested: Mapped[int] = mapped_column(Integer, default=0)
     resumed_from: Mapped[int|None] = mapped_column(Integer, nullable=True)  # the checkpoint step this attempt started from
     best: Mapped[str|None] = mapped_column(Text, nullable=True)  # the best-scoring checkpoint so far, as the progress file says it (JSON)
+    gpus: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the GPUs its process was given (its CUDA_VISIBLE_DEVICES) when it last started
+    home: Mapped[str|None] = mapped_column(String(40), nullable=True, index=True)  # the server that holds its files and runs it (None: any; one server per SQLite file)
     idempotency_key: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the client's key for the submission
     request_sha256: Mapped[str|None] = mapped_column(String(64), nullable=True)  # what was submitted under that key
     __table_args__ = (Index('ix_jobs_idempotency', 'project_id', 'idempotency_key', unique=True),)
 
 JOB_FIELDS = ('id', 'project_id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss',
-              'resumed_from', 'best')
+              'resumed_from', 'best', 'gpus')
 
 def _finite(x): return x if x is None or not isinstance(x, float) or math.isfinite(x) else None
 
@@ -66,6 +68,7 @@ def _job_dict(j:Job) -> dict:
     "What a client sees of a job; a number that is not finite (an exploding loss) is None, since JSON has no inf or NaN"
     d = {k: _finite(getattr(j, k)) for k in JOB_FIELDS}
     d['best'] = json.loads(j.best) if j.best else None
+    d['server'] = j.home  # the job server that holds its files and runs it
     d['duration'] = ((j.finished or time.time()) - j.started) if j.started else None
     return d
 
@@ -93,22 +96,30 @@ def _add_missing_columns(engine):
         for ix in table.indexes: ix.create(engine, checkfirst=True)
 
 # %% ../nbs/06_store.ipynb #2fcc0908
+def _sqlite_engine(path:Path):
+    "An engine on the SQLite file at `path`, created owner-only, in WAL mode and waiting up to 30 s for a lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only from the first byte
+    if path.stat().st_mode & 0o077: path.chmod(0o600)  # a database made before that rule
+    engine = create_engine(f"sqlite:///{path}", connect_args=dict(timeout=30, check_same_thread=False))
+    @event.listens_for(engine, 'connect')
+    def _pragmas(conn, _):
+        c = conn.cursor()
+        for p in ('journal_mode=WAL', 'busy_timeout=30000', 'foreign_keys=ON', 'synchronous=NORMAL'): c.execute(f'PRAGMA {p}')
+        c.close()
+    return engine
+
 class Store:
-    "The job service's state in SQLite at `path`"
-    def __init__(self, path):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))  # owner-only from the first byte
-        if self.path.stat().st_mode & 0o077: self.path.chmod(0o600)  # a database made before that rule
-        self.engine = create_engine(f"sqlite:///{self.path}", connect_args=dict(timeout=30, check_same_thread=False))
-        @event.listens_for(self.engine, 'connect')
-        def _pragmas(conn, _):
-            c = conn.cursor()
-            for p in ('journal_mode=WAL', 'busy_timeout=30000', 'foreign_keys=ON', 'synchronous=NORMAL'): c.execute(f'PRAGMA {p}')
-            c.close()
+    "The job service's state: in SQLite at a file path `location`, or in the database a SQLAlchemy URL names (`postgresql+psycopg://...`, which several servers may share); `home` is this server's id, which the jobs it stores carry and the only ones its executor runs"
+    def __init__(self, location, home:str|None=None):
+        self.home = home
+        if '://' in str(location): self.path, self.engine = None, create_engine(str(location), pool_pre_ping=True)
+        else: self.path = Path(location); self.engine = _sqlite_engine(self.path)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
 
     def session(self) -> Session: return Session(self.engine, expire_on_commit=False)
+    def __str__(self): return str(self.path) if self.path else self.engine.url.render_as_string(hide_password=True)  # where it is, for messages
 
 # %% ../nbs/06_store.ipynb #2d400491
 @patch
@@ -159,8 +170,8 @@ def authenticate(self:Store, key:str) -> str|None:
 def add_job(self:Store, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None) -> dict:
     "Queue a new job; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
     with self.session() as s, s.begin():
-        j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued',
-                created=time.time(), attempts=0, step=0, total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256)
+        j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued', created=time.time(), attempts=0, step=0,
+                total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256, home=self.home)
         s.add(j)
     return _job_dict(j)
 
@@ -189,9 +200,14 @@ def jobs(self:Store, project_id:str, limit:int=10) -> list[dict]:
 
 # %% ../nbs/06_store.ipynb #712a2930
 @patch
+def _here(self:Store) -> list:
+    "The condition for the jobs this server runs: those it stored, and those no server claims as its own"
+    return [or_(Job.home == self.home, Job.home.is_(None))] if self.home else []
+
+@patch
 def jobs_in(self:Store, *states) -> list[dict]:
-    "Jobs in `states`, oldest first, with the executor's own fields (pid, cancel_requested)"
-    with self.session() as s: return [_row(j) for j in s.scalars(select(Job).where(Job.status.in_(states)).order_by(Job.created))]
+    "This server's jobs in `states`, oldest first, with the executor's own fields (pid, cancel_requested)"
+    with self.session() as s: return [_row(j) for j in s.scalars(select(Job).where(Job.status.in_(states), *self._here()).order_by(Job.created))]
 
 
 @patch
@@ -210,9 +226,9 @@ def update(self:Store, job_id:str, *only:str, **fields) -> bool:
 
 # %% ../nbs/06_store.ipynb #4b3a2c0d
 @patch
-def started(self:Store, job_id:str, pid:int) -> bool:
-    "The claimed job's process runs as `pid`"
-    return self.update(job_id, 'running', pid=pid, phase='starting')
+def started(self:Store, job_id:str, pid:int, gpus:str|None=None) -> bool:
+    "The claimed job's process runs as `pid`, on `gpus` (their ids, comma-separated) when it was given some"
+    return self.update(job_id, 'running', pid=pid, phase='starting', gpus=gpus)
 
 
 @patch
@@ -244,10 +260,12 @@ def request_cancel(self:Store, job_id:str) -> str|None:
 
 @patch
 def claim_next(self:Store) -> dict|None:
-    "Move the oldest queued job to running (one attempt more) and return it; None when no job is queued"
+    "Move this server's oldest queued job to running (one attempt more) and return it; None when none is queued. On PostgreSQL the row is locked as it is read (`FOR UPDATE SKIP LOCKED`), so servers sharing the database never take the same job and never wait on each other"
     while True:
         with self.session() as s, s.begin():
-            j = s.scalars(select(Job).where(Job.status == 'queued').order_by(Job.created, Job.id).limit(1)).first()
+            q = select(Job).where(Job.status == 'queued', *self._here()).order_by(Job.created, Job.id).limit(1)
+            if self.engine.dialect.name == 'postgresql': q = q.with_for_update(skip_locked=True)
+            j = s.scalars(q).first()
             if j is None: return None
             n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
                 status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None, resumed_from=None)).rowcount

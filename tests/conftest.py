@@ -21,3 +21,24 @@ def tiny_model(tmp_path_factory):
     r = run_cli('tiny-model', dst)
     assert r.returncode == 0, r.stderr
     return dst
+
+@pytest.fixture(scope='session')
+def postgres():
+    "A real PostgreSQL server for the session (tools/postgres.sh: Debian's package, on a Unix socket in a temporary folder); its admin URL"
+    import tempfile
+    d = Path(tempfile.mkdtemp(prefix='cerebrium-ft-pg-'))
+    r = subprocess.run(['bash', str(ROOT/'tools/postgres.sh'), 'start', str(d)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    yield r.stdout.strip()
+    subprocess.run(['bash', str(ROOT/'tools/postgres.sh'), 'stop', str(d)], capture_output=True, timeout=120)
+
+@pytest.fixture
+def postgres_db(postgres):
+    "The URL of a new, empty database on the session's PostgreSQL server (dropped after the test)"
+    import secrets, psycopg
+    from sqlalchemy.engine import make_url
+    base, name = make_url(postgres), 't_' + secrets.token_hex(6)
+    conninfo = dict(dbname='postgres', user=base.username, host=base.query['host'])
+    with psycopg.connect(**conninfo, autocommit=True) as c: c.execute(f'CREATE DATABASE {name}')
+    yield base.set(database=name).render_as_string(hide_password=False)
+    with psycopg.connect(**conninfo, autocommit=True) as c: c.execute(f'DROP DATABASE {name} WITH (FORCE)')

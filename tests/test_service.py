@@ -13,13 +13,16 @@ def free_port():
 
 class Server:
     "`cerebrium-ft serve` in a process of its own"
-    def __init__(self, data_dir, port=None, workers=1, model_dir=None):
-        self.data_dir, self.port, self.workers, self.model_dir = Path(data_dir), port or free_port(), workers, model_dir
+    def __init__(self, data_dir, port=None, workers=1, model_dir=None, gpus=None, database_url=None):
+        self.data_dir, self.port, self.workers, self.model_dir, self.gpus = Path(data_dir), port or free_port(), workers, model_dir, gpus
+        self.database_url = database_url
         self.url = f"http://127.0.0.1:{self.port}"
     def start(self):
         self.log = open(self.data_dir.parent/f"serve-{self.port}-{time.time_ns()}.log", 'w')
         self.proc = subprocess.Popen([str(BIN/'cerebrium-ft'), 'serve', '--port', str(self.port), '--data-dir', str(self.data_dir),
-                                      '--workers', str(self.workers), *(['--model-dir', str(self.model_dir)] if self.model_dir else [])], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                      *(['--workers', str(self.workers)] if self.workers else []), *(['--gpus', self.gpus] if self.gpus else []),
+                                      *(['--database-url', self.database_url] if self.database_url else []),
+                                      *(['--model-dir', str(self.model_dir)] if self.model_dir else [])], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(300):
             try:
                 if requests.get(self.url + '/v1/health', timeout=1).ok: return self
@@ -259,3 +262,50 @@ def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_pa
         r = submit(s, sd3, data, steps=6)
         assert r.returncode == 1 and 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train' in r.stderr, r.stderr
     finally: s.stop()
+
+def test_serve_runs_each_job_on_a_gpu_of_its_own(tmp_path, tiny_model, data):
+    "serve --gpus 1,0: one worker per GPU, two jobs at once, each holding its own GPU, named in its row and by check-job-status (the ids reach each job as CUDA_VISIBLE_DEVICES; on this CPU machine the jobs train on the CPU all the same)"
+    s = Server(tmp_path/'data', model_dir=tiny_model, workers=None, gpus='1,0').start()
+    try:
+        key = s.key = next(w for w in s.output().split() if w.startswith('cft_'))
+        assert "2 workers, each job on a GPU of its own: 1,0" in s.output()
+        jids = [json.loads(submit(s, tiny_model, data, key=key, steps=20).stdout)['id'] for _ in range(2)]
+        held = [wait_for(s, jid, lambda j: j['status'] == 'running' and j['gpus'], timeout=120)['gpus'] for jid in jids]
+        assert sorted(held) == ['0', '1'], held  # both at once, on different GPUs
+        for jid in jids: assert wait_for(s, jid, lambda j: j['status'] in ('succeeded', 'failed'), timeout=240)['status'] == 'succeeded'
+        r = run_cli('check-job-status', jids[0], key, '--url', s.url)
+        assert f"gpus      {held[0]} (when it ran)" in r.stdout, r.stdout
+    finally: s.stop()
+    for args, message in [(['--gpus', '0', '--workers', '2'], "--workers 2 with 1 GPU (0): each job holds a GPU of its own; give --workers 1 or fewer, or --gpus none"),
+                          (['--gpus', '0,,1'], "--gpus 0,,1: give GPU ids separated by commas, each once")]:
+        r = run_cli('serve', '--data-dir', tmp_path/'other', '--port', str(free_port()), *args)
+        assert r.returncode == 2 and message in r.stderr, r.stderr
+
+def test_two_servers_share_a_job_table_in_postgresql(tmp_path, tiny_model, data, postgres_db):
+    "serve --database-url: two servers, each with its own data folder, share projects, keys and jobs in a real PostgreSQL; a job runs on the server it was submitted to, the other shows it, leaves it be, sends its files' requests to its server, and can cancel it"
+    a = Server(tmp_path/'a', model_dir=tiny_model, database_url=postgres_db).start()
+    b = Server(tmp_path/'b', model_dir=tiny_model, database_url=postgres_db).start()
+    try:
+        key = a.key = b.key = next(w for w in a.output().split() if w.startswith('cft_'))  # made by the first start; the second finds the project
+        assert 'jobs table in ' in a.output() and 'cft_' not in b.output()
+        jid = json.loads(submit(a, tiny_model, data, key=key, steps=10).stdout)['id']
+        done = wait_for(a, jid, lambda j: j['status'] in ('succeeded', 'failed'), timeout=240)
+        assert done['status'] == 'succeeded' and done['server'], done
+        assert job(b, jid)['status'] == 'succeeded'
+        r = requests.get(f"{b.url}/v1/jobs/{jid}/results", headers={'Authorization': f"Bearer {key}"})
+        assert r.status_code == 409 and f"runs on another job server ({done['server']})" in r.json()['detail']
+        assert run_cli('download-model', jid, key, '--output', tmp_path/'a.zip', '--url', a.url).returncode == 0
+        long = json.loads(submit(a, tiny_model, data, key=key, steps=100_000).stdout)['id']
+        wait_for(a, long, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=240)
+        time.sleep(2)  # b's executor ticks meanwhile: a job running on a is not b's to fail as lost
+        assert job(b, long)['status'] == 'running'
+        r = run_cli('cancel-job', long, key, '--url', b.url)
+        assert r.returncode == 0, r.stderr
+        assert wait_for(a, long, lambda j: j['status'] != 'running', timeout=30)['status'] == 'cancelled'  # a ended it
+    finally: a.stop(); b.stop()
+    r = run_cli('serve', '--data-dir', tmp_path/'c', '--port', str(free_port()), '--database-url', 'postgresql+psycopg://nobody@/nothing?host=/nonexistent')
+    assert r.returncode == 1 and 'cannot open the job database (/nothing?host=/nonexistent)' in r.stderr, r.stderr
+    r = run_cli('projects', 'list', '--data-dir', tmp_path/'a', '--database-url', postgres_db)
+    assert r.returncode == 0 and 'default' in r.stdout
+    r = run_cli('projects', 'list', '--data-dir', tmp_path/'c', env={**os.environ, 'CEREBRIUM_FT_DATABASE_URL': postgres_db})  # the URL from the environment
+    assert r.returncode == 0 and 'default' in r.stdout
