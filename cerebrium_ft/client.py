@@ -18,7 +18,7 @@ from .results import atomic_path
 
 # %% auto #0
 __all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client',
-           'best_summary']
+           'best_summary', 'duration', 'JobPace']
 
 # %% ../nbs/09_client.ipynb #b283e434
 DEFAULT_URL = 'http://127.0.0.1:8642'
@@ -209,3 +209,29 @@ def best_summary(best:dict) -> str:
     if best['checkpoint'] == best['latest']: return head + ", the newest checkpoint"
     gain = 1 - best['score'] / best['latest_score'] if best['latest_score'] else 0.0
     return head + f", {gain:.1%} below the {best['latest']} checkpoint's {best['latest_score']:.4f} (--use best)"
+
+# %% ../nbs/09_client.ipynb #5d614980
+def duration(s:float) -> str:
+    "`s` seconds as 45s, 3m05s or 2h07m"
+    s = int(round(s))
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+class JobPace:
+    "The status line of a job followed over time: `line(job)` at each look, `now` the clock"
+    def __init__(self, now=time.monotonic): self.now, self.first, self.last = now, None, 0  # the first training (time, step) seen; the last step seen
+
+    def eta(self, j:dict) -> float|None:
+        "Seconds until job `j`'s last step at the pace of the steps seen so far; None until two have been seen"
+        if j['phase'] != 'training' or not j['total']: return None
+        t, back, self.last = self.now(), j['step'] < self.last, j['step']
+        if self.first is None or back: self.first = (t, j['step']); return None
+        t0, done = self.first[0], j['step'] - self.first[1]
+        return (j['total'] - j['step']) * (t - t0) / done if done > 0 and t > t0 else None
+
+    def line(self, j:dict) -> str:
+        "Job `j`'s phase, step, loss and time left, as one line"
+        text = j['phase'] or j['status']
+        if j['total']: text += f" {j['step']}/{j['total']}"
+        if j['phase'] == 'training': text += f", loss {j['loss']:.4f}" if j['loss'] is not None else ', waiting for the first loss'
+        if (eta := self.eta(j)) is not None: text += f", about {duration(eta)} left"
+        return text

@@ -10,8 +10,8 @@ import html, json, tempfile, threading, time, typing
 from pathlib import Path
 import ipywidgets as W
 from fastcore.basics import patch
-from .client import ApiError, Client, best_summary
-from .config import BASE_QUANTIZATIONS, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
+from .client import ApiError, Client, JobPace, best_summary
+from .config import BASE_QUANTIZATIONS, FINAL, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
 from .dataset import check_dataset, training_buckets
 from .families import resolution_for
 
@@ -80,7 +80,7 @@ class JobPanel:
         self.repo = W.Text(description='Hub repo', style=S, placeholder='yourname/sks-dog-lora', layout=L('360px'))
         self.use = W.Dropdown(options=[('final checkpoint', 'final'), ('best checkpoint', 'best')], value='final', layout=L('160px'))
         self.download_btn, self.cancel_btn, self.push_btn = W.Button(description='Download', icon='download'), W.Button(description='Cancel', icon='stop'), W.Button(description='Push to Hub', icon='upload')
-        self._logs, self._shown, self._lock, self._stop = {}, {}, threading.RLock(), threading.Event()
+        self._logs, self._shown, self._pace, self._lock, self._stop = {}, {}, {}, threading.RLock(), threading.Event()
         self.dataset.observe(lambda c: self._safe(self.check_dataset), 'value')
         for w in self.settings.values(): w.observe(lambda c: self._safe(self.check_settings), 'value')
         self.job.observe(lambda c: self._safe(self.show_job), 'value')
@@ -177,7 +177,10 @@ def show_job(self:JobPanel):
         j = self.client.job(jid)
         err = f" — {html.escape(j['error'])}" if j['error'] else ''
         best = f"<br>best checkpoint: {html.escape(best_summary(j['best']))}" if j.get('best') else ''
-        self.status.value = f"<b>{j['status']}</b> {html.escape(j['phase'] or '')}{err}{best}"
+        line = self._pace.setdefault(jid, JobPace()).line(j) if j['status'] == 'running' else (j['phase'] or '')
+        self.status.value = f"<b>{j['status']}</b> {html.escape(line)}{err}{best}"
+        self.cancel_btn.disabled = j['status'] in FINAL  # nothing left to cancel
+        self.download_btn.disabled = self.push_btn.disabled = j['status'] != 'succeeded'  # results only from a job that succeeded
         self.progress.max, self.progress.value = max(1, j['total']), j['step']
         off, text = self._logs.get(jid, (0, ''))
         lg = self.client.logs(jid, off)

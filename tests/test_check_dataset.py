@@ -126,3 +126,12 @@ def test_buckets_take_the_aspect_ratios_a_square_crop_would_cut(tmp_path, cli):
     assert sizes['robot_00.png'] == (448, 576) and sizes['robot_05.png'] == (576, 448) and sizes['robot_08.png'] == (512, 512) and sizes['banner.png'] == (768, 320)
     again = json.loads(cli('check-dataset', tmp_path/'fixed', '--enable-bucket', '--json').stdout)
     assert again['findings'] == [] and again['ok']
+
+def test_a_model_out_of_reach_and_a_folder_that_is_no_model(tmp_path, cli):
+    "--model whose configuration the Hub cannot give (offline here) ends with status 1, naming --size; a folder that is no pipeline is a usage error, 2"
+    import os
+    make_subject_images(tmp_path/'p', n=10, size=64)
+    r = cli('check-dataset', tmp_path/'p', '--model', 'someone/some-model', env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    assert r.returncode == 1 and 'cannot reach the Hugging Face Hub' in r.stderr and 'give --size to check without it' in r.stderr, r.stderr
+    r = cli('check-dataset', tmp_path/'p', '--model', tmp_path/'p')
+    assert r.returncode == 2 and 'has no model_index.json: it is not a diffusers pipeline' in r.stderr, r.stderr

@@ -65,3 +65,18 @@ def test_a_device_this_machine_has_not(tiny_model, tmp_path, device, said):
 
 def test_generate_nothing(tmp_path):
     one_line(run_cli('generate', tmp_path/'r.zip', 'a robot', '-n', '0'), 2, '-n and --steps must be 1 or more')
+
+def test_ctrl_c_ends_a_command_with_status_130(tmp_path):
+    "A command waiting on a service that never answers, interrupted: one line, status 130, as shells report Ctrl-C"
+    import signal, socket, subprocess, time
+    from conftest import BIN
+    with socket.socket() as mute:  # takes the connection, never answers
+        mute.bind(('127.0.0.1', 0)); mute.listen(1); mute.settimeout(120)
+        p = subprocess.Popen([str(BIN/'cerebrium-ft'), 'get-most-recent-jobs', 'p_x', 'cft_a_b', '--url', f"http://127.0.0.1:{mute.getsockname()[1]}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        conn, _ = mute.accept()  # the request is on its way: the command waits for the answer
+        time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        conn.close()
+    assert p.returncode == 130 and err.strip() == 'cerebrium-ft get-most-recent-jobs: interrupted', (p.returncode, err)

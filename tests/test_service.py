@@ -70,10 +70,13 @@ def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model,
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
     assert j['status'] == 'succeeded' and j['step'] == j['total'] == 20
+    assert r.stderr.splitlines()[-1] == 'done 20/20' and '\r' not in r.stderr, r.stderr  # --follow's status, not a terminal: a line at each phase, no carriage returns
     assert j['best']['step'] in (6, 12, 18, 20) and j['best']['latest'] == 'final'  # the job names its best-scoring checkpoint
     r = run_cli('check-job-status', j['id'], server.key, '--include-logs', 'True', '--url', server.url)
     assert r.returncode == 0 and 'succeeded' in r.stdout and '--- log ---' in r.stdout and 'done: 20 steps' in r.stdout
     assert f"best      {j['best']['checkpoint']} (step {j['best']['step']}): score" in r.stdout
+    flag = run_cli('check-job-status', j['id'], server.key, '--include-logs', '--url', server.url)  # the flag alone works too
+    assert flag.returncode == 0 and '--- log ---' in flag.stdout and '--- log ---' not in run_cli('check-job-status', j['id'], server.key, '--include-logs', 'False', '--url', server.url).stdout
     assert 'captions: 2 of 6 images have their own' in r.stdout  # the .txt captions went up with their images and reached the trainer
     r = run_cli('get-most-recent-jobs', server.project, server.key, '--url', server.url)
     assert r.returncode == 0 and j['id'] in r.stdout and 'DURATION' in r.stdout
@@ -204,6 +207,8 @@ def test_login_saves_a_checked_key_readable_by_its_owner_only(server, tmp_path):
     r = run_cli('login', server.key, '--url', server.url, env=env)
     f = tmp_path/'cfg'/'cerebrium-ft'/'login.json'
     assert r.returncode == 0 and server.project in r.stdout and oct(f.stat().st_mode & 0o777) == '0o600'
+    j = json.loads(run_cli('login', server.key, '--url', server.url, '--json', env=env).stdout)
+    assert j == dict(project_id=server.project, url=server.url, saved_to=str(f))
     r = run_cli('get-most-recent-jobs', server.project, env=env)  # key and URL from the login file
     assert r.returncode == 0 and 'no jobs' in r.stdout
     r = run_cli('get-most-recent-jobs', server.project, '--url', 'http://127.0.0.1:9', env=env)

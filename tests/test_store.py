@@ -1,5 +1,5 @@
 "The job store's contract, the same tests against SQLite (the default) and a real PostgreSQL server (tools/postgres.sh), where several job servers may share one database"
-import json, math, threading, time
+import json, threading, time
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import IntegrityError

@@ -1,5 +1,5 @@
 "The notebook job panel driven as a user drives it (values set, buttons clicked) against a real server on loopback"
-import json, time, zipfile
+import json, re, time, zipfile
 import pytest
 from cerebrium_ft.client import Client
 from cerebrium_ft.results import choose_checkpoint
@@ -39,6 +39,7 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
         assert (panel.progress.value, panel.progress.max) == (10, 10)
         assert 'done: 10 steps' in panel.log.value
         assert 'best checkpoint: ' in panel.status.value              # the checkpoint that scored best, named
+        assert panel.cancel_btn.disabled and not panel.download_btn.disabled and not panel.push_btn.disabled  # a finished job: nothing to cancel
         panel.download_btn.click()
         assert (tmp_path/f"{jid}.zip").exists() and 'downloaded' in panel.message.value
         hub = FakeHub().start()
@@ -64,7 +65,8 @@ def test_panel_cancels_a_running_job(server, tiny_model, tmp_path):
         panel.name.value, panel.model.value, panel.prompt.value, panel.dataset.value = 'long', str(tiny_model), 'a photo of sks robot', str(tmp_path/'robot')
         panel.settings['resolution'].value, panel.settings['max_train_steps'].value = '64', '5000'
         panel.start_btn.click()
-        until(lambda: 'training' in panel.status.value)
+        until(lambda: re.search(r'<b>running</b> training \d+/5000, (loss \d\.\d{4}|waiting for the first loss)', panel.status.value))  # step, loss, then time left
+        assert not panel.cancel_btn.disabled and panel.download_btn.disabled and panel.push_btn.disabled  # no results yet
         panel.cancel_btn.click()
-        assert '<b>cancelled</b>' in panel.status.value and 'cancelled' in panel.message.value
+        assert '<b>cancelled</b>' in panel.status.value and 'cancelled' in panel.message.value and panel.cancel_btn.disabled
     finally: panel.close()
