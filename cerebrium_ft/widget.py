@@ -178,7 +178,8 @@ def show_job(self:JobPanel):
         err = f" — {html.escape(j['error'])}" if j['error'] else ''
         best = f"<br>best checkpoint: {html.escape(best_summary(j['best']))}" if j.get('best') else ''
         line = self._pace.setdefault(jid, JobPace()).line(j) if j['status'] == 'running' else (j['phase'] or '')
-        self.status.value = f"<b>{j['status']}</b> {html.escape(line)}{err}{best}"
+        gpus = f" on GPU {html.escape(j['gpus'])}" if j.get('gpus') and j['status'] == 'running' else ''
+        self.status.value = f"<b>{j['status']}</b> {html.escape(line)}{gpus}{err}{best}"
         self.cancel_btn.disabled = j['status'] in FINAL  # nothing left to cancel
         self.download_btn.disabled = self.push_btn.disabled = j['status'] != 'succeeded'  # results only from a job that succeeded
         self.progress.max, self.progress.value = max(1, j['total']), j['step']
