@@ -12,7 +12,7 @@ __all__ = ['COMMANDS', 'DEMO_PROMPT', 'DATABASE_ENV', 'FOLLOW_LINE_EVERY', 'comm
            'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #609131c6
-import argparse, difflib, functools, inspect, json as jsonlib, os, shutil, sys, time
+import argparse, difflib, functools, inspect, json as jsonlib, os, sys, time
 from pathlib import Path
 from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
@@ -21,7 +21,7 @@ from .config import SettingsError, spec_from_args
 from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
 from .client import ApiError, Client, JobPace, best_summary, save_login
-from .results import ResultsError, atomic_path, choose_checkpoint, opened_results
+from .results import ResultsError
 
 # %% ../nbs/10_cli.ipynb #941f8405
 COMMANDS = {}
@@ -524,28 +524,17 @@ def download_model(
     json:bool=False, # Print one JSON object
     use:str=None, # Write only this checkpoint's LoRA as one .safetensors file: final, best (the lowest held-out score), or a kept step (e.g. 40)
 ):
-    "Download a finished job's results zip: LoRA weights, validation images, metrics, logs (or, with --use, one checkpoint's LoRA)"
-    import tempfile
+    "Download a finished job's results zip: LoRA weights, validation images, metrics, logs (or, with --use, one checkpoint's LoRA alone)"
     dest = _output_file(output or (f"{job_id}-{use}.safetensors" if use else f"{job_id}.zip"))
     c = _client(url, api_key)
     bar = _bar(None, 'download')
     def progress(got, total): bar.total = total or None; bar.n = got; bar.refresh()
-    with tempfile.TemporaryDirectory(prefix='cerebrium-ft-download-') as tmp:
-        try: out = c.download(job_id, dest if use is None else Path(tmp)/'results.zip', progress)
-        finally: bar.close()
-        ckpt = None if use is None else _extract_checkpoint(out, use, dest)
-    if ckpt is None: return _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size)) if json else print(out)
-    if json: return _print_json(dict(job_id=job_id, path=str(dest), bytes=dest.stat().st_size, checkpoint=ckpt['name'], step=ckpt['step']))
-    print(f"{dest}: the LoRA of checkpoint {ckpt['name']} (step {ckpt['step']}); load it with pipeline.load_lora_weights('{dest.parent}', weight_name='{dest.name}')")
-
-def _extract_checkpoint(results_zip:Path, use:str, dest:Path) -> dict:
-    "Copy the weights of checkpoint `use` out of a results zip to `dest`; that checkpoint's manifest entry back"
-    try:
-        with opened_results(results_zip) as folder:
-            ckpt = choose_checkpoint(jsonlib.loads((folder/'manifest.json').read_text()), use)
-            with atomic_path(dest) as tmp: shutil.copyfile(folder/ckpt['weights'], tmp)
-    except ResultsError as e: raise CliError(str(e)) from None
-    return ckpt
+    try: out = c.download(job_id, dest, progress, use=use)
+    finally: bar.close()
+    if use is None: return _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size)) if json else print(out)
+    ckpt = c.checkpoint
+    if json: return _print_json(dict(job_id=job_id, path=str(out), bytes=out.stat().st_size, checkpoint=ckpt['name'], step=ckpt['step']))
+    print(f"{out}: the LoRA of checkpoint {ckpt['name']} (step {ckpt['step']}); load it with pipeline.load_lora_weights('{out.parent}', weight_name='{out.name}')")
 
 @command('get-most-recent-jobs', pos=['api_key'], example='cerebrium-ft get-most-recent-jobs p_0123456789abcdef --json')
 def get_most_recent_jobs(

@@ -170,13 +170,19 @@ def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=No
     key = idempotency_key or uuid.uuid4().hex  # every retry of this upload carries it: the server makes one job
     return self._json('POST', '/v1/jobs', _is_job, data=_Upload(body, progress), headers={'Content-Type': ctype, 'Idempotency-Key': key})
 
+def _is_safetensors(path:Path) -> bool:
+    "Whether `path` starts as a safetensors file does: an 8-byte header length, then the header's JSON object"
+    with open(path, 'rb') as f: head = f.read(9)
+    return len(head) == 9 and 2 <= int.from_bytes(head[:8], 'little') <= path.stat().st_size - 8 and head[8:9] == b'{'
+
 @patch
-def download(self:Client, job_id:str, dest, progress=None) -> Path:
-    "Stream job `job_id`'s results zip to `dest`; a download cut short, or one that is not a zip, never gets the final name"
-    dest = Path(dest)
-    if dest.is_dir(): raise ApiError(f"{dest} is a folder: give the zip's file name, e.g. {dest/f'{job_id}.zip'}")
+def download(self:Client, job_id:str, dest, progress=None, use:str|None=None) -> Path:
+    "Stream job `job_id`'s results zip to `dest` (with `use`: only that checkpoint's LoRA, final, best or a kept step, as a .safetensors file; `self.checkpoint` then says which); a download cut short, or one that is not what was asked for, never gets the final name"
+    dest, what = Path(dest), 'results zip' if use is None else 'LoRA weights file'
+    if dest.is_dir(): raise ApiError(f"{dest} is a folder: give the file's name, e.g. {dest/(f'{job_id}.zip' if use is None else f'{job_id}-{use}.safetensors')}")
     if not dest.parent.is_dir(): raise ApiError(f"cannot write {dest}: the folder {dest.parent} does not exist")
-    r = self._request('GET', f"/v1/jobs/{job_id}/results", stream=True)
+    r = self._request('GET', f"/v1/jobs/{job_id}/results" if use is None else f"/v1/jobs/{job_id}/weights", stream=True, **({} if use is None else dict(params=dict(use=use))))
+    self.checkpoint = None if use is None else dict(name=r.headers.get('x-checkpoint'), step=int(r.headers.get('x-checkpoint-step') or 0))
     total, got = int(r.headers.get('content-length') or 0), 0
     with atomic_path(dest) as tmp:
         with open(tmp, 'wb') as f:
@@ -186,8 +192,8 @@ def download(self:Client, job_id:str, dest, progress=None) -> Path:
                     if progress: progress(got, total)
             except requests.RequestException as e: raise ApiError(f"the download of {job_id} broke off after {got} bytes ({type(e).__name__}); run it again") from None
         if total and got != total: raise ApiError(f"the download of {job_id} stopped at {got} of {total} bytes; run it again")
-        if not zipfile.is_zipfile(tmp):
-            raise ApiError(f"{self.url} sent {got} bytes of {r.headers.get('content-type') or 'unknown type'} that are not a results zip: is it a cerebrium-ft job service?")
+        if not (zipfile.is_zipfile(tmp) if use is None else _is_safetensors(Path(tmp))):
+            raise ApiError(f"{self.url} sent {got} bytes of {r.headers.get('content-type') or 'unknown type'} that are not a {what}: is it a cerebrium-ft job service?")
     return dest
 
 @patch

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/08_server.ipynb #047c0ec5
 from __future__ import annotations
-import fcntl, hashlib, json, os, re, secrets, shutil, threading
+import fcntl, hashlib, json, os, re, secrets, shutil, threading, zipfile
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +16,12 @@ from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSetti
 from .dataset import check_dataset
 from .executor import Executor, is_out_of_space
 from .families import FamilyError, HubUnreachable, model_family
-from .results import RunDir, atomic_path
+from .results import ResultsError, RunDir, atomic_path, choose_checkpoint
 from .store import Store, new_job_id
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 # %% auto #0
@@ -29,7 +29,7 @@ __all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 
            'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey',
            'DataDirBusy', 'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'create_job', 'Service',
            'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs',
-           'cancel', 'list_jobs', 'results', 'images', 'image', 'create_app']
+           'cancel', 'list_jobs', 'results', 'weights', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -331,6 +331,23 @@ def results(job:dict=Depends(job_here), svc:Service=Depends(service)):
     if job['status'] != 'succeeded' or not z.is_file():
         raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
     return FileResponse(z, media_type='application/zip', filename=f"{job['id']}.zip")
+
+@result_routes.get('/weights')
+def weights(use:str=Query('final', max_length=40), job:dict=Depends(job_here), svc:Service=Depends(service)):
+    "One checkpoint's LoRA alone (`use`: final, best or a kept step), as a .safetensors file; its name and step in the X-Checkpoint and X-Checkpoint-Step headers"
+    z = svc.executor.job_dir(job['id'])/'results.zip'
+    if job['status'] != 'succeeded' or not z.is_file():
+        raise HTTPException(409, f"job {job['id']} is {job['status']}: results are ready when it has succeeded")
+    with zipfile.ZipFile(z) as zf:
+        try: ckpt = choose_checkpoint(json.loads(zf.read('manifest.json')), use)
+        except ResultsError as e: raise HTTPException(400, str(e)) from None
+        size = zf.getinfo(ckpt['weights']).file_size
+    def stream():
+        with zipfile.ZipFile(z) as zf, zf.open(ckpt['weights']) as f:
+            while chunk := f.read(1 << 20): yield chunk
+    return StreamingResponse(stream(), media_type='application/octet-stream', headers={
+        'Content-Length': str(size), 'Content-Disposition': f'attachment; filename="{job["id"]}-{ckpt["name"]}.safetensors"',
+        'X-Checkpoint': ckpt['name'], 'X-Checkpoint-Step': str(ckpt['step'])})
 
 @result_routes.get('/images')
 def images(job:dict=Depends(job_here), svc:Service=Depends(service)):

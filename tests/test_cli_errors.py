@@ -36,6 +36,7 @@ def test_a_server_that_is_not_the_job_service(impostor, tmp_path):
     one_line(run_cli('check-job-status', 'j_shape', 'cft_a_b', '--url', impostor), 1, 'answered JSON that the job service does not send')
     one_line(run_cli('download-model', 'j_cut', 'cft_a_b', '--url', impostor, '--output', tmp_path/'r.zip'), 1, 'the download of j_cut')
     one_line(run_cli('download-model', 'j_page', 'cft_a_b', '--url', impostor, '--output', tmp_path/'r.zip'), 1, 'that are not a results zip')
+    one_line(run_cli('download-model', 'j_page', 'cft_a_b', '--url', impostor, '--use', 'best', '--output', tmp_path/'w.safetensors'), 1, 'that are not a LoRA weights file')
     assert list(tmp_path.iterdir()) == []
 
 def test_an_output_that_cannot_be_written(impostor, tmp_path):

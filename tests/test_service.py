@@ -94,6 +94,11 @@ def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model,
     assert (tmp_path/f"{j['id']}-best.safetensors").read_bytes() == want  # that checkpoint's LoRA alone
     r = run_cli('download-model', j['id'], server.key, '--use', '7', '--output', tmp_path/'seven.safetensors', '--url', server.url)
     assert r.returncode != 0 and "keep no checkpoint '7'" in r.stderr and not list(tmp_path.glob('*seven*'))
+    auth = {'Authorization': f"Bearer {server.key}"}
+    r = requests.get(f"{server.url}/v1/jobs/{j['id']}/weights", params=dict(use='best'), headers=auth)  # what --use asks for: the one file, not the zip
+    assert r.status_code == 200 and r.content == want and (r.headers['x-checkpoint'], int(r.headers['x-checkpoint-step'])) == (j['best']['checkpoint'], j['best']['step'])
+    r = requests.get(f"{server.url}/v1/jobs/{j['id']}/weights", params=dict(use='7'), headers=auth)
+    assert r.status_code == 400 and "keep no checkpoint '7'; use final, best or one of" in r.json()['detail']
 
 def test_keys_and_projects_are_isolated(server, tiny_model, data):
     r = submit(server, tiny_model, data, steps=2)
