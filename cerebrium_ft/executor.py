@@ -164,7 +164,7 @@ class Executor:
             for jid, h in list(self.running.items()):
                 try: self._watch(jid, h)
                 except Exception as e: self.complain(f"job {jid}: {type(e).__name__}: {e}")  # it stays: the next tick tries again
-            self._fail_lost()
+            self._reconcile()
             while (len(self.running) < self.workers and (self.gpus is None or self.free) and not self._stop.is_set()
                    and (j := self.store.claim_next())): self._start(j)
 
@@ -216,7 +216,7 @@ def _finish(self:Executor, jid:str, status:str, fields:dict|None=None):
     else: self.unsettled.pop(jid, None)
 
 @patch
-def _fail_lost(self:Executor):
+def _reconcile(self:Executor):
     "Fail this server's `running` jobs that have no process here and no end waiting to be recorded; end those cancelled through another server sharing the database"
     for j in self.store.jobs_in('running'):
         if j['id'] in self.running and j['cancel_requested']: self._end(j['id']); self._finish(j['id'], 'cancelled')

@@ -662,10 +662,10 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
-    cond = {**{k: v[prompt] for k, v in self.cond.items()}, **extra}
+    cond = {**{k: v[prompt] for k, v in self.cond.items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's: not gathered
     if ci is not None:
         cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
-        cls_cond = {**{k: v[torch.full_like(ci, self.cls_prompt)] for k, v in self.cond.items()}, **cls_extra}
+        cls_cond = {**{k: v[torch.full_like(ci, self.cls_prompt)] for k, v in self.cond.items() if k not in cls_extra}, **cls_extra}
         if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
         else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
     with self.accelerator.autocast():

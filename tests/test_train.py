@@ -341,10 +341,12 @@ def shapes(tmp_path_factory):
     import shutil; shutil.rmtree(d/'src')
     return d
 
-@pytest.mark.parametrize('family', ['sdxl', 'flux'])
-def test_aspect_ratio_buckets_train_each_image_at_its_own_shape(shapes, tmp_path, family, monkeypatch):
-    "With enable_bucket, portrait and landscape photos train uncropped at their buckets' shapes (48x80, 80x48), square class images beside them at 64x64; SDXL is conditioned on each image's real size and crop; the results load"
+@pytest.mark.parametrize('family, precision', [('sdxl', 'no'), ('flux', 'no'), ('sdxl', 'bf16'), ('flux', 'bf16')])
+def test_aspect_ratio_buckets_train_each_image_at_its_own_shape(shapes, tmp_path, family, precision, monkeypatch):
+    "With enable_bucket, portrait and landscape photos train uncropped at their buckets' shapes (48x80, 80x48), square class images beside them at 64x64; SDXL is conditioned on each image's real size and crop; the results load. In fp32 and in bf16 (what 'auto' picks on AMX CPUs; forced here on every CPU)"
     import diffusers
+    from cerebrium_ft import speed
+    monkeypatch.setattr(speed, 'cpu_has_bf16', lambda: True)  # bf16 asked for is bf16 trained, whichever CPU runs the test
     seen, predict = [], T.predict
     def spy(fam, net, noisy, t, cond):
         if torch.is_grad_enabled(): seen.append((tuple(noisy.shape[2:]), cond.get('time_ids')))
@@ -353,7 +355,8 @@ def test_aspect_ratio_buckets_train_each_image_at_its_own_shape(shapes, tmp_path
     model = str(build_tiny_pipeline(tmp_path/family, family=family))
     out = T.train(spec(model, shapes, prior_class_prompt='a photo of a robot', prior_class_image_dir=str(shapes/'class'),
                        training_args=dict(max_train_steps=6, learning_rate=2e-2, train_batch_size=2, enable_bucket=True, bucket_reso_steps=16, num_validation_images=1,
-                                          validation_epochs=3, mixed_precision='no')), tmp_path/'run', progress=False)
+                                          validation_epochs=3, mixed_precision=precision)), tmp_path/'run', progress=False)
+    assert manifest(out)['precision'] == precision and all(math.isfinite(l) for l in col(out, 'loss'))
     assert "aspect-ratio buckets (enable_bucket), with the training images in each: 48x80 (2), 80x48 (2), 64x64 (2)" in (out/'logs.txt').read_text()
     assert {s for s, _ in seen} == {(10, 6), (6, 10), (8, 8)}  # latents of 48x80, 80x48 and 64x64 images: none cropped square
     if family == 'sdxl':
