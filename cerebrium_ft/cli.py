@@ -7,9 +7,9 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/cli.html.md"""
 # %% auto #0
 __all__ = ['COMMANDS', 'DEMO_PROMPT', 'DATABASE_ENV', 'FOLLOW_LINE_EVERY', 'command', 'Unavailable', 'command_parser', 'main',
            'quiet_libraries', 'check_dataset_cmd', 'job_options', 'train_cmd', 'generate', 'tiny_model_cmd',
-           'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys', 'run_job_cmd', 'login',
-           'Follower', 'train_diffuser', 'download_model', 'get_most_recent_jobs', 'check_job_status', 'cancel_job',
-           'push_to_hub_cmd']
+           'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys', 'run_job_cmd', 'train_rank',
+           'login', 'Follower', 'train_diffuser', 'download_model', 'get_most_recent_jobs', 'check_job_status',
+           'cancel_job', 'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #609131c6
 import argparse, difflib, functools, inspect, json as jsonlib, os, sys, time
@@ -17,7 +17,7 @@ from pathlib import Path
 from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
-from .config import SettingsError, spec_from_args
+from .config import JobSpec, SettingsError, spec_from_args
 from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
 from .client import ApiError, Client, JobPace, best_summary, save_login
@@ -420,6 +420,25 @@ def run_job_cmd(
             return EXIT_NO_SPACE
         import traceback; traceback.print_exc()  # the job's log keeps where it failed; its last line is the reason
         print(f"cerebrium-ft run-job: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+@command('train-rank', example='cerebrium-ft train-rank sks-dog/ --device cuda   # one process of a run with gpus above 1: torchrun starts it, as train and run-job ask')
+def train_rank(
+    results:str, # The results folder of the run, holding its job.json
+    device:str=None, # cuda or cpu (default: cuda if there is one); each process takes its own GPU
+    cache:str=None, # Folder of the class-image cache
+    quiet:bool=False, # No progress bar
+):
+    "Run one process of a data-parallel training run (`gpus` above 1): torchrun starts one per GPU, and `train`, `train-diffuser`'s jobs and `run-job` start torchrun"
+    from cerebrium_ft.results import RunDir
+    run = RunDir(results)
+    if not run.job.is_file(): raise CliError(f"{results} holds no job.json: train-rank runs a process of a run that train or run-job started")
+    if 'WORLD_SIZE' not in os.environ: raise CliError("train-rank runs under torchrun (it sets RANK and WORLD_SIZE); to train, use cerebrium-ft train")
+    quiet_libraries()
+    from cerebrium_ft.train import TrainingError, train
+    try: train(JobSpec.from_json(run.job.read_text()), run.root, device=_device(device), cache=cache, progress=not quiet)
+    except TrainingError as e:
+        print(f"cerebrium-ft train-rank: {e}", file=sys.stderr)
         return 1
 
 # %% ../nbs/10_cli.ipynb #9edcd165

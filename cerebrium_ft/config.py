@@ -210,6 +210,7 @@ class TrainingSettings(SeedSettings):
     gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")
     base_quantization:Literal[BASE_QUANTIZATIONS] = Field("none", description='"nf4" or "8bit": load the frozen base denoiser quantized by bitsandbytes and train the LoRA over it (QLoRA, CUDA only; FLUX.1 on a 24 GB GPU needs nf4)')
     sample_batch_size:int = Field(4, ge=1, le=256, description="Batch size when generating class images for prior preservation")
+    gpus:int = Field(1, ge=1, le=64, description="GPUs the job trains on, data-parallel: a process each, taking train_batch_size images of every step's batch, their gradients summed (the job service starts it when that many of its GPUs are free); on a machine without CUDA, that many CPU processes")
 
     @model_validator(mode='before')
     @classmethod

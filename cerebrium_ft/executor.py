@@ -166,7 +166,7 @@ class Executor:
                 except Exception as e: self.complain(f"job {jid}: {type(e).__name__}: {e}")  # it stays: the next tick tries again
             self._reconcile()
             while (len(self.running) < self.workers and (self.gpus is None or self.free) and not self._stop.is_set()
-                   and (j := self.store.claim_next())): self._start(j)
+                   and (j := self.store.claim_next(len(self.free) if self.gpus is not None else None))): self._start(j)
 
 # %% ../nbs/07_executor.ipynb #a042ed78
 def visible_gpus() -> list[str]:
@@ -186,8 +186,8 @@ def visible_gpus() -> list[str]:
 # %% ../nbs/07_executor.ipynb #22af64c8
 @patch
 def _start(self:Executor, j:dict):
-    "Start job `j` on the engine, on the first free GPU when the executor has GPUs; fail it with the reason if it cannot start"
-    gpus = [self.free.pop(0)] if self.gpus is not None else None
+    "Start job `j` on the engine, on the first free GPUs (as many as it wants) when the executor has GPUs; fail it with the reason if it cannot start"
+    gpus = [self.free.pop(0) for _ in range(j['wants_gpus'])] if self.gpus is not None else None
     try: h = self.engine.start(self.job_dir(j['id']), j['attempts'], gpus)
     except OSError as e:
         self._give_back(gpus)

@@ -191,10 +191,12 @@ def _check_uploads(folder:Path, class_images:bool, resolution:int):
             raise HTTPException(400, dict(message=f"the uploaded {'dataset' if sub == 'dataset' else 'class images'} has errors; nothing was stored",
                                           findings=[f.to_dict() for f in report.findings if f.severity == 'error']))
 
-def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs) -> JobSpec:
-    "Check the spec and write the job's spec.json into `tmp`, with the paths it will have at `jd`"
+def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs, gpus:list|None=None) -> JobSpec:
+    "Check the spec (against this server's `gpus`, when it has some) and write the job's spec.json into `tmp`, with the paths it will have at `jd`"
     try: js = JobSpec.from_dict({**d, 'dataset': 'dataset', 'prior_class_image_dir': 'class_images' if class_images else None})
     except SettingsError as e: raise HTTPException(400, str(e)) from None
+    if gpus is not None and js.training_args.gpus > len(gpus):
+        raise HTTPException(400, f"gpus {js.training_args.gpus}: this server has {len(gpus)} GPU{'s' * (len(gpus) != 1)} ({','.join(gpus)}): set gpus {len(gpus)} or fewer in --training-args")
     model, problem = server_model(js.hf_model_path, model_dirs)
     if problem: raise HTTPException(400, f"on the server: {problem}")
     try: native = model_family(model, js.revision).resolution  # an SD3 or a video pipeline is refused now, not after its download
@@ -220,9 +222,9 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
     try:
         _write_captions(_save_uploads(images, tmp/'dataset', 'image'), caps)
         if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
-        js = _write_job_folder(tmp, d, bool(class_images), jd, model_dirs)
+        js = _write_job_folder(tmp, d, bool(class_images), jd, model_dirs, executor.gpus)
         tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
-        try: return store.add_job(pid, js.name, js.to_dict(), job_id, idempotency_key, digest), True
+        try: return store.add_job(pid, js.name, js.to_dict(), job_id, idempotency_key, digest, js.training_args.gpus), True
         except IntegrityError:  # the same key, submitted twice at once: the other request made the job
             shutil.rmtree(jd, ignore_errors=True); return _replayed(store.job_for_key(pid, idempotency_key), digest), False
         except Exception: shutil.rmtree(jd, ignore_errors=True); raise

@@ -54,6 +54,7 @@ class Job(Base):
     resumed_from: Mapped[int|None] = mapped_column(Integer, nullable=True)  # the checkpoint step this attempt started from
     best: Mapped[str|None] = mapped_column(Text, nullable=True)  # the best-scoring checkpoint so far, as the progress file says it (JSON)
     gpus: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the GPUs its process was given (its CUDA_VISIBLE_DEVICES) when it last started
+    wants_gpus: Mapped[int|None] = mapped_column(Integer, nullable=True)  # how many GPUs it runs on (its gpus setting; None: one)
     home: Mapped[str|None] = mapped_column(String(40), nullable=True, index=True)  # the server that holds its files and runs it (None: any; one server per SQLite file)
     idempotency_key: Mapped[str|None] = mapped_column(String(200), nullable=True)  # the client's key for the submission
     request_sha256: Mapped[str|None] = mapped_column(String(64), nullable=True)  # what was submitted under that key
@@ -72,7 +73,7 @@ def _job_dict(j:Job) -> dict:
     d['duration'] = ((j.finished or time.time()) - j.started) if j.started else None
     return d
 
-def _row(j:Job) -> dict: return _job_dict(j) | dict(pid=j.pid, cancel_requested=j.cancel_requested)
+def _row(j:Job) -> dict: return _job_dict(j) | dict(pid=j.pid, cancel_requested=j.cancel_requested, wants_gpus=j.wants_gpus or 1)
 
 # %% ../nbs/06_store.ipynb #c14b5e12
 def _hash(secret:str) -> str: return hashlib.sha256(secret.encode()).hexdigest()
@@ -167,11 +168,12 @@ def authenticate(self:Store, key:str) -> str|None:
 
 # %% ../nbs/06_store.ipynb #7c7f2937
 @patch
-def add_job(self:Store, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None) -> dict:
-    "Queue a new job; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
+def add_job(self:Store, project_id:str, name:str, spec:dict, job_id:str|None=None, idempotency_key:str|None=None, request_sha256:str|None=None,
+            wants_gpus:int=1) -> dict:
+    "Queue a new job, which runs on `wants_gpus` GPUs; raises `sqlalchemy.exc.IntegrityError` if the project already has a job for `idempotency_key`"
     with self.session() as s, s.begin():
         j = Job(id=job_id or new_job_id(), project_id=project_id, name=name, spec=json.dumps(spec), status='queued', created=time.time(), attempts=0, step=0,
-                total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256, home=self.home)
+                total=0, cancel_requested=0, idempotency_key=idempotency_key, request_sha256=request_sha256, home=self.home, wants_gpus=wants_gpus)
         s.add(j)
     return _job_dict(j)
 
@@ -259,14 +261,14 @@ def request_cancel(self:Store, job_id:str) -> str|None:
 
 
 @patch
-def claim_next(self:Store) -> dict|None:
-    "Move this server's oldest queued job to running (one attempt more) and return it; None when none is queued. On PostgreSQL the row is locked as it is read (`FOR UPDATE SKIP LOCKED`), so servers sharing the database never take the same job and never wait on each other"
+def claim_next(self:Store, free_gpus:int|None=None) -> dict|None:
+    "Move this server's oldest queued job to running (one attempt more) and return it (with the executor's fields); None when none is queued, or (given `free_gpus`) when it wants more GPUs than are free: it waits for them, and the jobs behind it wait too, so a job that wants many GPUs is never passed over for good. On PostgreSQL the row is locked as it is read (`FOR UPDATE SKIP LOCKED`), so servers sharing the database never take the same job and never wait on each other"
     while True:
         with self.session() as s, s.begin():
             q = select(Job).where(Job.status == 'queued', *self._here()).order_by(Job.created, Job.id).limit(1)
             if self.engine.dialect.name == 'postgresql': q = q.with_for_update(skip_locked=True)
             j = s.scalars(q).first()
-            if j is None: return None
+            if j is None or (free_gpus is not None and (j.wants_gpus or 1) > free_gpus): return None
             n = s.execute(update(Job).where(Job.id == j.id, Job.status == 'queued').values(  # only if no one else took it
                 status='running', attempts=Job.attempts + 1, started=j.started or time.time(), error=None, resumed_from=None)).rowcount
-        if n: return self.job(j.id)
+        if n: return self.row(j.id)

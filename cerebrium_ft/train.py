@@ -6,8 +6,10 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
-import csv, gc, json, logging, math, random, shutil, time
+import csv, gc, json, logging, math, os, random, shutil, subprocess, sys, time
+from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from fastcore.basics import patch
 import numpy as np
@@ -26,11 +28,12 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
-           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'TrainingError', 'plan_steps', 'epoch_batches',
-           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
-           'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock',
-           'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid',
-           'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'Training']
+           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'RANK_WAIT_S', 'TrainingError', 'plan_steps',
+           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents',
+           'denoising_loss', 'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
+           'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png',
+           'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
+           'die_with_parent', 'launch_processes', 'join_processes', 'Training']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -43,9 +46,9 @@ VALIDATION_GRID = 'grid.png' # each validation's images in one: a row per prompt
 CAPTION_ORDERS = 8 # with shuffle_caption, the orders of each caption's tags encoded (once) and drawn from at each step
 
 # %% ../nbs/04_train.ipynb #458358da
-def plan_steps(n_instance:int, n_class:int, s:TrainingSettings, bucket_of=None) -> dict:
-    "Batches per epoch, optimizer steps per epoch, total optimizer steps and epochs for a run (whose instance images are in buckets `bucket_of`, when given)"
-    batches = len(epoch_batches(0, n_instance, n_class, s.train_batch_size, s.seed, bucket_of))  # the same count every epoch: each has the same examples
+def plan_steps(n_instance:int, n_class:int, s:TrainingSettings, bucket_of=None, processes:int=1) -> dict:
+    "Batches per epoch, optimizer steps per epoch, total optimizer steps and epochs for a run (whose instance images are in buckets `bucket_of`, when given) on `processes` data-parallel processes, each taking `train_batch_size` images of every batch"
+    batches = len(epoch_batches(0, n_instance, n_class, s.train_batch_size * processes, s.seed, bucket_of))  # the same count every epoch: each has the same examples
     per_epoch = math.ceil(batches / s.gradient_accumulation_steps)
     steps = s.max_train_steps if s.max_train_steps is not None else s.num_train_epochs * per_epoch
     return dict(batches_per_epoch=batches, steps_per_epoch=per_epoch, max_train_steps=steps, epochs=math.ceil(steps / per_epoch))
@@ -136,20 +139,40 @@ def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.
     return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling, view
 
 def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None,
-                   snr_gamma:float|None=None, noise_offset:float=0.0):
-    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples. `latents` and `cond` may be lists: parts of one batch whose images differ in size (instance images in a bucket, square class images), a denoiser call each"
+                   snr_gamma:float|None=None, noise_offset:float=0.0, shard:tuple|None=None):
+    "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples. `latents` and `cond` may be lists: parts of one batch whose images differ in size (instance images in a bucket, square class images), a denoiser call each. With `shard` (rank, processes), only the examples whose place in the batch is rank modulo processes go through the denoiser, and the losses are their share of the batch's: summed over the ranks, the whole batch's"
     import torch
     family = family or FAMILIES['sd1']
-    per, ts = [], []
-    for lat, c in (zip(latents, cond) if isinstance(latents, list) else [(latents, cond)]):
-        noisy, t, target = noised(family, noise_scheduler, lat, gen, noise_offset)
-        pred = predict(family, denoiser, noisy, t, c if isinstance(c, dict) else dict(embeds=c)).float()
+    parts = list(zip(latents, cond)) if isinstance(latents, list) else [(latents, cond)]
+    per, ts, at, start = [], [], [], 0
+    for lat, c in parts:
+        noisy, t, target = noised(family, noise_scheduler, lat, gen, noise_offset)  # drawn for the whole batch, by every rank alike
+        c = c if isinstance(c, dict) else dict(embeds=c)
+        if shard is not None:
+            keep = torch.arange((shard[0] - start) % shard[1], len(lat), shard[1], device=lat.device)
+            noisy, t, target, c = noisy[keep], t[keep], target[keep], {k: v[keep] for k, v in c.items()}
+            at.append(keep + start)
+        start += len(lat)
+        if not len(noisy): continue  # none of this part is this rank's
+        pred = predict(family, denoiser, noisy, t, c).float()
         per.append((pred - target.float()).square().mean(dim=tuple(range(1, pred.ndim)))); ts.append(t)  # each sample's mean square error
+    k = start - n_prior
+    if shard is not None: return _shard_losses(per, ts, torch.cat(at), k, n_prior, prior_loss_weight, noise_scheduler, snr_gamma)
     per, t = (per[0], ts[0]) if len(per) == 1 else (torch.cat(per), torch.cat(ts))
-    k = len(per) - n_prior
     inst = (per[:k] * snr_weights(noise_scheduler, t[:k], snr_gamma)).mean() if snr_gamma else per[:k].mean()
     if not n_prior: return inst, inst, None
     prior = per[k:].mean()
+    return inst + prior_loss_weight * prior, inst, prior
+
+def _shard_losses(per:list, ts:list, at, k:int, n_prior:int, prior_loss_weight:float, noise_scheduler, snr_gamma):
+    "`denoising_loss`'s three losses as a shard's share: its examples' (at places `at` of the batch) summed and divided by the batch's count of their kind (`k` instance examples first, then `n_prior` class examples)"
+    import torch
+    per, t = (torch.cat(per), torch.cat(ts)) if per else (torch.zeros(0, device=at.device), torch.zeros(0, device=at.device))
+    inst_ = at < k
+    w = snr_weights(noise_scheduler, t[inst_], snr_gamma) if snr_gamma and inst_.any() else 1.0
+    inst = (per[inst_] * w).sum() / k
+    if not n_prior: return inst, inst, None
+    prior = per[~inst_].sum() / n_prior
     return inst + prior_loss_weight * prior, inst, prior
 
 # %% ../nbs/04_train.ipynb #d00b1a9c
@@ -440,17 +463,17 @@ def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, mode
     write_atomic(run.manifest, json.dumps(manifest, indent=2, default=str))
 
 # %% ../nbs/04_train.ipynb #817feaed
-def _log_to(run:RunDir, level:str):
-    "Send the package's log to logs.txt (appending, so a resumed run's log continues) and to stderr"
+def _log_to(run:RunDir, level:str, prefix:str=''):
+    "Send the package's log to logs.txt (appending, so a resumed run's log continues) and to stderr, each line after `prefix`"
     handler = logging.FileHandler(run.logs, encoding='utf-8')
-    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
+    handler.setFormatter(logging.Formatter(f'%(asctime)s %(levelname)s {prefix}%(message)s'))
     log.addHandler(handler); log.setLevel(getattr(logging, level))
     if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) for h in log.handlers):
         log.addHandler(logging.StreamHandler())
     return handler
 
 def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True) -> Path:
-    "Train a LoRA for `spec` into `output_dir` (the results folder); resumes a run that was stopped"
+    "Train a LoRA for `spec` into `output_dir` (the results folder); resumes a run that was stopped. With `gpus` above 1 in its settings it starts that many data-parallel processes (`launch_processes`) and waits for them"
     try: run, device = RunDir(output_dir), resolve_device(device)
     except DeviceError as e: raise TrainingError(str(e)) from None
     if (q := spec.training_args.base_quantization) != 'none' and device.type != 'cuda':
@@ -461,8 +484,11 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
         log.info(f"{run.root} already holds the finished run of {spec.name}"); return run.root
     run.root.mkdir(parents=True, exist_ok=True)
     if not run.job.exists(): write_atomic(run.job, spec.to_json())
-    handler = _log_to(run, spec.log_level)
-    try: return _train(spec, run, report, device, cache, progress)
+    rank, processes = int(os.environ.get('RANK', 0)), spec.training_args.gpus
+    handler = _log_to(run, spec.log_level if rank == 0 else 'ERROR', '' if rank == 0 else f"rank {rank}: ")  # the other ranks' log: their errors
+    try:
+        if processes > 1 and 'WORLD_SIZE' not in os.environ: return launch_processes(spec, run, processes, device, cache, progress)
+        return _train(spec, run, report, device, cache, progress)
     except Exception as e:
         log.error(f"training failed: {type(e).__name__}: {e}")
         raise
@@ -479,6 +505,40 @@ def fresh_accelerator(precision:str, cpu:bool):
         AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
     return Accelerator(mixed_precision=precision, cpu=cpu)
 
+# %% ../nbs/04_train.ipynb #5a3ddb4c
+RANK_WAIT_S = 6 * 3600 # how long a rank of a data-parallel run waits for the others at a collective: the main one alone generates class images and validates
+
+def die_with_parent():
+    "Have Linux kill this process (SIGKILL) when the process that started it ends, however it ends: torchrun starts each rank in a session of its own, where a kill of the run's process group, or of torchrun, would not reach it"
+    if not sys.platform.startswith('linux'): return
+    import ctypes, signal
+    if ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL)) == 0 and os.getppid() == 1: os._exit(1)  # 1: PR_SET_PDEATHSIG; the parent already gone
+
+def launch_processes(spec:JobSpec, run:RunDir, processes:int, device, cache=None, progress:bool=True) -> Path:
+    "Train `spec` into `run` as `processes` data-parallel processes of `cerebrium-ft train-rank`, started by torchrun (one per CUDA GPU, or CPU processes on gloo), and wait for them; the results folder back"
+    import torch
+    if device.type == 'mps': raise TrainingError(f"gpus {processes}: a data-parallel run needs CUDA GPUs (or CPU processes), and MPS runs one process: set gpus 1")
+    if device.type == 'cuda' and (have := torch.cuda.device_count()) < processes:
+        seen = os.environ.get('CUDA_VISIBLE_DEVICES')
+        raise TrainingError(f"gpus {processes}: this process sees {have} CUDA GPU(s){f' (CUDA_VISIBLE_DEVICES={seen})' if seen is not None else ''}: "
+                            f"set gpus {max(have, 1)} or fewer, or run where {processes} GPUs are free")
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={processes}', '-m', 'cerebrium_ft.cli', 'train-rank', str(run.root),
+           '--device', device.type, *(['--cache', str(cache)] if cache else []), *([] if progress else ['--quiet'])]
+    threads = os.environ.get('OMP_NUM_THREADS') or str(max(1, (os.cpu_count() or 1) // processes))  # the cores shared out, as torchrun would not
+    log.info(f"data-parallel: {processes} processes on {device.type} ({'NCCL' if device.type == 'cuda' else 'gloo'}), started by torchrun")
+    start = run.logs.stat().st_size if run.logs.exists() else 0
+    rc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': threads}, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent).returncode
+    if rc == 0 and run.manifest.exists(): return run.root
+    said = [l.split('training failed: ', 1)[1] for l in run.logs.read_bytes()[start:].decode(errors='replace').splitlines() if 'training failed: ' in l]
+    raise TrainingError(f"the {processes}-process run stopped (torchrun's status {rc}): {said[0] if said else 'its log says why'}; run again to resume from its last checkpoint")
+
+def join_processes(device):
+    "This process's place in a data-parallel run that `launch_processes` started (accelerate's `PartialState`, its process group joined), or None when it runs alone"
+    if int(os.environ.get('WORLD_SIZE', '1')) <= 1: return None
+    die_with_parent()
+    from accelerate import PartialState
+    return PartialState(cpu=device.type == 'cpu', timeout=timedelta(seconds=RANK_WAIT_S))
+
 # %% ../nbs/04_train.ipynb #bae335d3
 def _epoch_on_device(batches:list, device) -> tuple[list, list]:
     "The instance and class index tensors of each batch of an epoch, copied to `device` in one transfer (none per step)"
@@ -493,7 +553,11 @@ class Training:
     "One run of `spec` into `run` on `device`, phase by phase: `_train` calls the methods below in their order"
     def __init__(self, spec:JobSpec, run:RunDir, report, device, cache=None, progress:bool=True):
         import torch
-        self.spec, self.s, self.run, self.device, self.cache, self.progress = spec, spec.training_args, run, device, cache, progress
+        self.ranks = join_processes(device)  # None unless this is one process of a data-parallel run
+        self.rank, self.world = (self.ranks.process_index, self.ranks.num_processes) if self.ranks else (0, 1)
+        self.main = self.rank == 0  # the one that writes progress, metrics, checkpoints, validation and results
+        if self.ranks and device.type == 'cuda': device = self.ranks.device  # its own GPU
+        self.spec, self.s, self.run, self.device, self.cache, self.progress = spec, spec.training_args, run, device, cache, progress and self.main
         self.t0, self.cls_paths, self.step = time.time(), [], 0
         self.inst, self.heldout = heldout_split(report.usable, self.s.holdout_images, self.s.seed)
         self.precision = resolve_precision(self.s.mixed_precision, device)
@@ -514,14 +578,20 @@ class Training:
 
 # %% ../nbs/04_train.ipynb #d599c3dd
 @patch
+def note_progress(self:Training, phase:str, *args, **kw):
+    "The run's progress file, written by the main process alone"
+    if self.main: write_progress(self.run, phase, *args, **kw)
+
+@patch
 def get_class_images(self:Training):
     "Phase 1, with prior preservation: the class images, reused or generated"
-    spec, s, run = self.spec, self.s, self.run
+    spec, s = self.spec, self.s
     if not spec.prior_preservation: return
-    write_progress(run, 'class images')
-    self.cls_paths, made = class_images(spec.prior_class_prompt, spec.num_prior_class_images, spec.prior_class_image_dir, spec.hf_model_path,
-                                        spec.revision, s.resolution, s.sample_batch_size, self.cache, self.device, self.progress,
-                                        on_batch=lambda done, total: write_progress(run, 'class images', done, total))
+    self.note_progress('class images')
+    with self.ranks.main_process_first() if self.ranks else nullcontext():  # the main process makes the missing ones; the others find them made
+        self.cls_paths, made = class_images(spec.prior_class_prompt, spec.num_prior_class_images, spec.prior_class_image_dir, spec.hf_model_path,
+                                            spec.revision, s.resolution, s.sample_batch_size, self.cache, self.device, self.progress,
+                                            on_batch=lambda done, total: self.note_progress('class images', done, total))
     log.info(f"prior preservation: {len(self.cls_paths)} class images of {spec.prior_class_prompt!r} ({made} generated now)")
     if not self.cls_paths: raise TrainingError(f"prior preservation has no class images: {spec.prior_class_image_dir} holds none, and --num-prior-class-images is 0")
 
@@ -534,7 +604,7 @@ def setup_models(self:Training):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     s, device = self.s, self.device
-    write_progress(self.run, 'loading')
+    self.note_progress('loading')
     quantized = s.base_quantization != 'none'  # QLoRA: bitsandbytes places the quantized denoiser on the GPU itself
     self.m = load_models(self.spec.hf_model_path, self.spec.revision, self.model.family, s.base_quantization, self.weight_dtype)
     self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu')
@@ -558,7 +628,7 @@ def encode_inputs(self:Training):
     import torch
     s, spec, device, dtype, m = self.s, self.spec, self.device, self.weight_dtype, self.m
     vae, encoders = m['vae'], [enc for _, enc in text_encoders(m)]
-    write_progress(self.run, 'caching')
+    self.note_progress('caching')
     vae.to(device, *([dtype] if self.precision == 'bf16' else []))  # fp16 VAE encodes overflow
     for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
     caption = lambda i: with_trigger(i.entry.caption, s.trigger_word) if i.entry.caption else spec.training_prompt
@@ -604,7 +674,7 @@ def setup_optimizer(self:Training):
     from diffusers.optimization import get_scheduler
     s, run = self.s, self.run
     self.bucket_of = self.latents.bucket[:len(self.inst)]  # each training image's bucket
-    self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s, self.bucket_of)
+    self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s, self.bucket_of, self.world)
     self.lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * self.accelerator.num_processes if s.scale_lr else 1)
     self.optimizer = self.accelerator.prepare(make_optimizer(self.params, s, self.lr, self.device))
     self.lr_scheduler = get_scheduler(s.lr_schedule, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
@@ -616,10 +686,14 @@ def setup_optimizer(self:Training):
         log.info(f"resuming from {ckpt.name}: step {self.step} of {plan['max_train_steps']}")
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
     self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
-    self.metrics, self.clock = MetricsLog(run.metrics, resume_step=self.step), CheckpointClock(s, step=self.step)
-    self.scores = self.metrics.scores()  # the checkpoints a stopped run scored before its resumable state
+    self.clock = CheckpointClock(s, step=self.step)
+    self.metrics = MetricsLog(run.metrics, resume_step=self.step) if self.main else None  # the main process keeps the metrics and scores
+    self.scores = self.metrics.scores() if self.main else {}  # the checkpoints a stopped run scored before its resumable state
     log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g} ({s.lr_schedule}), "
              f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(self.optimizer.optimizer).__name__}")
+    if self.world > 1:
+        log.info(f"data-parallel: each step's batch of up to {s.train_batch_size * self.world} images (train_batch_size {s.train_batch_size} per process x {self.world} processes) "
+                 f"is split across the processes, example k on process k mod {self.world}; every process draws the whole batch's noise, and their gradients are summed before each step")
 
 @patch
 def status(self:Training) -> dict:
@@ -638,7 +712,7 @@ def checkpoint(self:Training):
 def score(self:Training, lora:bool=True) -> dict:
     "The score of the denoiser as it is now (of the base model alone, without `lora`): `heldout_loss`, `heldout_prior_loss` (None without prior preservation) and `score`"
     s, denoiser = self.s, self.denoiser
-    loss = lambda groups: heldout_loss(denoiser, self.m['noise_scheduler'], groups, self.cond, self.model.family, s.seed + 7919, s.train_batch_size)
+    loss = lambda groups: heldout_loss(denoiser, self.m['noise_scheduler'], groups, self.cond, self.model.family, s.seed + 7919, s.train_batch_size * self.world)  # the whole batch: scores alike on any number of processes
     denoiser.eval()
     if not lora: denoiser.disable_adapters()
     try:
@@ -670,17 +744,31 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
         else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
     with self.accelerator.autocast():
         losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
-                                self.model.family, s.snr_gamma, s.noise_offset)
-    self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)
+                                self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
+    if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
     return losses
 
 @patch
+def sum_over_processes(self:Training, losses:tuple) -> tuple:
+    "Sum the processes' gradients and their shares of `losses`, in one all-reduce: every process then holds the whole batch's gradient, and the batch's losses come back"
+    import torch
+    from accelerate.utils import reduce
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+    shares = torch.stack([torch.zeros((), device=self.device) if l is None else l.detach().float() for l in losses])
+    total = reduce(torch.cat([g.flatten().float() for g in grads] + [shares]), 'sum')
+    at = 0
+    for p, g in zip(self.params, grads): p.grad = total[at:at + g.numel()].view_as(g).to(g.dtype); at += g.numel()
+    return tuple(None if l is None else v for l, v in zip(losses, total[at:]))
+
+@patch
 def optimizer_step(self:Training, epoch:int, losses:tuple):
-    "Apply the gradients gathered so far (clipped), step the schedule, and log the step with `losses`"
+    "Apply the gradients gathered so far (summed over the processes of a data-parallel run, then clipped), step the schedule, and log the step with `losses`"
+    if self.world > 1: losses = self.sum_over_processes(losses)
     self.accelerator.clip_grad_norm_(self.params, self.s.max_grad_norm)
     step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
     self.optimizer.step(); self.lr_scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
+    if not self.main: return
     self.metrics.add(self.step, epoch + 1, *losses, step_lr, time.time() - self.t0)
     self.bar.update(1)
     if self.step % self.metrics.flush_every == 0:
@@ -692,14 +780,14 @@ def optimizer_step(self:Training, epoch:int, losses:tuple):
 def train_epoch(self:Training, epoch:int):
     "The steps of `epoch` still to train, an optimizer step every `gradient_accumulation_steps` batches"
     s, max_steps = self.s, self.plan['max_train_steps']
-    batches = epoch_batches(epoch, len(self.inst), len(self.cls_paths), s.train_batch_size, s.seed, self.bucket_of)
+    batches = epoch_batches(epoch, len(self.inst), len(self.cls_paths), s.train_batch_size * self.world, s.seed, self.bucket_of)
     skip = (self.step - epoch * self.plan['steps_per_epoch']) * s.gradient_accumulation_steps  # batches a resumed run already trained on
     for k, (ii, ci) in enumerate(zip(*_epoch_on_device(batches, self.device))):
         if k < skip: continue
         losses = self.backward(ii, ci, int(self.bucket_of[batches[k][0][0]]))
         if (k + 1) % s.gradient_accumulation_steps and k + 1 < len(batches): continue
         self.optimizer_step(epoch, losses)
-        if self.step < max_steps and self.clock.due(self.step, epoch_end=False): self.checkpoint()
+        if self.main and self.step < max_steps and self.clock.due(self.step, epoch_end=False): self.checkpoint()
         if self.step >= max_steps: break
 
 @patch
@@ -716,7 +804,7 @@ def keep_checkpoint(self:Training):
 def validation(self:Training, epoch:int, final:bool=False):
     "Score this step's checkpoint, keep its LoRA (the `final` one is saved with the results) and write the validation images for `epoch`, the progress saying so meanwhile"
     self.metrics.flush()
-    write_progress(self.run, 'validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
+    self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
     self.scores[self.step] = sc = self.score()
     self.metrics.annotate(self.step, **sc)
     if not final: self.keep_checkpoint()
@@ -729,26 +817,28 @@ def loop(self:Training):
     "Phase 5: the epochs, validation images every `validation_epochs`, checkpoints when the clock says"
     from tqdm.auto import tqdm
     plan = self.plan; max_steps = plan['max_train_steps']
-    write_progress(self.run, 'training', self.step, max_steps, **self.status())
+    self.note_progress('training', self.step, max_steps, **self.status())
     spe = plan['steps_per_epoch']
-    if 0 < self.step < max_steps and self.step % spe == 0 and (self.step // spe) % self.s.validation_epochs == 0 and self.step not in self.scores:
+    if self.main and 0 < self.step < max_steps and self.step % spe == 0 and (self.step // spe) % self.s.validation_epochs == 0 and self.step not in self.scores:
         self.validation(self.step // spe)  # the stopped run saved this epoch's end before its validation
     self.bar = tqdm(total=max_steps, initial=self.step, desc='training', unit='step', disable=not self.progress)
     self.denoiser.train()
     for self.epoch in range(self.step // plan['steps_per_epoch'], plan['epochs']):
         self.train_epoch(self.epoch)
-        if (self.epoch + 1) % self.s.validation_epochs == 0 and self.step < max_steps:
+        if self.main and (self.epoch + 1) % self.s.validation_epochs == 0 and self.step < max_steps:  # the other processes go on to the next step's sum, and wait there
             self.validation(self.epoch + 1)
-            write_progress(self.run, 'training', self.step, max_steps, self.metrics.last, **self.status())
-        if self.step < max_steps and self.clock.due(self.step, epoch_end=True): self.checkpoint()
+            self.note_progress('training', self.step, max_steps, self.metrics.last, **self.status())
+        if self.main and self.step < max_steps and self.clock.due(self.step, epoch_end=True): self.checkpoint()
         if self.step >= max_steps: break
-    self.bar.close(); self.metrics.flush()
+    self.bar.close()
+    if self.main: self.metrics.flush()
 
 # %% ../nbs/04_train.ipynb #32672853
 @patch
 def finish(self:Training) -> Path:
-    "Phase 6: the last validation images and the results; the results folder back"
+    "Phase 6: the last validation images and the results (the main process's work); the results folder back"
     run, plan = self.run, self.plan
+    if not self.main: return run.root
     self.validation(self.epoch + 1, final=True)
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
     base, best = self.score(lora=False)['score'], best_checkpoint(self.scores, final_step=self.step)

@@ -291,6 +291,24 @@ def test_serve_runs_each_job_on_a_gpu_of_its_own(tmp_path, tiny_model, data):
         r = run_cli('serve', '--data-dir', tmp_path/'other', '--port', str(free_port()), *args)
         assert r.returncode == 2 and message in r.stderr, r.stderr
 
+def test_a_job_on_two_gpus_runs_data_parallel(tmp_path, tiny_model, data):
+    "A job with gpus 2 on serve --gpus 1,0 holds both GPUs and trains as two processes (here on the CPU, through gloo), its log saying how the batch is split; a job wanting more GPUs than the server has is refused at submission, nothing stored"
+    s = Server(tmp_path/'data', model_dir=tiny_model, workers=None, gpus='1,0').start()
+    try:
+        s.key = next(w for w in s.output().split() if w.startswith('cft_'))
+        r = submit(s, tiny_model, data, steps=6, extra=dict(gpus=2, train_batch_size=1, mixed_precision='no'))
+        jid = json.loads(r.stdout)['id']
+        assert wait_for(s, jid, lambda j: j['status'] == 'running' and j['gpus'], timeout=120)['gpus'] == '1,0'
+        assert wait_for(s, jid, lambda j: j['status'] in ('succeeded', 'failed'), timeout=300)['status'] == 'succeeded', job(s, jid)
+        r = run_cli('check-job-status', jid, s.key, '--url', s.url, '--include-logs')
+        assert 'data-parallel: 2 processes on cpu (gloo), started by torchrun' in r.stdout, r.stdout
+        assert "(train_batch_size 1 per process x 2 processes)" in r.stdout
+        before = run_cli('get-most-recent-jobs', s.key, '--url', s.url, '--json').stdout
+        r = submit(s, tiny_model, data, steps=6, extra=dict(gpus=3))
+        assert r.returncode == 1 and 'gpus 3: this server has 2 GPUs (1,0): set gpus 2 or fewer in --training-args' in r.stderr, r.stderr
+        assert run_cli('get-most-recent-jobs', s.key, '--url', s.url, '--json').stdout == before
+    finally: s.stop()
+
 def test_two_servers_share_a_job_table_in_postgresql(tmp_path, tiny_model, data, postgres_db):
     "serve --database-url: two servers, each with its own data folder, share projects, keys and jobs in a real PostgreSQL; a job runs on the server it was submitted to, the other shows it, leaves it be, sends its files' requests to its server, and can cancel it"
     a = Server(tmp_path/'a', model_dir=tiny_model, database_url=postgres_db).start()
