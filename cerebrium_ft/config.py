@@ -13,8 +13,8 @@ from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID',
-           'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings',
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS',
+           'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings',
            'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id',
            'model_problem', 'JobSpec', 'spec_from_args']
 
@@ -152,6 +152,7 @@ class Checked(BaseModel):
 LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_QUANTIZATIONS = ("none", "nf4", "8bit") # how the frozen base denoiser may be loaded: as it is, or quantized by bitsandbytes (QLoRA)
+TRACKERS = ("none", "tensorboard", "wandb") # report_to: where a run's metrics also go, as the diffusers examples spell them
 ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps', 'min_snr_gamma': 'snr_gamma'} # diffusers' and kohya's spellings -> ours
 _BIG = 10_000_000
 
@@ -210,6 +211,7 @@ class TrainingSettings(SeedSettings):
     gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")
     base_quantization:Literal[BASE_QUANTIZATIONS] = Field("none", description='"nf4" or "8bit": load the frozen base denoiser quantized by bitsandbytes and train the LoRA over it (QLoRA, CUDA only; FLUX.1 on a 24 GB GPU needs nf4)')
     sample_batch_size:int = Field(4, ge=1, le=256, description="Batch size when generating class images for prior preservation")
+    report_to:Literal[TRACKERS] = Field("none", description='Also log the losses, learning rate, checkpoint scores and validation images to "tensorboard" (in the results\' tensorboard/ folder) or "wandb" (Weights & Biases: WANDB_MODE=offline keeps it in the results\' wandb/ folder); "none": metrics.csv and loss.png alone')
     gpus:int = Field(1, ge=1, le=64, description="GPUs the job trains on, data-parallel: a process each, taking train_batch_size images of every step's batch, their gradients summed (the job service starts it when that many of its GPUs are free); on a machine without CUDA, that many CPU processes")
 
     @model_validator(mode='before')

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
-import csv, gc, json, logging, math, os, random, shutil, subprocess, sys, time
+import csv, gc, hashlib, importlib, json, logging, math, os, random, shutil, subprocess, sys, time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
@@ -28,12 +28,13 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
-           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'RANK_WAIT_S', 'TrainingError', 'plan_steps',
-           'epoch_batches', 'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents',
-           'denoising_loss', 'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint',
-           'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png',
-           'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
-           'die_with_parent', 'launch_processes', 'join_processes', 'Training']
+           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'RANK_WAIT_S', 'TRACKER_PROJECT', 'TrainingError',
+           'plan_steps', 'epoch_batches', 'tracker_problem', 'preflight', 'load_models', 'load_pixels', 'encode_images',
+           'sample_latents', 'denoising_loss', 'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint',
+           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
+           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train',
+           'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config',
+           'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -64,10 +65,18 @@ def epoch_batches(epoch:int, n_instance:int, n_class:int, batch_size:int, seed:i
     return [(b % n_instance, b % n_class if n_class else None) for b in batches]
 
 # %% ../nbs/04_train.ipynb #e7ac3a8a
+def tracker_problem(report_to:str) -> str|None:
+    "What stops tracker `report_to` from working here (its package missing), with how to install it; None when nothing does"
+    if report_to == 'none': return None
+    try: importlib.import_module(report_to)
+    except ImportError as e:
+        return f"report_to {report_to} needs the {report_to} package, which does not import here ({e}): pip install {report_to} (or 'cerebrium-ft[trackers]'), or set report_to none"
+    return None
+
 def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     "Check everything a run needs that can be checked without loading a model; raise `TrainingError` saying what to fix"
     s = spec.training_args
-    if (problem := model_problem(spec.hf_model_path)): raise TrainingError(problem)
+    if (problem := model_problem(spec.hf_model_path) or tracker_problem(s.report_to)): raise TrainingError(problem)
     try: model = model_family(spec.hf_model_path, spec.revision)  # before any weights are downloaded
     except FamilyError as e: raise TrainingError(str(e)) from None
     if s.snr_gamma and model.prediction == 'flow_matching':
@@ -302,7 +311,7 @@ class MetricsLog:
         with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:  # a kill while rewriting keeps the old file
             w = csv.DictWriter(f, METRIC_FIELDS, restval=''); w.writeheader()
             w.writerows(r for r in rows if int(r['step']) <= resume_step)
-        self.last = None
+        self.last, self.sink = None, None  # sink(step, values): where each flushed row also goes (a tracker)
     @staticmethod
     def read(path) -> list[dict]:
         with open(path, newline='') as f: return list(csv.DictReader(f))
@@ -329,6 +338,8 @@ class MetricsLog:
             w = csv.writer(f)
             for (step, epoch, _, _, p, lr, el), (l, i, pv) in zip(self.pending, vals):
                 w.writerow([step, epoch, f"{l:.6g}", f"{i:.6g}", '' if p is None else f"{pv:.6g}", f"{lr:.6g}", f"{el:.2f}", '', '', ''])
+        for (step, _, _, _, p, lr, _), (l, i, pv) in zip(self.pending, vals) if self.sink else ():
+            self.sink(step, dict(loss=l, instance_loss=i, **({} if p is None else dict(prior_loss=pv)), lr=lr))
         self.last = vals[-1][0]; self.pending = []
 
 # %% ../nbs/04_train.ipynb #d9b94745
@@ -497,13 +508,15 @@ def train(spec:JobSpec, output_dir, device=None, cache=None, progress:bool=True)
         gc.collect()  # the run's models and optimizer, gone with _train's frame: a notebook trains again with that memory back
 
 # %% ../nbs/04_train.ipynb #355d156e
-def fresh_accelerator(precision:str, cpu:bool):
-    "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used"
+def fresh_accelerator(precision:str, cpu:bool, report_to:str='none', project_dir=None):
+    "An `Accelerator` for one run in `precision`, whatever an earlier run in this process used; logging to tracker `report_to` (its files under `project_dir`) unless it is 'none'"
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState, PartialState
+    from accelerate.utils import ProjectConfiguration
     if PartialState._shared_state.get('num_processes', 1) == 1:
         AcceleratorState._reset_state(reset_partial_state=True); GradientState._reset_state()
-    return Accelerator(mixed_precision=precision, cpu=cpu)
+    track = dict(log_with=report_to, project_config=ProjectConfiguration(project_dir=str(project_dir), logging_dir=str(Path(project_dir)/'tensorboard'))) if report_to != 'none' else {}
+    return Accelerator(mixed_precision=precision, cpu=cpu, **track)
 
 # %% ../nbs/04_train.ipynb #5a3ddb4c
 RANK_WAIT_S = 6 * 3600 # how long a rank of a data-parallel run waits for the others at a collective: the main one alone generates class images and validates
@@ -576,6 +589,54 @@ class Training:
             log.warning(f"{spec.hf_model_path} was made for {self.model.resolution} px images and this run trains at {self.s.resolution} px: "
                         f"set resolution {self.model.resolution} in --training-args for its best likeness (with photos at least that large)")
 
+# %% ../nbs/04_train.ipynb #72588cb4
+TRACKER_PROJECT = 'cerebrium-ft' # the W&B project, and TensorBoard's folder under tensorboard/
+
+def tracker_config(spec:JobSpec, s:TrainingSettings, family:Family) -> dict:
+    "What a tracker records of the run's configuration: its job, model and every training setting, each a number, a bool or text (TensorBoard's hparams take no lists)"
+    d = dict(job=spec.name, model=spec.hf_model_path, revision=spec.revision, family=family.name, instance_prompt=spec.training_prompt, **s.model_dump())
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in d.items()}
+
+def tracker_run_id(run:RunDir) -> str:
+    "The W&B run id of a results folder: the same every time, so a resumed run logs on into its run"
+    return hashlib.sha1(str(run.root.resolve()).encode()).hexdigest()[:16]
+
+@patch
+def start_tracker(self:Training):
+    "Start the `report_to` tracker (the main process's), its configuration recorded, and send it the metrics as they are flushed"
+    s = self.s
+    if s.report_to == 'none': return
+    init = dict(tensorboard=dict(purge_step=self.step + 1) if self.step else {},  # TensorBoard hides what a stopped run logged past its checkpoint
+                wandb=dict(name=self.spec.name, dir=str(self.run.root), id=tracker_run_id(self.run), resume='allow'))
+    self.accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(self.spec, s, self.model.family), init_kwargs={s.report_to: init[s.report_to]})
+    if self.main: self.metrics.sink = lambda step, values: self.accelerator.log(values, step=step)
+    log.info(f"report_to {s.report_to}: " + (f"TensorBoard's files in {self.run.root/'tensorboard'}" if s.report_to == 'tensorboard' else f"W&B run {tracker_run_id(self.run)} of project {TRACKER_PROJECT}"))
+
+@patch
+def track(self:Training, values:dict):
+    "Log `values` at this step to the tracker, if there is one"
+    if self.s.report_to != 'none': self.accelerator.log(values, step=self.step)
+
+@patch
+def track_images(self:Training, paths:list):
+    "Send this step's validation images (`validate`'s files) to the tracker, each with its prompt, seed and step"
+    if self.s.report_to == 'none' or not paths: return
+    n = self.s.num_validation_images
+    for tracker in self.accelerator.trackers:
+        for k, prompt in enumerate(self.s.validation_prompt):
+            files = paths[k * n:(k + 1) * n]
+            if tracker.name == 'tensorboard':
+                images = np.stack([np.asarray(Image.open(p).convert('RGB')) for p in files])
+                tracker.writer.add_images(f"validation/{k}: {prompt}"[:200], images, self.step, dataformats='NHWC'); tracker.writer.flush()
+            elif tracker.name == 'wandb':
+                import wandb
+                tracker.log({f"validation/{k}": [wandb.Image(str(p), caption=f"{prompt} (seed {self.s.seed + i}, step {self.step})") for i, p in enumerate(files)]}, step=self.step)
+
+@patch
+def end_tracker(self:Training):
+    "Close the tracker's files (W&B's run ends)"
+    if self.s.report_to != 'none' and getattr(self, 'accelerator', None) is not None: self.accelerator.end_training()
+
 # %% ../nbs/04_train.ipynb #d599c3dd
 @patch
 def note_progress(self:Training, phase:str, *args, **kw):
@@ -607,7 +668,7 @@ def setup_models(self:Training):
     self.note_progress('loading')
     quantized = s.base_quantization != 'none'  # QLoRA: bitsandbytes places the quantized denoiser on the GPU itself
     self.m = load_models(self.spec.hf_model_path, self.spec.revision, self.model.family, s.base_quantization, self.weight_dtype)
-    self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu')
+    self.accelerator = fresh_accelerator(self.precision, cpu=device.type == 'cpu', report_to=s.report_to, project_dir=self.run.root)
     self.denoiser = net = denoiser_of(self.model.family, self.m)
     for mod in [net, self.m['vae']] + [enc for _, enc in text_encoders(self.m)]: mod.requires_grad_(False)
     if quantized:
@@ -694,6 +755,7 @@ def setup_optimizer(self:Training):
     if self.world > 1:
         log.info(f"data-parallel: each step's batch of up to {s.train_batch_size * self.world} images (train_batch_size {s.train_batch_size} per process x {self.world} processes) "
                  f"is split across the processes, example k on process k mod {self.world}; every process draws the whole batch's noise, and their gradients are summed before each step")
+    self.start_tracker()
 
 @patch
 def status(self:Training) -> dict:
@@ -806,11 +868,12 @@ def validation(self:Training, epoch:int, final:bool=False):
     self.metrics.flush()
     self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
     self.scores[self.step] = sc = self.score()
+    self.track({k: v for k, v in sc.items() if v is not None})
     self.metrics.annotate(self.step, **sc)
     if not final: self.keep_checkpoint()
     best = best_checkpoint(self.scores)
     log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f}" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
-    validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family)
+    self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family))
 
 @patch
 def loop(self:Training):
@@ -869,5 +932,7 @@ def kept_checkpoints(self:Training) -> list[dict]:
 def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
     "Run every phase of a `Training`"
     t = Training(spec, run, report, device, cache, progress)
-    t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
-    return t.finish()
+    try:
+        t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
+        return t.finish()
+    finally: t.end_tracker()  # its files closed, however the run ends
