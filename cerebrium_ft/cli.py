@@ -612,6 +612,9 @@ def push_to_hub_cmd(
     url:str=None, # The job service's URL, for a job id
     json:bool=False, # Print one JSON object
     use:str='final', # Which checkpoint's LoRA to push: final, best (the lowest held-out score), or a kept step (e.g. 40)
+    commit_message:str=None, # The commit's message (default: "Upload NAME LoRA (N steps)")
+    revision:str=None, # The branch to commit to, made when new (default: main)
+    base_model:str=None, # The base model's Hub id, for a run trained from a folder of your own (e.g. a downloaded copy of it)
 ):
     "Push a trained LoRA to the Hugging Face Hub in one commit, with a model card"
     import tempfile
@@ -621,7 +624,7 @@ def push_to_hub_cmd(
         raise CliError(f"{job_or_results} is neither a results folder or zip nor a job id (j_...)")
     if not src.exists():
         src = _client(url, api_key).download(job_or_results, Path(tempfile.mkdtemp())/f"{job_or_results}.zip")
-    try: commit = push_to_hub(src, repo_id, token=token, private=not public, use=use)
+    try: commit = push_to_hub(src, repo_id, token=token, private=not public, use=use, commit_message=commit_message, revision=revision, base_model=base_model)
     except (HubError, ResultsError) as e: raise CliError(str(e)) from None
     _print_json(dict(repo_id=repo_id, commit_url=commit)) if json else print(f"pushed to {repo_id}: {commit}")
 

@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 
 # %% ../nbs/11_hub.ipynb #9d63e874
 from __future__ import annotations
-import json, os, tempfile
+import json, os, re, tempfile
 from pathlib import Path
 from .families import FAMILIES
 from .results import RunDir, choose_checkpoint, kohya_of, opened_results, verify_results
 
 # %% auto #0
-__all__ = ['LICENSES', 'FAMILY_TAGS', 'model_card', 'HubError', 'push_to_hub']
+__all__ = ['LICENSES', 'FAMILY_TAGS', 'FLUX_DEV_LICENSE', 'hub_id_of', 'public_manifest', 'model_card', 'HubError', 'push_to_hub']
 
 # %% ../nbs/11_hub.ipynb #cf2cac88
 LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-m', 'runwayml/stable-diffusion-v1-5': 'creativeml-openrail-m',
@@ -21,24 +21,41 @@ LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-
             'black-forest-labs/FLUX.1-dev': 'other', 'black-forest-labs/FLUX.1-schnell': 'apache-2.0'} # the licenses of well-known bases; others get their family's
 FAMILY_TAGS = dict(sd1=['stable-diffusion'], sd2=['stable-diffusion'], sdxl=['stable-diffusion-xl'], flux=['flux']) # the tags the Hub lists each family's LoRAs under
 
-def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|None=None) -> str:
-    "README.md for a LoRA repo: YAML metadata the Hub reads, then how to use it; `checkpoint` (a `choose_checkpoint` entry) when it is not the final one"
-    job, base = manifest['job'], manifest['base_model']['path']
+FLUX_DEV_LICENSE = dict(license_name='flux-1-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md')
+
+def hub_id_of(path:str) -> str|None:
+    "The Hub id base model `path` names: itself when it is one, the repo of a Hugging Face cache snapshot it points into; None for a folder of one's own"
+    if (m := re.search(r'models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]', str(path))): return f"{m[1]}/{m[2]}"
+    looks_like_id = re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', str(path)) is not None
+    return str(path) if looks_like_id and not Path(path).expanduser().exists() else None
+
+def public_manifest(manifest:dict, base:str|None) -> dict:
+    "The manifest as it is pushed: the base model as its Hub id `base` (else the folder's name), and the dataset's and class images' folders by name; no path on the disk it was trained on"
+    m = json.loads(json.dumps(manifest))
+    name = lambda p: Path(p).name if p else p
+    m['base_model']['path'] = base or name(m['base_model']['path'])
+    m['job'].update(hf_model_path=m['base_model']['path'], dataset=name(m['job'].get('dataset')), prior_class_image_dir=name(m['job'].get('prior_class_image_dir')))
+    return m
+
+def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|None=None, base_model:str|None=None) -> str:
+    "README.md for a LoRA repo through `huggingface_hub.ModelCard`: the metadata the Hub reads (the base model's Hub id, `base_model` or else `hub_id_of` its path, when there is one), then how to use it, the validation images (`images`: their paths in the repo), the settings and the limitations; `checkpoint` (a `choose_checkpoint` entry) when it is not the final one"
+    from huggingface_hub import ModelCard, ModelCardData
+    job, path = manifest['job'], manifest['base_model']['path']
+    base = base_model or hub_id_of(path)
     ta, prompt = job['training_args'], job['training_prompt']
     vp = ta.get('validation_prompt') or prompt
-    val_prompt = vp if isinstance(vp, str) else vp[0]  # a list of prompts now; a text in results made before
+    prompts = [vp] if isinstance(vp, str) else vp  # a list of prompts now; a text in results made before
     family = FAMILIES[manifest['base_model'].get('family', 'sd1')]  # results made before families were recorded are SD 1.x
-    meta = {'base_model': base, 'license': LICENSES.get(base, family.license), 'library_name': 'diffusers',
-            'tags': ['lora', 'diffusers', 'text-to-image', 'dreambooth', *FAMILY_TAGS[family.key], 'template:sd-lora', 'cerebrium-ft'],
-            'instance_prompt': prompt,
-            'widget': [{'text': val_prompt, 'output': {'url': p}} for p in images[-4:]]}
-    yaml = '\n'.join(f"{k}: {json.dumps(v)}" for k, v in meta.items())  # JSON values are valid YAML
+    lic = LICENSES.get(base, family.license)
+    data = ModelCardData(base_model=base, license=lic, **(FLUX_DEV_LICENSE if lic == 'other' and family.key == 'flux' else {}), library_name='diffusers',
+                         tags=['text-to-image', 'diffusers-training', 'diffusers', 'lora', 'dreambooth', *FAMILY_TAGS[family.key], 'template:sd-lora', 'cerebrium-ft'],
+                         instance_prompt=prompt, widget=[{'text': prompts[0], 'output': {'url': p}} for p in images[-4:]])
     settings = '\n'.join(f"| {k} | {v} |" for k, v in ta.items())
-    return f"""---
-{yaml}
----
-
-# {job['name']}: a DreamBooth LoRA for {base}
+    shown = images[-len(prompts) * max(1, ta.get('num_validation_images') or 4):]  # the last validation's
+    gallery = '\n'.join(f"![{prompts[0]}]({p})" for p in shown)
+    load = f'"{base}"' if base else f'"PATH/TO/{Path(path).name}"  # trained from a local model, not on the Hub'
+    body = f"""
+# {job['name']}: a DreamBooth LoRA for {base or Path(path).name}
 
 Trained with [cerebrium-ft](https://github.com/cerebrium-ft/cerebrium-ft) on {len(manifest.get('instance_images', []))} images for {manifest['steps']} steps:
 LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the {family.denoiser}'s {', '.join(manifest['lora']['targets'])} ({family.name}){' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
@@ -51,12 +68,20 @@ LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the 
 import torch
 from diffusers import DiffusionPipeline
 
-pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.{"bfloat16" if family.key == "flux" else "float16"}).to("cuda")
+pipeline = DiffusionPipeline.from_pretrained({load}, torch_dtype=torch.{"bfloat16" if family.key == "flux" else "float16"}).to("cuda")
 pipeline.load_lora_weights("{repo_id}")
-image = pipeline("{val_prompt}", num_inference_steps=25).images[0]
+image = pipeline("{prompts[0]}", num_inference_steps=25).images[0]
 ```
 
 For ComfyUI or AUTOMATIC1111, use `lora_kohya.safetensors`.
+
+## Validation images
+
+{gallery or 'None were made (num_validation_images 0).'}
+
+## Limitations
+
+A DreamBooth LoRA learns one subject or style from a dozen images: it can copy their backgrounds, light and poses, and drifts from its class the longer it trains{' (prior preservation held it back)' if job.get('prior_class_prompt') else ''}. It carries the biases and the license of its base model{f' ({lic})' if lic else ''}, and makes people, text and hands no better than the base does. Check the validation images above before use.
 
 ## Training settings
 
@@ -64,6 +89,7 @@ For ComfyUI or AUTOMATIC1111, use `lora_kohya.safetensors`.
 |---|---|
 {settings}
 """
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 def _checkpoint_note(manifest:dict, checkpoint:dict|None) -> str:
     "A paragraph of the card saying which checkpoint this is, when not the final one"
@@ -79,18 +105,20 @@ class HubError(RuntimeError):
 def _token(token:str|None) -> str:
     from huggingface_hub import get_token
     t = token or os.environ.get('HF_TOKEN') or get_token()
-    if not t: raise HubError("no Hugging Face token: pass token=..., set HF_TOKEN, or run `hf auth login` (a token with write access)")
+    if not t: raise HubError("no Hugging Face token: give one with --token (token= in Python), set HF_TOKEN, or run `hf auth login` (a token with write access)")
     return t
 
-def push_to_hub(results, repo_id:str, token:str|None=None, private:bool=True, commit_message:str|None=None, use:str|int='final') -> str:
-    "Push the LoRA of checkpoint `use` (final, best or a kept step) in `results` (a results folder or zip) to model repo `repo_id` in one commit; returns the commit URL"
+def push_to_hub(results, repo_id:str, token:str|None=None, private:bool=True, commit_message:str|None=None, use:str|int='final',
+                revision:str|None=None, base_model:str|None=None) -> str:
+    "Push the LoRA of checkpoint `use` (final, best or a kept step) in `results` (a results folder or zip) to model repo `repo_id` in one commit, on branch `revision` (made when new; default main); `base_model`: the Hub id of a base trained from a folder of one's own. Returns the commit URL"
     from huggingface_hub import HfApi
     if '/' not in repo_id: raise HubError(f"repo id {repo_id!r} needs your user or organisation name: e.g. yourname/{repo_id}")
     api = HfApi(endpoint=os.environ.get('HF_ENDPOINT'), token=_token(token))
-    with opened_results(results) as folder: return _push(api, folder, repo_id, private, commit_message, use)
+    if base_model is not None and hub_id_of(base_model) != base_model: raise HubError(f"--base-model {base_model!r} is not a Hub model id: give one like stabilityai/stable-diffusion-xl-base-1.0")
+    with opened_results(results) as folder: return _push(api, folder, repo_id, private, commit_message, use, revision, base_model)
 
-def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None, use:str|int='final') -> str:
-    "One commit of checkpoint `use` of the results in `folder` to `repo_id`; the commit URL"
+def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None, use:str|int='final', revision:str|None=None, base_model:str|None=None) -> str:
+    "One commit of checkpoint `use` of the results in `folder` to `repo_id` (on branch `revision`); the commit URL"
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.errors import HfHubHTTPError
     manifest, run = verify_results(folder), RunDir(folder)
@@ -99,12 +127,13 @@ def _push(api, folder:Path, repo_id:str, private:bool, commit_message:str|None, 
     images = run.validation_images()
     paths = [f"images/{p.parent.name}_{p.name}" for p in images]
     ops = [CommitOperationAdd(run.weights.name, str(Path(folder)/ckpt['weights'])), CommitOperationAdd(run.kohya.name, kohya),
-           CommitOperationAdd('manifest.json', str(run.manifest)),
-           CommitOperationAdd('README.md', model_card(manifest, paths, repo_id, ckpt).encode())]
+           CommitOperationAdd('manifest.json', json.dumps(public_manifest(manifest, base_model or hub_id_of(manifest['base_model']['path'])), indent=2).encode()),
+           CommitOperationAdd('README.md', model_card(manifest, paths, repo_id, ckpt, base_model).encode())]
     ops += [CommitOperationAdd(dst, str(src)) for dst, src in zip(paths, images)]
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type='model')
-        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Upload {manifest['job']['name']} LoRA ({ckpt['step']} steps)")
+        if revision and revision != 'main': api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.create_commit(repo_id, ops, commit_message=commit_message or f"Upload {manifest['job']['name']} LoRA ({ckpt['step']} steps)", revision=revision)
     except HfHubHTTPError as e:
         code = getattr(e.response, 'status_code', None)
         if code in (401,): raise HubError(f"the Hub refused the token (401): check it has write access ({e})") from None

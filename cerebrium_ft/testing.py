@@ -225,7 +225,7 @@ LFS_SUFFIXES = ('.safetensors', '.png', '.bin', '.ckpt', '.pt', '.zip', '.jpg', 
 class FakeHub:
     "A recording stand-in for the Hub on 127.0.0.1: its upload API (regular and LFS uploads), and file downloads from the repos it `serve`s"
     def __init__(self):
-        self.calls, self.commits, self.lfs, self.repos = [], [], {}, {}  # lfs: sha256 -> the bytes uploaded; repos: id -> folder
+        self.calls, self.commits, self.lfs, self.repos, self.branches = [], [], {}, {}, {}  # lfs: sha256 -> the bytes uploaded; repos: id -> folder; branches: id -> names
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
     env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
@@ -282,6 +282,10 @@ def _hub_handler(hub:FakeHub):
                 if req.get('organization') == 'someone-else': return self._json(403, {'error': 'You do not have rights to this namespace'})
                 return self._json(200, {'url': f"{base}/{req.get('organization')}/{req['name']}", 'name': req['name']})
             if path == '/api/validate-yaml': return self._json(200, {'errors': [], 'warnings': []})
+            if '/branch/' in path:  # create_branch: POST /api/models/{repo}/branch/{branch}
+                repo, branch = path.split('/api/models/')[1].rsplit('/branch/', 1)
+                if branch in hub.branches.setdefault(repo, {'main'}): return self._json(409, {'error': f"branch {branch} exists"})
+                hub.branches[repo].add(branch); return self._json(200, {})
             if '/preupload/' in path:
                 mode = lambda f: 'lfs' if f['path'].lower().endswith(LFS_SUFFIXES) or f.get('size', 0) >= 10 * 2**20 else 'regular'
                 return self._json(200, {'files': [{'path': f['path'], 'uploadMode': mode(f), 'shouldIgnore': False} for f in json.loads(body)['files']]})

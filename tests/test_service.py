@@ -247,7 +247,13 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
         r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--use', '2', env=env)
         assert r.returncode == 2 and "keep no checkpoint '2'" in r.stderr
         r = run_cli('push-to-hub', jid, 'me/sks-robot', '--api-key', server.key, '--url', server.url, env={**env, 'HF_TOKEN': ''})
-        assert r.returncode == 2 and 'no Hugging Face token' in r.stderr
+        assert r.returncode == 2 and 'no Hugging Face token: give one with --token' in r.stderr
+        r = run_cli('push-to-hub', jid, 'me/sks-robot', '--token', 'hf_test', '--api-key', server.key, '--url', server.url, '--revision', 'rank-4',
+                    '--commit-message', 'first try', '--base-model', 'stable-diffusion-v1-5/stable-diffusion-v1-5', env=env)
+        assert r.returncode == 0, r.stderr
+        assert hub.calls[-1] == '/api/models/me/sks-robot/commit/rank-4' and hub.commits[-1][0]['value']['summary'] == 'first try'
+        assert 'base_model: stable-diffusion-v1-5/stable-diffusion-v1-5' in hub.files()['README.md'].decode()
+        assert str(server.data_dir) not in hub.files()['manifest.json'].decode(), "the server's paths stay on the server"
         r = run_cli('push-to-hub', 'no/such/folder', 'me/x', '--token', 't', env=env)
         assert r.returncode == 2 and 'neither a results folder or zip nor a job id' in r.stderr
     finally: hub.stop()
