@@ -6,10 +6,10 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/cli.html.md"""
 
 # %% auto #0
 __all__ = ['COMMANDS', 'DEMO_PROMPT', 'DATABASE_ENV', 'FOLLOW_LINE_EVERY', 'command', 'Unavailable', 'command_parser', 'main',
-           'quiet_libraries', 'check_dataset_cmd', 'job_options', 'train_cmd', 'generate', 'tiny_model_cmd',
-           'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys', 'run_job_cmd', 'train_rank',
-           'login', 'Follower', 'train_diffuser', 'download_model', 'get_most_recent_jobs', 'check_job_status',
-           'cancel_job', 'push_to_hub_cmd']
+           'quiet_libraries', 'check_dataset_cmd', 'job_options', 'train_cmd', 'StepProgress', 'generate',
+           'tiny_model_cmd', 'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys',
+           'run_job_cmd', 'train_rank', 'login', 'Follower', 'train_diffuser', 'download_model', 'get_most_recent_jobs',
+           'check_job_status', 'cancel_job', 'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #609131c6
 import argparse, difflib, functools, inspect, json as jsonlib, os, sys, time
@@ -20,7 +20,7 @@ from . import __version__
 from .config import JobSpec, SettingsError, spec_from_args
 from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
-from .client import ApiError, Client, JobPace, best_summary, save_login
+from .client import ApiError, Client, JobPace, best_summary, duration, save_login
 from .results import ResultsError
 
 # %% ../nbs/10_cli.ipynb #941f8405
@@ -189,6 +189,29 @@ def train_cmd(
     print(f"Results in {out}: load them with pipeline.load_lora_weights('{Path(out)/'checkpoints/final/attn_procs'}')")
 
 # %% ../nbs/10_cli.ipynb #c4a6c8f8
+class StepProgress:
+    "The progress of `total` steps of `what` on stderr (or `out`): a bar that updates in place on a terminal, elsewhere (a log, a pipe) a line at the first step, every `every` seconds and at the last, with the time left at the pace so far"
+    def __init__(self, what:str, total:int, tty:bool|None=None, every:float=10.0, now=time.monotonic, out=None):
+        self.what, self.total, self.every, self.now, self.out = what, total, every, now, out or sys.stderr
+        self.tty = self.out.isatty() if tty is None else tty
+        self.t0, self.shown, self.bar = now(), None, None
+
+    def __call__(self, done:int):
+        "`done` steps of the total are done"
+        if self.tty:
+            if self.bar is None:
+                from tqdm.auto import tqdm
+                self.bar = tqdm(total=self.total, desc=self.what, unit='step', file=self.out, dynamic_ncols=True)
+            self.bar.update(done - self.bar.n); return
+        t = self.now()
+        if self.shown is not None and done < self.total and t - self.shown < self.every: return
+        left = (t - self.t0) / done * (self.total - done) if done else 0
+        print(f"{self.what}: step {done} of {self.total}" + (f", {duration(left)} left" if done < self.total else ''), file=self.out, flush=True)
+        self.shown = t
+
+    def close(self):
+        if self.bar is not None: self.bar.close()
+
 @command(example='cerebrium-ft generate sks-dog "a photo of sks dog on a beach" -n 4 --use best --output beach.png')
 def generate(
     results:str, # A results folder or zip
@@ -213,7 +236,10 @@ def generate(
     try: pipe = load_pipeline(results, model, dev, use=use)
     except ResultsError as e: raise CliError(str(e)) from None
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
-    images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+    progress = StepProgress(f"generating {N} image{'s' * (N > 1)}", steps)
+    def on_step(pipe, i, t, kwargs): progress(i + 1); return kwargs  # the pipeline's denoising loop calls it after each step
+    try: images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens, callback_on_step_end=on_step).images
+    finally: progress.close()
     _grid(images).save(out)
     if json: return _print_json(dict(grid=str(out), prompt=prompt, seeds=[seed + i for i in range(N)], use=use))
     print(f"Wrote {N} images of {prompt!r} to {output}")

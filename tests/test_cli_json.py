@@ -16,7 +16,10 @@ def test_the_offline_commands_print_one_json_object(tmp_path):
     t = json.loads(r.stdout)
     assert t['results'] == str(tmp_path/'run') and t['steps'] == 2 and Path(t['weights']).is_file() and Path(t['kohya']).is_file()
     assert t['best']['checkpoint'] in ('step_000001', 'final')
-    g = json.loads(run_cli('generate', t['results'], 'a photo of sks robot', '-n', 2, '--steps', 2, '--output', tmp_path/'g.png', '--json').stdout)
+    r = run_cli('generate', t['results'], 'a photo of sks robot', '-n', 2, '--steps', 2, '--output', tmp_path/'g.png', '--json')
+    g = json.loads(r.stdout)
+    lines = [l for l in r.stderr.splitlines() if l.startswith('generating 2 images: ')]  # its progress, as lines off a terminal
+    assert [l.split(',')[0] for l in lines] == ['generating 2 images: step 1 of 2', 'generating 2 images: step 2 of 2'] and lines[0].endswith(' left'), r.stderr
     assert g == dict(grid=str(tmp_path/'g.png'), prompt='a photo of sks robot', seeds=[42, 43], use='final') and (tmp_path/'g.png').is_file()
 
 def test_serve_prints_its_start_as_json(tmp_path):
