@@ -32,9 +32,9 @@ __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', '
            'plan_steps', 'epoch_batches', 'tracker_problem', 'preflight', 'load_models', 'load_pixels', 'encode_images',
            'sample_latents', 'denoising_loss', 'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint',
            'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
-           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'plot_loss', 'save_results', 'train',
-           'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config',
-           'tracker_run_id']
+           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'smoothed', 'loss_figure', 'plot_loss',
+           'save_results', 'train', 'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes',
+           'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -440,22 +440,39 @@ def save_lora(folder:Path, denoiser, family:Family) -> dict:
                                              f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
     return lora
 
-def plot_loss(metrics:Path, out:Path):
-    "loss.png: the loss (instance and prior) and the learning rate per step, and each scored checkpoint's held-out score (the best starred)"
+def smoothed(values:list, weight:float=0.9) -> list:
+    "An exponential moving average of `values`, corrected for its start as TensorBoard's smoothing is (NaN where a value is NaN)"
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if np.isnan(v): out.append(np.nan); continue
+        n += 1; avg = weight * avg + (1 - weight) * v; out.append(avg / (1 - weight ** n))
+    return out
+
+def loss_figure(rows:list[dict], title:str=''):
+    "The figure of loss.png from metrics.csv's `rows`: each loss raw and faint with its smoothed line over it, each scored checkpoint's held-out score (the best starred) at a dotted line marking its validation, the learning rate below, `title` on top"
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows = MetricsLog.read(metrics)
     step = [int(r['step']) for r in rows]
     col = lambda k: [float(r[k]) if r[k] not in ('', 'nan') else np.nan for r in rows]
     fig, (a, b) = plt.subplots(2, 1, figsize=(7, 5), sharex=True, height_ratios=[3, 1])
-    a.plot(step, col('loss'), lw=1, label='loss')
-    if any(r['prior_loss'] for r in rows):
-        a.plot(step, col('instance_loss'), lw=1, label='instance'); a.plot(step, col('prior_loss'), lw=1, label='prior')
+    kinds = [('loss', 'loss', 'C0')] + ([('instance_loss', 'instance', 'C1'), ('prior_loss', 'prior', 'C2')] if any(r['prior_loss'] for r in rows) else [])
+    for key, name, color in kinds:
+        a.plot(step, col(key), lw=0.8, alpha=0.3, color=color)
+        a.plot(step, smoothed(col(key)), lw=1.5, color=color, label=f"{name} (smoothed)")
     if (scored := [(int(r['step']), float(r['score'])) for r in rows if r.get('score')]):
-        a.plot(*zip(*scored), 'o-', ms=4, lw=1, color='black', label='checkpoint score')
+        for s, _ in scored: a.axvline(s, ls=':', lw=0.8, color='gray'); b.axvline(s, ls=':', lw=0.8, color='gray')
+        a.plot(*zip(*scored), 'o-', ms=4, lw=1, color='black', label='checkpoint score (at each validation)')
         a.plot(*min(scored, key=lambda x: x[1]), '*', ms=14, color='gold', markeredgecolor='black', label='best checkpoint')
-    a.set_ylabel('loss'); a.legend(); b.plot(step, col('lr'), lw=1, color='gray'); b.set_ylabel('lr'); b.set_xlabel('step')
-    fig.tight_layout(); fig.savefig(out, dpi=100); plt.close(fig)
+    a.set_ylabel('loss'); a.legend(fontsize=8); b.plot(step, col('lr'), lw=1, color='gray'); b.set_ylabel('lr'); b.set_xlabel('step')
+    if title: a.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+def plot_loss(metrics:Path, out:Path, title:str=''):
+    "Write loss.png (`loss_figure`) from the metrics.csv at `metrics`"
+    import matplotlib.pyplot as plt
+    fig = loss_figure(MetricsLog.read(metrics), title)
+    fig.savefig(out, dpi=100); plt.close(fig)
 
 def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, model:ModelInfo):
     "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family and lists the kept checkpoints of `extra`)"
@@ -464,7 +481,7 @@ def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, mode
     alpha = s.lora_alpha or s.rank
     lora = save_lora(run.attn_procs, denoiser, model.family)
     write_kohya(run.kohya, lora, s.rank, alpha, model)
-    plot_loss(run.metrics, run.loss_plot)
+    plot_loss(run.metrics, run.loss_plot, f"{spec.name}: a LoRA of {Path(spec.hf_model_path).name if Path(spec.hf_model_path).expanduser().exists() else spec.hf_model_path}")
     files = [run.weights, run.kohya] + [run.root/c['weights'] for c in extra.get('checkpoints', []) if c['weights'] and c['name'] != 'final']
     manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
                     lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root))),
