@@ -100,6 +100,36 @@ def test_cli_flow_from_train_diffuser_to_loading_the_weights(server, tiny_model,
     r = requests.get(f"{server.url}/v1/jobs/{j['id']}/weights", params=dict(use='7'), headers=auth)
     assert r.status_code == 400 and "keep no checkpoint '7'; use final, best or one of" in r.json()['detail']
 
+LIGHT_INSTALL = """import sys
+ABSENT = {'torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'bitsandbytes', 'fastapi', 'uvicorn', 'sqlalchemy', 'starlette', 'multipart', 'python_multipart', 'psycopg'}
+class _Absent:
+    "A machine with the light install: the training stack and the job service's packages are not there"
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ABSENT: raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Absent())
+"""
+
+def test_the_light_install_submits_follows_and_downloads_jobs(server, tiny_model, data, tmp_path):
+    "Without the training stack and the server's packages (pip install cerebrium-ft, no extras): the client, the CLI, the dataset check and the panel work, a job is submitted, followed and downloaded; train and serve say which extra they need"
+    site = tmp_path/'light'; site.mkdir(); (site/'sitecustomize.py').write_text(LIGHT_INSTALL)
+    env = {**os.environ, 'PYTHONPATH': str(site)}
+    r = run_cli('check-dataset', data, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli('train-diffuser', 'robot', server.key, tiny_model, data, 'a photo of sks robot', '--url', server.url, '--follow', '--json',
+                '--training-args', json.dumps(dict(resolution=64, max_train_steps=4, num_validation_images=1)), env=env)
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout); assert j['status'] == 'succeeded', j
+    r = run_cli('download-model', j['id'], server.key, '--url', server.url, '--output', tmp_path/'robot.zip', env=env)
+    assert r.returncode == 0 and zipfile.is_zipfile(tmp_path/'robot.zip'), r.stderr
+    r = subprocess.run([str(BIN/'python'), '-c', 'from cerebrium_ft.widget import JobPanel; from cerebrium_ft.client import Client; JobPanel(Client("%s", "%s"))' % (server.url, server.key)],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    for args, extra in [(['train', 'robot', tiny_model, data, 'a photo of sks robot', '--output', tmp_path/'run'], 'train'), (['serve', '--data-dir', tmp_path/'srv'], 'server'),
+                        (['generate', tmp_path/'robot.zip', 'a robot'], 'train')]:
+        r = run_cli(*args, env=env)
+        assert r.returncode == 2 and f"which is not installed here: pip install 'cerebrium-ft[{extra}]' (or 'cerebrium-ft[all]' for everything)" in r.stderr, r.stderr
+    assert not (tmp_path/'run').exists()
+
 def test_keys_and_projects_are_isolated(server, tiny_model, data):
     r = submit(server, tiny_model, data, steps=2)
     jid = json.loads(r.stdout)['id']
