@@ -6,16 +6,17 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/families.html.md"""
 
 # %% ../nbs/00a_families.ipynb #6df65a94
 from __future__ import annotations
-import json, os
+import json, os, socket
+from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
-           'HubUnreachable', 'read_config', 'ModelInfo', 'model_family', 'resolution_for', 'kohya_base_model',
-           'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning',
-           'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
-           'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+           'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo', 'model_family', 'resolution_for',
+           'kohya_base_model', 'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text',
+           'size_conditioning', 'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids',
+           'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -56,13 +57,20 @@ class FamilyError(ValueError):
 class HubUnreachable(FamilyError):
     "The Hub did not answer for a model's configuration (down, or out of reach from this machine)"
 
+def hub_resolves(endpoint:str|None=None) -> bool:
+    "Whether the Hub's host name (`endpoint`'s, default huggingface.co) resolves: a machine with no network is known at once, not after huggingface_hub's retries of a name that cannot resolve"
+    try: socket.getaddrinfo(urlparse(endpoint or 'https://huggingface.co').hostname, None); return True
+    except (OSError, UnicodeError): return False
+
 def read_config(model:str, file:str, revision:str='main', cached_only:bool=False) -> dict|None:
     "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`, `cached_only` from the local Hub cache); None if the pipeline has no such file"
     p = Path(model).expanduser()
     if p.is_dir(): return json.loads((p/file).read_text()) if (p/file).is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
-    try: return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=os.environ.get('HF_ENDPOINT'), local_files_only=cached_only)).read_text())
+    endpoint = os.environ.get('HF_ENDPOINT')
+    cached_only = cached_only or not hub_resolves(endpoint)  # offline: the local cache's copy, or HubUnreachable now
+    try: return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=endpoint, local_files_only=cached_only)).read_text())
     except LocalEntryNotFoundError:  # no answer from the Hub (or HF_HUB_OFFLINE), and no copy in the local cache
         raise HubUnreachable(f"cannot reach the Hugging Face Hub for {file} of {model}, and the local cache has no copy; check the network, or HF_ENDPOINT") from None
     except EntryNotFoundError: return None
