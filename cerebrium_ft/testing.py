@@ -225,7 +225,7 @@ LFS_SUFFIXES = ('.safetensors', '.png', '.bin', '.ckpt', '.pt', '.zip', '.jpg', 
 class FakeHub:
     "A recording stand-in for the Hub on 127.0.0.1: its upload API (regular and LFS uploads), and file downloads from the repos it `serve`s"
     def __init__(self):
-        self.calls, self.commits, self.lfs, self.repos, self.branches = [], [], {}, {}, {}  # lfs: sha256 -> the bytes uploaded; repos: id -> folder; branches: id -> names
+        self.calls, self.commits, self.lfs, self.repos, self.branches, self.created = [], [], {}, {}, {}, []  # lfs: sha256 -> the bytes uploaded; repos: id -> folder; branches: id -> names; created: the repo creation requests
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
     env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
@@ -278,7 +278,7 @@ def _hub_handler(hub:FakeHub):
             hub.calls.append(path)
             base = f"http://{self.headers['Host']}"
             if path == '/api/repos/create':
-                req = json.loads(body)
+                req = json.loads(body); hub.created.append(req)
                 if req.get('organization') == 'someone-else': return self._json(403, {'error': 'You do not have rights to this namespace'})
                 return self._json(200, {'url': f"{base}/{req.get('organization')}/{req['name']}", 'name': req['name']})
             if path == '/api/validate-yaml': return self._json(200, {'errors': [], 'warnings': []})

@@ -79,6 +79,9 @@ class JobPanel:
         self.images = W.HBox(layout=W.Layout(flex_flow='row wrap'))
         self.repo = W.Text(description='Hub repo', style=S, placeholder='yourname/sks-dog-lora', layout=L('360px'))
         self.use = W.Dropdown(options=[('final checkpoint', 'final'), ('best checkpoint', 'best')], value='final', layout=L('160px'))
+        self.token = W.Password(description='HF token', placeholder='default: HF_TOKEN or the saved login', style=S, layout=L('300px'),
+                                tooltip='A Hugging Face token with write access; left empty, HF_TOKEN or the token `hf auth login` saved')
+        self.public = W.Checkbox(value=False, description='public', indent=False, layout=L('80px'), tooltip='Make a new repo public (a new one is private otherwise)')
         self.download_btn, self.cancel_btn, self.push_btn = W.Button(description='Download', icon='download'), W.Button(description='Cancel', icon='stop'), W.Button(description='Push to Hub', icon='upload')
         self._logs, self._shown, self._pace, self._lock, self._stop = {}, {}, {}, threading.RLock(), threading.Event()
         self.dataset.observe(lambda c: self._safe(self.check_dataset), 'value')
@@ -93,7 +96,7 @@ class JobPanel:
                        W.Accordion([W.VBox([W.GridBox(list(self.settings.values()), layout=W.Layout(grid_template_columns='repeat(2, 370px)')), self.settings_msg])],
                                    titles=('Training settings',)), self.start_btn])
         follow = W.VBox([self.jobs, self.job, self.status, self.progress, self.log, self.images,
-                         W.HBox([self.download_btn, self.cancel_btn, self.repo, self.use, self.push_btn])])
+                         W.HBox([self.download_btn, self.cancel_btn]), W.HBox([self.repo, self.use, self.token, self.public, self.push_btn])])
         self.widget = W.VBox([W.Tab([form, follow], titles=('New job', 'Jobs')), self.message])
         self._thread = threading.Thread(target=self._loop, daemon=True, name='cerebrium-ft-panel')
         if autorefresh: self._thread.start()
@@ -207,5 +210,5 @@ def push(self:JobPanel) -> str:
     from cerebrium_ft.hub import push_to_hub
     if not self.repo.value: raise ValueError("type the Hub repo to push to, e.g. yourname/sks-dog-lora")
     z = self.client.download(self.job.value, Path(tempfile.mkdtemp())/f"{self.job.value}.zip")
-    url = push_to_hub(z, self.repo.value, use=self.use.value)
+    url = push_to_hub(z, self.repo.value, token=self.token.value or None, private=not self.public.value, use=self.use.value)
     self.message.value = _ok(f"pushed to {self.repo.value}: {url}"); return url

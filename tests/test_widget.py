@@ -47,7 +47,12 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
         panel.repo.value = 'me/robot'
         panel.push_btn.click()
         assert 'pushed to me/robot' in panel.message.value, panel.message.value
-        assert 'pytorch_lora_weights.safetensors' in hub.files()
+        assert 'pytorch_lora_weights.safetensors' in hub.files() and hub.created[-1]['visibility'] == 'private'  # private unless asked
+        monkeypatch.delenv('HF_TOKEN'); monkeypatch.setenv('HF_HOME', str(tmp_path/'no-login'))
+        panel.token.value, panel.public.value, panel.repo.value = 'hf_typed', True, 'me/robot-public'
+        panel.push_btn.click()
+        assert 'pushed to me/robot-public' in panel.message.value and hub.created[-1]['visibility'] == 'public', panel.message.value  # the token typed in the panel; public as ticked
+        panel.repo.value = 'me/robot'
         panel.use.value = 'best'
         panel.push_btn.click()
         with zipfile.ZipFile(tmp_path/f"{jid}.zip") as z: want = z.read(choose_checkpoint(json.loads(z.read('manifest.json')), 'best')['weights'])
