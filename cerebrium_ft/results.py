@@ -10,7 +10,7 @@ import hashlib, json, math, re, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
 from .families import FAMILIES, ModelInfo, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
-from .speed import resolve_device
+from .speed import precision_dtype, resolve_device, resolve_precision
 
 # %% auto #0
 __all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'atomic_path',
@@ -199,7 +199,8 @@ def load_results(pipeline, results, adapter_name:str|None=None, use:str|int='fin
         pipeline.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=adapter_name)
     return manifest
 def load_pipeline(results, model:str|None=None, device=None, use:str|int='final'):
-    "The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with the LoRA of their checkpoint `use` loaded: ready to generate"
+    """The base model `results` were trained on (or `model`, if it moved) in its family's pipeline, on `device` (default: cuda if there is one), with the
+    LoRA of their checkpoint `use` loaded: ready to generate. On a GPU in bf16 where it has it (FLUX.1 overflows fp16), else fp16; fp32 elsewhere"""
     import torch
     dev = resolve_device(device)
     with opened_results(results) as folder:
@@ -207,7 +208,7 @@ def load_pipeline(results, model:str|None=None, device=None, use:str|int='final'
         src = model or base['path']
         kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision') or 'main')  # a revision means something on the Hub only
         family = FAMILIES[base.get('family', 'sd1')]  # results made before families were recorded are SD 1.x
-        try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=torch.float16 if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
+        try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=precision_dtype(resolve_precision('auto', dev)) if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
         pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
         pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)

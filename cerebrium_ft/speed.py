@@ -12,7 +12,7 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'precision_dtype', 'DeviceError', 'resolve_device',
-           'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention']
+           'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention', 'training_attention']
 
 # %% ../nbs/02a_speed.ipynb #7778f9c2
 def cpu_has_amx() -> bool:
@@ -64,12 +64,13 @@ def resolve_device(name=None):
 # %% ../nbs/02a_speed.ipynb #9882ff94
 def _lora_parts(layer):
     "(weight, bias, LoRA down, LoRA up times its scaling) of a linear layer, the LoRA parts None without an active adapter; None if PEFT must run it itself"
+    import torch.nn as nn
     base = getattr(layer, 'base_layer', None)
+    if type(layer if base is None else base) is not nn.Linear: return None  # bitsandbytes' quantized layers (QLoRA) pack their weight: their own forward
     if base is None: return layer.weight, layer.bias, None, None
     if layer.disable_adapters or layer.merged: return base.weight, base.bias, None, None
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if not active: return base.weight, base.bias, None, None
-    import torch.nn as nn
     a = active[0]
     if len(active) > 1 or a in getattr(layer, 'lora_variant', {}) or not isinstance(layer.lora_dropout[a], nn.Identity) or getattr(layer, 'use_dora', {}).get(a): return None
     return base.weight, base.bias, layer.lora_A[a].weight, layer.lora_B[a].weight * layer.scaling[a]
@@ -128,3 +129,11 @@ def use_fused_attention(unet, device) -> int:
     new = {name: mine if type(p) is base else p for name, p in procs.items()}
     unet.set_attn_processor(new)
     return sum(type(p) is base for p in procs.values())
+
+# %% ../nbs/02a_speed.ipynb #221529c0
+def training_attention(device):
+    "A context in which the attention that training runs on `device` leaves out cuDNN's kernel on CUDA (its backward gives nan gradients for some shapes); nothing elsewhere"
+    from contextlib import nullcontext
+    if getattr(device, 'type', device) != 'cuda': return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

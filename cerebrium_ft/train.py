@@ -22,19 +22,19 @@ from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeli
                                    snr_weights, text_encoders)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, write_atomic, write_kohya, write_progress
-from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, use_fused_attention
+from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, training_attention, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
-           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'RANK_WAIT_S', 'TRACKER_PROJECT', 'TrainingError',
-           'plan_steps', 'epoch_batches', 'tracker_problem', 'preflight', 'load_models', 'load_pixels', 'encode_images',
-           'sample_latents', 'denoising_loss', 'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint',
-           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
-           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'smoothed', 'loss_figure', 'plot_loss',
-           'save_results', 'train', 'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes',
-           'Training', 'tracker_config', 'tracker_run_id']
+           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS', 'RANK_WAIT_S',
+           'TRACKER_PROJECT', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem', 'preflight',
+           'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss', 'ImageLatents',
+           'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog',
+           'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid',
+           'save_lora', 'smoothed', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
+           'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -302,11 +302,16 @@ class CheckpointClock:
 # %% ../nbs/04_train.ipynb #cbb0be2b
 METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s', 'heldout_loss', 'heldout_prior_loss', 'score']
 SCORE_FIELDS = METRIC_FIELDS[-3:] # what a scored checkpoint adds to its step's row
+FP16_OVERFLOWS = 5 # fp16 steps in a row whose loss may overflow (the loss scaler skips them) before the run is stopped as diverged
+FP16_SKIPS = 20 # fp16 steps in a row the loss scaler may skip for overflowing gradients (its scale halves at each: 65536 is below 1 after 17)
 
 class MetricsLog:
-    "metrics.csv, appended in batches, truncated to a resumed step"
-    def __init__(self, path:Path, resume_step:int=0, flush_every:int=10):
+    """metrics.csv, appended in batches, truncated to a resumed step. A flush that finds the loss not a number (nan or inf) at
+    `nonfinite_limit` steps in a row stops the run with a `TrainingError` (the rows written first): in fp32 and bf16 one such step
+    has already made the LoRA's weights nan; fp16's loss scaling skips such steps, so a few in a row are no harm there"""
+    def __init__(self, path:Path, resume_step:int=0, flush_every:int=10, nonfinite_limit:int=1):
         self.path, self.flush_every, self.pending = Path(path), flush_every, []
+        self.nonfinite_limit, self.nonfinite = nonfinite_limit, []  # the steps of the latest unbroken run of non-finite losses
         rows = self.read(self.path) if self.path.exists() and resume_step else []
         with atomic_path(self.path) as tmp, open(tmp, 'w', newline='') as f:  # a kill while rewriting keeps the old file
             w = csv.DictWriter(f, METRIC_FIELDS, restval=''); w.writeheader()
@@ -340,7 +345,16 @@ class MetricsLog:
                 w.writerow([step, epoch, f"{l:.6g}", f"{i:.6g}", '' if p is None else f"{pv:.6g}", f"{lr:.6g}", f"{el:.2f}", '', '', ''])
         for (step, _, _, _, p, lr, _), (l, i, pv) in zip(self.pending, vals) if self.sink else ():
             self.sink(step, dict(loss=l, instance_loss=i, **({} if p is None else dict(prior_loss=pv)), lr=lr))
+        diverged = None
+        for (step, *_, lr, _), (l, _, _) in zip(self.pending, vals):
+            self.nonfinite = [] if math.isfinite(l) else self.nonfinite + [(step, l, lr)]
+            if len(self.nonfinite) >= self.nonfinite_limit: diverged = diverged or self.nonfinite
         self.last = vals[-1][0]; self.pending = []
+        if diverged:
+            (first, l, lr), n = diverged[0], len(diverged)
+            raise TrainingError(f"training diverged: the loss was {l} at step {first}" + (f" and the {n - 1} steps after it" if n > 1 else '') + f" (learning rate {lr:g}); "
+                                "train again in a new --output folder with a lower learning_rate (FLUX.1 LoRAs train at about 1e-4), or with mixed_precision no "
+                                "if half precision overflows. The checkpoints saved before it are kept")
 
 # %% ../nbs/04_train.ipynb #d9b94745
 def heldout_split(images:list, n:int, seed:int) -> tuple[list, list]:
@@ -365,7 +379,7 @@ def best_checkpoint(scores:dict, final_step:int|None=None) -> dict|None:
     "The checkpoint of `scores` (step -> its score fields) with the lowest score, and the newest's score to compare (`final_step`'s checkpoint is named final)"
     if not scores: return None
     name = lambda step: 'final' if step == final_step else f"step_{step:06d}"
-    step = min(scores, key=lambda k: (scores[k]['score'], -k))  # a tie goes to the longer-trained
+    step = min(scores, key=lambda k: (not math.isfinite(scores[k]['score']), scores[k]['score'], -k))  # a tie goes to the longer-trained; nan never wins
     latest = max(scores)
     return dict(checkpoint=name(step), step=step, score=scores[step]['score'], latest=name(latest), latest_score=scores[latest]['score'])
 
@@ -588,7 +602,7 @@ class Training:
         self.main = self.rank == 0  # the one that writes progress, metrics, checkpoints, validation and results
         if self.ranks and device.type == 'cuda': device = self.ranks.device  # its own GPU
         self.spec, self.s, self.run, self.device, self.cache, self.progress = spec, spec.training_args, run, device, cache, progress and self.main
-        self.t0, self.cls_paths, self.step = time.time(), [], 0
+        self.t0, self.cls_paths, self.step, self.skipped = time.time(), [], 0, 0  # skipped: fp16 steps in a row the loss scaler skipped
         self.inst, self.heldout = heldout_split(report.usable, self.s.holdout_images, self.s.seed)
         self.precision = resolve_precision(self.s.mixed_precision, device)
         self.weight_dtype = precision_dtype(self.precision)
@@ -726,7 +740,7 @@ def encode_inputs(self:Training):
     width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
-    self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, dtype, s.seed)
+    self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed)  # the pixels in the VAE's own dtype (fp32 under fp16)
     n, self.scaling, self.shift = len(self.inst), vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
     self.inst_prompt = prompt_of[:n]
     if buckets: log.info("aspect-ratio buckets (enable_bucket), with the training images in each: " + ', '.join(f"{w}x{h} ({(self.latents.bucket[:n] == b).sum()})" for b, (w, h) in enumerate(self.latents.sizes)))
@@ -734,7 +748,7 @@ def encode_inputs(self:Training):
     self.score_inst = [(lat, prompt_of[ids, 0], extra) for lat, ids, extra in self.latents.fixed(scored, HELDOUT_DRAWS, self.scaling, self.shift)]  # each caption as written
     self.score_prior = None
     if self.cls_paths:  # square at the resolution: a batch whose instance images are in another bucket runs them through the denoiser apart
-        self.cls_latents = encode_latents(vae, self.cls_paths, s, None, family, device, dtype, s.seed + 1)
+        self.cls_latents = encode_latents(vae, self.cls_paths, s, None, family, device, vae.dtype, s.seed + 1)
         self.cls_prompt = prompts.index(spec.prior_class_prompt)
         self.score_prior = [(lat, torch.full_like(ids, self.cls_prompt), extra)
                             for lat, ids, extra in self.cls_latents.fixed(range(min(HELDOUT_CLASS_IMAGES, len(self.cls_paths))), HELDOUT_DRAWS, self.scaling, self.shift)]
@@ -765,7 +779,7 @@ def setup_optimizer(self:Training):
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
     self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
     self.clock = CheckpointClock(s, step=self.step)
-    self.metrics = MetricsLog(run.metrics, resume_step=self.step) if self.main else None  # the main process keeps the metrics and scores
+    self.metrics = MetricsLog(run.metrics, resume_step=self.step, nonfinite_limit=FP16_OVERFLOWS if self.precision == 'fp16' else 1) if self.main else None  # the main process keeps the metrics and scores
     self.scores = self.metrics.scores() if self.main else {}  # the checkpoints a stopped run scored before its resumable state
     log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g} ({s.lr_schedule}), "
              f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(self.optimizer.optimizer).__name__}")
@@ -821,7 +835,7 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
         cls_cond = {**{k: v[torch.full_like(ci, self.cls_prompt)] for k, v in self.cond.items() if k not in cls_extra}, **cls_extra}
         if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
         else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
-    with self.accelerator.autocast():
+    with self.accelerator.autocast(), training_attention(self.device):
         losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
                                 self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
     if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
@@ -847,12 +861,18 @@ def optimizer_step(self:Training, epoch:int, losses:tuple):
     step_lr = self.lr_scheduler.get_last_lr()[0]  # the rate this step applies
     self.optimizer.step(); self.lr_scheduler.step(); self.optimizer.zero_grad(set_to_none=True)
     self.step += 1
-    if not self.main: return
-    self.metrics.add(self.step, epoch + 1, *losses, step_lr, time.time() - self.t0)
-    self.bar.update(1)
-    if self.step % self.metrics.flush_every == 0:
-        self.metrics.flush(); self.bar.set_postfix(loss=f"{self.metrics.last:.4f}")
-        write_progress(self.run, 'training', self.step, self.plan['max_train_steps'], self.metrics.last, **self.status())
+    self.skipped = self.skipped + 1 if self.optimizer.step_was_skipped else 0  # only fp16's loss scaler skips (and it reads its overflow check back anyway)
+    if self.main:
+        self.metrics.add(self.step, epoch + 1, *losses, step_lr, time.time() - self.t0)
+        self.bar.update(1)
+        if self.step % self.metrics.flush_every == 0:
+            self.metrics.flush(); self.bar.set_postfix(loss=f"{self.metrics.last:.4f}")
+            write_progress(self.run, 'training', self.step, self.plan['max_train_steps'], self.metrics.last, **self.status())
+    if self.skipped >= FP16_SKIPS:
+        if self.main: self.metrics.flush()
+        raise TrainingError(f"fp16 training is not learning: the loss scaler skipped the last {self.skipped} steps (from step {self.step - self.skipped + 1}), "
+                            "because the gradients overflow (inf or nan) however far it scales them down; train with mixed_precision bf16 "
+                            "(NVIDIA GPUs from the Ampere generation on have it) or no")
 
 # %% ../nbs/04_train.ipynb #f5c31cb8
 @patch

@@ -167,6 +167,65 @@ def test_fp16_asked_for_on_a_cpu_trains_in_fp32_and_says_so(model, data, tmp_pat
     fp16 = run(model, data, tmp_path, 'fp16', max_train_steps=1, mixed_precision='fp16')  # a CUDA choice
     assert manifest(fp16)['precision'] == 'no' and 'mixed_precision=fp16 is not supported on this cpu' in (fp16/'logs.txt').read_text()
 
+def test_fp16_as_gpus_without_bf16_train_it_keeps_the_vae_in_fp32(model, data, tmp_path, monkeypatch):
+    "fp16 autocast with loss scaling (what 'auto' picks on a GPU without bf16), forced on this CPU: the VAE stays in fp32 and gets its pixels in fp32 (on an H200 they came in fp16 and the first encode failed)"
+    monkeypatch.setattr(T, 'resolve_precision', lambda setting, device: 'fp16')
+    out = run(model, data, tmp_path, 'fp16', max_train_steps=4, mixed_precision='fp16', num_validation_images=1, validation_epochs=1)
+    assert manifest(out)['precision'] == 'fp16' and all(math.isfinite(l) for l in col(out, 'loss'))
+
+class InfiniteGradient(torch.autograd.Function):
+    "The identity, whose gradient is infinite: what an overflowing backward pass hands the loss scaler"
+    @staticmethod
+    def forward(ctx, x): return x.clone()
+    @staticmethod
+    def backward(ctx, g): return g * float('inf')
+
+def test_a_loss_that_is_not_a_number_stops_the_run_and_keeps_the_checkpoints_before_it(model, data, tmp_path, monkeypatch):
+    "fp32 or bf16: from the first nan loss the LoRA is nan, so the run stops there, saying what to change, with the metrics written and the checkpoints before it kept"
+    loss, calls = T.denoising_loss, []
+    def going_nan(*a, **k):
+        out = loss(*a, **k)
+        if torch.is_grad_enabled(): calls.append(1)
+        return (out[0] * float('nan'), *out[1:]) if len(calls) >= 4 else out
+    monkeypatch.setattr(T, 'denoising_loss', going_nan)
+    with pytest.raises(T.TrainingError, match=r"training diverged: the loss was nan at step 4 \(learning rate 0.0005\); train again in a new --output folder with a lower learning_rate"):
+        T.train(spec(model, data, training_args=dict(max_train_steps=12, checkpointing_steps=3, mixed_precision='no')), tmp_path/'run', progress=False)
+    steps = [int(r['step']) for r in rows(tmp_path/'run')]
+    assert steps[:4] == [1, 2, 3, 4] and math.isnan(col(tmp_path/'run', 'loss')[3])
+    assert [p.name for p in RunDir(tmp_path/'run').checkpoints.glob('step_*') if (p/'state.pt').exists()] == ['step_000003']  # none saved with a nan LoRA
+    assert RunDir(tmp_path/'run').latest_checkpoint().name == 'step_000003'
+    assert not (tmp_path/'run/manifest.json').exists()
+
+@pytest.fixture
+def fp16_with_loss_scaling(monkeypatch):
+    "fp16 as a GPU trains it, on this CPU: autocast, and the GradScaler that accelerate gives GPUs only"
+    monkeypatch.setattr(T, 'resolve_precision', lambda setting, device: 'fp16')
+    accelerator = T.fresh_accelerator
+    def with_loss_scaling(*a, **k):
+        acc = accelerator(*a, **k); acc.scaler, acc.native_amp = torch.amp.GradScaler('cpu'), True
+        return acc
+    monkeypatch.setattr(T, 'fresh_accelerator', with_loss_scaling)
+
+def test_fp16_goes_on_past_a_few_overflowing_steps(model, data, tmp_path, monkeypatch, fp16_with_loss_scaling):
+    "In fp16 a step whose loss overflows is skipped by the loss scaler, the LoRA untouched: four in a row are no reason to stop (five are)"
+    loss, calls = T.denoising_loss, []
+    def overflowing(*a, **k):
+        out = loss(*a, **k)
+        if torch.is_grad_enabled(): calls.append(1)
+        return (out[0] * float('inf'), *out[1:]) if 2 <= len(calls) <= 1 + T.FP16_OVERFLOWS - 1 else out
+    monkeypatch.setattr(T, 'denoising_loss', overflowing)
+    out = run(model, data, tmp_path, max_train_steps=9, mixed_precision='fp16')
+    ls = col(out, 'loss')
+    assert [math.isfinite(l) for l in ls] == [True] + [False] * (T.FP16_OVERFLOWS - 1) + [True] * 4 and manifest(out)['steps'] == 9
+
+def test_fp16_that_skips_every_step_stops_the_run(model, data, tmp_path, monkeypatch, fp16_with_loss_scaling):
+    "fp16 whose gradients overflow at every step (the loss scaler skips each, so nothing is learnt; seen on an H200): the run stops, saying to use bf16 or fp32"
+    loss = T.denoising_loss
+    monkeypatch.setattr(T, 'denoising_loss', lambda *a, **k: (lambda out: (InfiniteGradient.apply(out[0]), *out[1:]) if torch.is_grad_enabled() else out)(loss(*a, **k)))
+    with pytest.raises(T.TrainingError, match=f"fp16 training is not learning: the loss scaler skipped the last {T.FP16_SKIPS} steps \\(from step 1\\).* mixed_precision bf16"):
+        T.train(spec(model, data, training_args=dict(max_train_steps=40, mixed_precision='fp16')), tmp_path/'run', progress=False)
+    assert len(rows(tmp_path/'run')) == T.FP16_SKIPS and all(math.isfinite(l) for l in col(tmp_path/'run', 'loss'))  # the losses were fine: the gradients were not
+
 def lora_delta(out):
     "Every LoRA's weight change (up @ down), flattened into one vector"
     from safetensors.torch import load_file

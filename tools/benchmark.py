@@ -46,8 +46,12 @@ def child(args):
     spec = JobSpec('bench', str(model), str(root/'data'), 'a photo of sks robot', **prior, training_args=dict(
         resolution=res, train_batch_size=args.batch, max_train_steps=args.steps, num_validation_images=0, checkpointing_steps=10**6,
         mixed_precision=args.precision))
+    # the libraries the reference imports before its clock starts: both clocks then leave them out
+    import importlib
+    for module, names in (('diffusers', ['AutoencoderKL', 'StableDiffusionPipeline', 'UNet2DConditionModel']), ('transformers', ['CLIPTextModel']), ('peft', ['LoraConfig'])):
+        for n in names: getattr(importlib.import_module(module), n)  # diffusers and transformers import a class's module when it is first asked for
     # 1. the whole job through train(): load, class images, cache, train, save
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     T.train(spec, root/'run', device=str(device), cache=root/'cache', progress=False)
     wall = time.perf_counter() - t0
     peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -64,9 +68,21 @@ def child(args):
                breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows],
                denoiser_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
+    out['job_s'] = job_phases(root/'run', started, wall)
     out['checkpoint_mb'], out['checkpoint_ms'] = extra['checkpoint']
     if 'attention_ms' in extra: out['attention_ms'] = extra['attention_ms']
     print(json.dumps(out))
+
+def job_phases(run:Path, started:float, wall:float) -> dict:
+    """Where a whole job's wall time went, from its log's timestamps and metrics.csv: setting up (loading the model, class images,
+    caching latents and embeddings, the optimizer), the steps, and what comes after them (the final validation and scoring, saving)"""
+    import datetime, re
+    from cerebrium_ft.train import MetricsLog
+    plan = next(datetime.datetime.strptime(m[1], '%Y-%m-%d %H:%M:%S,%f').timestamp() for line in (run/'logs.txt').read_text().splitlines()
+                if (m := re.match(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ plan:', line)))
+    el = [float(r['elapsed_s']) for r in MetricsLog.read(run/'metrics.csv')]
+    setup, steps = plan - started, (el[-1] - el[0]) * len(el) / max(len(el) - 1, 1)  # the steps at the pace of all but the first
+    return dict(setup=round(setup, 1), steps=round(steps, 1), after=round(wall - setup - steps, 1))  # after: also the first step's extra time
 
 def reference(args):
     """The diffusers DreamBooth-LoRA example's per-step work, as a baseline loop (the example script is not vendored here):
@@ -417,7 +433,10 @@ def _run(name, trainer, args):
                           'lr', 'every', 'data', 'class_dir', 'snr_gamma', 'ours_args') and v is not None), [])
     r = subprocess.run([sys.executable, __file__, '--model', name, '--trainer', trainer, *flags], capture_output=True, text=True)
     if r.returncode: raise RuntimeError(f"{name} / {trainer} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    figures = json.loads(r.stdout.strip().splitlines()[-1])
+    if getattr(args, 'raw', None):  # each run's figures as soon as it ends, so a benchmark stopped part-way keeps what it measured
+        with open(args.raw, 'a') as f: f.write(json.dumps(dict(figures, run=trainer, settings={k: v for k, v in vars(args).items() if k != 'raw'})) + '\n')
+    return figures
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -441,6 +460,7 @@ def main():
     ap.add_argument('--every', type=int, default=0, help="--quality: keep a LoRA about every this many steps (default: steps / 8)")
     ap.add_argument('--no-snr', action='store_true', help="--quality: skip the run of ours with snr_gamma 5")
     ap.add_argument('--ours-args', default=None, help='--quality: more training settings for our runs, as JSON (e.g. \'{"use_8bit_adam": false}\')')
+    ap.add_argument('--raw', default=None, help="also append each run's figures to this file as a line of JSON, as soon as the run ends")
     ap.add_argument('--model', help=argparse.SUPPRESS)
     ap.add_argument('--trainer', default='ours', help=argparse.SUPPRESS)
     ap.add_argument('--data', help=argparse.SUPPRESS)
@@ -467,6 +487,7 @@ def main():
             note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
                                            ('class images: ' + ('DPM-Solver++ 25 steps' if o.get('sampler', 'dpm25') == 'dpm25' else "the pipeline's own scheduler and steps")) if o.get('class_images') else '',
                                            f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
+            if 'job_s' in o: note += ", job s: setup {setup} / steps {steps} / after {after}".format(**o['job_s'])
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
             if 'flop_fraction' in o: note += f"; denoiser {o['denoiser_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
             if 'flop_fraction' in o and o['device'] == 'cuda': flop_fractions.append((o['model'], trainer, o['flop_fraction']))
