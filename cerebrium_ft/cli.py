@@ -42,7 +42,7 @@ def _usage() -> str:
 # %% ../nbs/10_cli.ipynb #941f8405_s0b
 EXTRAS = {**dict.fromkeys(['torch', 'diffusers', 'transformers', 'peft', 'accelerate', 'bitsandbytes'], 'train'),
           **dict.fromkeys(['fastapi', 'uvicorn', 'sqlalchemy', 'multipart', 'python_multipart', 'starlette'], 'server'),
-          'psycopg': 'postgres', 'tensorboard': 'trackers', 'wandb': 'trackers'} # a package a command may need -> the extra of cerebrium-ft that installs it
+          'psycopg': 'postgres', 'tensorboard': 'trackers', 'wandb': 'trackers', 'ray': 'ray'} # a package a command may need -> the extra of cerebrium-ft that installs it
 
 def missing_extra(e:BaseException) -> str|None:
     "What to install when `e` is the import of a package one of cerebrium-ft's extras brings (a light install has the client, the CLI, the dataset checks and the panel alone); else None"
@@ -349,6 +349,18 @@ def _store(data_dir, database_url:str|None=None):
     except SQLAlchemyError as e: raise Unavailable(f"cannot open the job database ({shown or d}): {str(getattr(e, 'orig', None) or e).strip().splitlines()[0]}") from None
 
 # %% ../nbs/10_cli.ipynb #632ecbe3_s0b
+def _ray_engine(executor:str, address:str|None, gpus:str|None):
+    "The Ray engine `serve --executor ray` runs jobs on, connected to the cluster at `address`; None for the local executor"
+    if executor not in ('local', 'ray'): raise CliError(f"--executor {executor}: local (jobs as child processes of this server) or ray (on a Ray cluster, with --ray-address)")
+    if executor == 'local':
+        if address: raise CliError("--ray-address goes with --executor ray")
+        return None
+    if gpus is not None: raise CliError("--gpus is for --executor local: on Ray, the cluster places each job on a node with the GPUs the job asks for")
+    from cerebrium_ft.ray_jobs import RayJobs
+    address = address or os.environ.get('RAY_ADDRESS')
+    try: return RayJobs(address)
+    except ConnectionError as e: raise Unavailable(f"--ray-address {address}: no Ray cluster answers there ({str(e).splitlines()[0]}); start one with `ray start --head`, or give its head's host:port") from None
+
 @command(example='cerebrium-ft serve --host 0.0.0.0 --data-dir /srv/cerebrium-ft --gpus 0,1 --model-dir /srv/models')
 def serve(
     host:str='127.0.0.1', # Address to listen on
@@ -361,15 +373,18 @@ def serve(
     model_dir:str=None, # Folder(s) of local diffusers models that jobs may name, separated by ':' (default: none; Hub ids only)
     json:bool=False, # Print the start line as one JSON object (with the new project's key on a first start)
     database_url:str=None, # Keep the job table in this database (postgresql+psycopg://USER:PASSWORD@HOST/DB), which other servers may share; default: $CEREBRIUM_FT_DATABASE_URL, else SQLite in the data folder
+    executor:str='local', # Where jobs run: local (child processes of this server) or ray (a Ray cluster's nodes, placed by Ray)
+    ray_address:str=None, # With --executor ray: the cluster's head, host:port (default: $RAY_ADDRESS, else a Ray of this server's own)
 ):
     "Run the job service; the first start on an empty data folder creates a default project and prints its key"
     import uvicorn
     from cerebrium_ft.executor import visible_gpus
     from cerebrium_ft.server import DataDirBusy, create_app
     d = Path(data_dir).expanduser() if data_dir else data_dir_default()
-    gpu_ids = visible_gpus() if gpus is None else [] if gpus.strip().lower() == 'none' else [g.strip() for g in gpus.split(',')]
+    engine = _ray_engine(executor, ray_address, gpus)
+    gpu_ids = [] if engine else visible_gpus() if gpus is None else [] if gpus.strip().lower() == 'none' else [g.strip() for g in gpus.split(',')]
     if '' in gpu_ids or len(set(gpu_ids)) < len(gpu_ids): raise CliError(f"--gpus {gpus}: give GPU ids separated by commas, each once (e.g. 0,1), or none")
-    workers = workers if workers is not None else len(gpu_ids) or 1
+    workers = workers if workers is not None else engine.capacity() if engine else len(gpu_ids) or 1
     if workers < 1: raise CliError("--workers must be 1 or more")
     if gpu_ids and workers > len(gpu_ids):
         raise CliError(f"--workers {workers} with {len(gpu_ids)} GPU{'s' * (len(gpu_ids) > 1)} ({','.join(gpu_ids)}): each job holds a GPU of its own; give --workers {len(gpu_ids)} or fewer, or --gpus none to let jobs share the device")
@@ -378,18 +393,18 @@ def serve(
     os.umask(0o077)  # the data folder holds photos and key hashes: everything in it is its owner's only
     url = database_url or os.environ.get(DATABASE_ENV)
     if url: _store(d, url)  # reachable, and its tables up to date, before the server starts: a bad URL is said plainly
-    try: app = create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes, model_dirs=model_dirs, gpus=gpu_ids or None, database_url=url)
+    try: app = create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes, model_dirs=model_dirs, gpus=gpu_ids or None, database_url=url, engine=engine)
     except DataDirBusy as e: print(f"cerebrium-ft serve: {e}", file=sys.stderr); return 1
     store = app.state.service.store
     created = dict(zip(('project_id', 'api_key'), store.create_project('default'))) if not store.projects() else None
     if json:
         _print_json(dict(url=f"http://{host}:{port}", data_dir=str(d), workers=workers, gpus=gpu_ids, server=store.home, database=str(store),
-                         model_dirs=[str(m) for m in model_dirs], created_project=created)); sys.stdout.flush()
+                         model_dirs=[str(m) for m in model_dirs], created_project=created, executor=executor)); sys.stdout.flush()
     elif created:
         print(f"Created project 'default' ({created['project_id']}). Its API key, shown this once:\n  {created['api_key']}\n"
               f"Save it with: cerebrium-ft login {created['api_key']} --url http://{host}:{port}", flush=True)
     opened = f"; local models from {', '.join(map(str, model_dirs))}" if model_dirs else ''
-    on = f", each job on a GPU of its own: {','.join(gpu_ids)}" if gpu_ids else ''
+    on = f", each job on a GPU of its own: {','.join(gpu_ids)}" if gpu_ids else f", jobs on the Ray cluster at {engine.address}" if engine else ''
     shared = f"; jobs table in {store}, shared as server {store.home}" if url else ''
     if not json: print(f"cerebrium-ft job service on http://{host}:{port} (data in {d}, {workers} worker{'s' * (workers > 1)}{on}{opened}{shared})", flush=True)
     uvicorn.run(app, host=host, port=port, log_level='warning')

@@ -369,13 +369,13 @@ ROUTERS = (service_routes, job_routes, project_routes, result_routes)
 OPEN_PATHS = ('/v1/health', *(f'/v1/schemas/{name}' for name in SCHEMAS))  # answered without a key
 
 def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:bool=True, stall_minutes:float=30, model_dirs=(), gpus:list[str]|None=None,
-               database_url:str|None=None):
-    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process; the job table in SQLite there, or in the database `database_url` names, which other servers may share); jobs may load local models only from `model_dirs`, and each runs on a GPU of its own from `gpus` when given"
+               database_url:str|None=None, engine=None):
+    "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process; the job table in SQLite there, or in the database `database_url` names, which other servers may share); jobs may load local models only from `model_dirs`, and each runs on a GPU of its own from `gpus` when given, on `engine` (default: child processes of this server; `ray_jobs.RayJobs`: a Ray cluster)"
     data_dir = Path(data_dir).expanduser()
     lock = open_data_dir(data_dir)
     try: store = Store(database_url or data_dir/'cerebrium-ft.sqlite', home=server_id(data_dir))
     except BaseException: close_data_dir(lock); raise
-    svc = Service(store, Executor(store, data_dir, workers, stall_s=stall_minutes * 60, gpus=gpus), data_dir, tuple(model_dirs))
+    svc = Service(store, Executor(store, data_dir, workers, stall_s=stall_minutes * 60, gpus=gpus, engine=engine), data_dir, tuple(model_dirs))
 
     @asynccontextmanager
     async def lifespan(app):

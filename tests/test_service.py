@@ -13,16 +13,16 @@ def free_port():
 
 class Server:
     "`cerebrium-ft serve` in a process of its own"
-    def __init__(self, data_dir, port=None, workers=1, model_dir=None, gpus=None, database_url=None):
+    def __init__(self, data_dir, port=None, workers=1, model_dir=None, gpus=None, database_url=None, extra=()):
         self.data_dir, self.port, self.workers, self.model_dir, self.gpus = Path(data_dir), port or free_port(), workers, model_dir, gpus
-        self.database_url = database_url
+        self.database_url, self.extra = database_url, list(map(str, extra))
         self.url = f"http://127.0.0.1:{self.port}"
     def start(self):
         self.log = open(self.data_dir.parent/f"serve-{self.port}-{time.time_ns()}.log", 'w')
         self.proc = subprocess.Popen([str(BIN/'cerebrium-ft'), 'serve', '--port', str(self.port), '--data-dir', str(self.data_dir),
                                       *(['--workers', str(self.workers)] if self.workers else []), *(['--gpus', self.gpus] if self.gpus else []),
                                       *(['--database-url', self.database_url] if self.database_url else []),
-                                      *(['--model-dir', str(self.model_dir)] if self.model_dir else [])], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+                                      *(['--model-dir', str(self.model_dir)] if self.model_dir else []), *self.extra], stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         for _ in range(300):
             try:
                 if requests.get(self.url + '/v1/health', timeout=1).ok: return self
