@@ -58,8 +58,11 @@ class NodeJob:
     def __init__(self, job_id:str, server_dir:str, files:dict, command:list|None=None):
         self.dir, self.p = node_folder(job_id), None
         shutil.rmtree(self.dir, ignore_errors=True)
-        for rel, data in files.items():
-            f = self.dir/rel; f.parent.mkdir(parents=True, exist_ok=True); f.write_bytes(data)
+        old = os.umask(0o077)  # photos of people: the job's folder is its owner's only, as on the server
+        try:
+            for rel, data in files.items():
+                f = self.dir/rel; f.parent.mkdir(parents=True, exist_ok=True); f.write_bytes(data)
+        finally: os.umask(old)
         spec = json.loads((self.dir/'spec.json').read_text())
         for k in ('dataset', 'prior_class_image_dir'):  # the server's paths of the photos, here
             if spec.get(k): spec[k] = str(self.dir/Path(spec[k]).relative_to(server_dir))
@@ -72,7 +75,7 @@ class NodeJob:
         with open(self.dir/'job.log', 'ab') as log:
             log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}\n".encode()); log.flush()
             self.p = subprocess.Popen(self.command + [str(self.dir)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor)
+                                      start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor, umask=0o077)
         return dict(pid=self.p.pid, node=this_node())
 
 # %% ../nbs/07a_ray.ipynb #076b214b

@@ -353,7 +353,7 @@ class MetricsLog:
         if diverged:
             (first, l, lr), n = diverged[0], len(diverged)
             raise TrainingError(f"training diverged: the loss was {l} at step {first}" + (f" and the {n - 1} steps after it" if n > 1 else '') + f" (learning rate {lr:g}); "
-                                "train again in a new --output folder with a lower learning_rate (FLUX.1 LoRAs train at about 1e-4), or with mixed_precision no "
+                                "train again in a new --output folder with a lower learning_rate, or with mixed_precision no "
                                 "if half precision overflows. The checkpoints saved before it are kept")
 
 # %% ../nbs/04_train.ipynb #d9b94745
