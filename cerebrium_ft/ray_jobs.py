@@ -26,7 +26,7 @@ LOST_NODE = 75 # the exit status a job gets when its actor is gone (its node die
 def actor_name(job_id:str) -> str: return f"job-{job_id}"
 
 def node_folder(job_id:str) -> Path:
-    "Where a job runs on a Ray node: the same path on every node, so that a run resumed on another finds the spec it started with"
+    "Where a job runs on a Ray node: in the node's temporary folder (its workers' TMPDIR)"
     return Path(tempfile.gettempdir())/'cerebrium-ft-ray'/job_id
 
 def job_files(folder:Path, names) -> list[Path]:
@@ -55,7 +55,7 @@ def _ends_with_actor():
 
 class NodeJob:
     "A job on the Ray node that runs it: its files unpacked in `node_folder` (the spec's folders moved there), its run-job process, and what changed sent back on request"
-    def __init__(self, job_id:str, server_dir:str, files:dict, command:list|None=None):
+    def __init__(self, job_id:str, files:dict, command:list|None=None):
         self.dir, self.p = node_folder(job_id), None
         shutil.rmtree(self.dir, ignore_errors=True)
         old = os.umask(0o077)  # photos of people: the job's folder is its owner's only, as on the server
@@ -63,17 +63,19 @@ class NodeJob:
             for rel, data in files.items():
                 f = self.dir/rel; f.parent.mkdir(parents=True, exist_ok=True); f.write_bytes(data)
         finally: os.umask(old)
-        spec = json.loads((self.dir/'spec.json').read_text())
-        for k in ('dataset', 'prior_class_image_dir'):  # the server's paths of the photos, here
-            if spec.get(k): spec[k] = str(self.dir/Path(spec[k]).relative_to(server_dir))
-        (self.dir/'spec.json').write_text(json.dumps(spec))
+        for f in (self.dir/'spec.json', self.dir/'results'/'job.json'):  # the spec, and the one an earlier attempt ran (on this node or another)
+            if not f.exists(): continue
+            spec = json.loads(f.read_text())
+            for k in ('dataset', 'prior_class_image_dir'):  # the photos' folders (dataset, class_images), here
+                if spec.get(k): spec[k] = str(self.dir/Path(spec[k]).name)
+            f.write_text(json.dumps(spec))
         self.command = command or [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job']
 
     def start(self, attempt:int) -> dict:
         "Start run-job (seeing the GPUs Ray gave this actor, if any); its pid and this node's name"
         env = {**os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(self.dir)}
         with open(self.dir/'job.log', 'ab') as log:
-            log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}\n".encode()); log.flush()
+            log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}, in {self.dir}\n".encode()); log.flush()
             self.p = subprocess.Popen(self.command + [str(self.dir)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor, umask=0o077)
         return dict(pid=self.p.pid, node=this_node())
@@ -146,7 +148,7 @@ class RayJobs:
         make = self.actor_class.options(name=actor_name(job_dir.name), lifetime='detached', num_cpus=1, max_restarts=0,
                                         num_gpus=n if self.ray.cluster_resources().get('GPU', 0) else 0)
         for wait in [0.1] * 100 + [None]:  # a killed actor's name is free again a moment later
-            try: actor = make.remote(job_dir.name, str(job_dir), files); break
+            try: actor = make.remote(job_dir.name, files); break
             except ValueError:
                 if wait is None: raise
                 time.sleep(wait)

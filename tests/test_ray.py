@@ -1,10 +1,10 @@
 """Jobs on a Ray cluster, for real: a head and a second node started with `ray start` (one CPU each), a job server with
 `--executor ray` over them, jobs submitted with the CLI as a user submits them"""
 import json, os, re, signal, subprocess
+from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
 from cerebrium_ft.executor import job_processes
-from cerebrium_ft.ray_jobs import node_folder
 from cerebrium_ft.results import load_results
 from cerebrium_ft.testing import make_subject_images
 from conftest import BIN, run_cli
@@ -12,20 +12,23 @@ from test_service import Server, free_port, job, submit, wait_for
 
 ENV = {**os.environ, 'RAY_USAGE_STATS_ENABLED': '0'}
 
-def ray_cli(*args, timeout=180):
-    r = subprocess.run([str(BIN/'ray'), *map(str, args)], capture_output=True, text=True, env=ENV, timeout=timeout)
+def ray_cli(*args, timeout=180, env=None):
+    r = subprocess.run([str(BIN/'ray'), *map(str, args)], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
     assert r.returncode == 0, r.stdout + r.stderr
     return r
 
 @pytest.fixture(scope='module')
-def ray_cluster(tmp_path_factory):
-    "A head and a second node, one CPU each, torn down after; the head's address"
+def second_tmp(tmp_path_factory): return tmp_path_factory.mktemp('second-node')
+
+@pytest.fixture(scope='module')
+def ray_cluster(tmp_path_factory, second_tmp):
+    "A head and a second node with a temporary folder of its own (where its jobs run), one CPU each, torn down after; the head's address"
     port = free_port()
     ray_cli('start', '--head', f'--port={port}', '--num-cpus=1', '--include-dashboard=false', '--disable-usage-stats',
             f"--temp-dir={tmp_path_factory.mktemp('ray')}")
     address = f"127.0.0.1:{port}"
     try:
-        ray_cli('start', f'--address={address}', '--num-cpus=1')
+        ray_cli('start', f'--address={address}', '--num-cpus=1', env=dict(TMPDIR=str(second_tmp)))
         yield address
     finally: subprocess.run([str(BIN/'ray'), 'stop', '--force'], capture_output=True, env=ENV, timeout=120)
 
@@ -41,26 +44,30 @@ def ray_server(tmp_path, tiny_model, ray_cluster):
     yield s
     s.stop()
 
-def nodes_of(server, jid) -> list[str]:
-    "The Ray node each attempt of the job started on, from its log"
-    log = run_cli('check-job-status', jid, server.key, '--include-logs', '--url', server.url).stdout
-    return re.findall(r'--- attempt \d+ started .* on Ray node (\w+)', log)
+def attempts_of(server, jid) -> list[tuple[str, Path]]:
+    "The Ray node, and the folder there, each attempt of the job started in, from its log as it came back to the server"
+    log = (server.data_dir/'jobs'/jid/'job.log').read_text()
+    return [(node, Path(folder)) for node, folder in re.findall(r'--- attempt \d+ started .* on Ray node (\w+) on \S+, in (\S+)\n', log)]
 
-def test_jobs_run_on_both_nodes_and_their_results_load(ray_server, ray_cluster, tiny_model, data, tmp_path):
+def nodes_of(server, jid) -> list[str]: return [node for node, _ in attempts_of(server, jid)]
+def folder_of(server, jid) -> Path: return attempts_of(server, jid)[-1][1]
+
+def test_jobs_run_on_both_nodes_and_their_results_load(ray_server, ray_cluster, second_tmp, tiny_model, data, tmp_path):
     "Two jobs at once on a cluster of two one-CPU nodes: Ray places one on each, both succeed, and their results come back to the server, download and load"
     assert re.search(rf"2 workers, jobs on the Ray cluster at [\d.]+:{ray_cluster.split(':')[1]};", ray_server.output()), ray_server.output()  # one job per node's CPU
     ids = [json.loads(submit(ray_server, tiny_model, data, steps=8).stdout)['id'] for _ in range(2)]
     wait_for(ray_server, ids[1], lambda j: j['status'] == 'running' and job(ray_server, ids[0])['status'] == 'running', timeout=120)  # both at once
     done = [wait_for(ray_server, jid, lambda j: j['status'] not in ('queued', 'running'), timeout=300) for jid in ids]
     assert [j['status'] for j in done] == ['succeeded'] * 2, done
-    placed = [nodes_of(ray_server, jid) for jid in ids]
-    assert all(len(p) == 1 for p in placed) and placed[0] != placed[1], placed  # each on a node of its own
+    placed = [attempts_of(ray_server, jid) for jid in ids]
+    assert all(len(p) == 1 for p in placed) and placed[0][0][0] != placed[1][0][0], placed  # each on a node of its own
+    assert sum(second_tmp in f.parents for [(_, f)] in placed) == 1, placed  # one in the second node's own temporary folder
     for jid in ids:
         r = run_cli('download-model', jid, ray_server.key, '--output', tmp_path/f'{jid}.zip', '--url', ray_server.url)
         assert r.returncode == 0, r.stderr
         m = load_results(StableDiffusionPipeline.from_pretrained(tiny_model), tmp_path/f'{jid}.zip')
         assert m['steps'] == 8
-        assert not node_folder(jid).exists()  # the node's copy is removed once the job has ended
+        assert not folder_of(ray_server, jid).exists()  # the node's copy is removed once the job has ended
 
 def test_a_server_killed_under_a_running_job_resumes_it_once(tmp_path, tiny_model, data, ray_cluster):
     "kill -9 of the server while its job trains on Ray; the server started again finds the job's actor by name, brings back its checkpoint, ends it, and runs the job again from that checkpoint: one run at a time, each step logged once"
@@ -69,7 +76,7 @@ def test_a_server_killed_under_a_running_job_resumes_it_once(tmp_path, tiny_mode
     jid = json.loads(submit(s, tiny_model, data, steps=200, extra=dict(checkpointing_steps=10)).stdout)['id']
     wait_for(s, jid, lambda j: j["step"] >= 20, timeout=240)
     s.kill9()
-    assert job_processes(node_folder(jid))  # the job trains on without its server
+    assert job_processes(folder_of(s, jid))  # the job trains on without its server
     s.start()
     try:
         j = wait_for(s, jid, lambda j: j['status'] not in ('queued', 'running'), timeout=300)
@@ -94,10 +101,10 @@ def test_cancel_and_a_lost_node_end_a_job_on_its_node(ray_server, tiny_model, da
     ids = [json.loads(submit(ray_server, tiny_model, data, steps=3000).stdout)['id'] for _ in range(2)]
     for jid in ids: wait_for(ray_server, jid, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=180)
     remote, head = sorted(ids, key=lambda jid: raylet_of(nodes_of(ray_server, jid)[0])[1])
-    assert job_processes(node_folder(remote))  # its run-job, on the node
+    assert job_processes(folder_of(ray_server, remote))  # its run-job, on the node
     r = run_cli('cancel-job', remote, ray_server.key, '--url', ray_server.url, '--json')
     assert r.returncode == 0 and json.loads(r.stdout)['status'] == 'cancelled', r.stderr
-    assert not job_processes(node_folder(remote)) and not node_folder(remote).exists()
+    assert not job_processes(folder_of(ray_server, remote)) and not folder_of(ray_server, remote).exists()
     assert 'plan: 3000 steps' in run_cli('check-job-status', remote, ray_server.key, '--include-logs', '--url', ray_server.url).stdout  # its log came back
     lost = json.loads(submit(ray_server, tiny_model, data, steps=3000).stdout)['id']
     wait_for(ray_server, lost, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=180)
@@ -106,7 +113,7 @@ def test_cancel_and_a_lost_node_end_a_job_on_its_node(ray_server, tiny_model, da
     os.kill(raylet, signal.SIGKILL)
     j = wait_for(ray_server, lost, lambda j: j['status'] != 'running', timeout=120)
     assert j['status'] == 'failed' and 'the Ray actor running the job is gone (its node died or was stopped)' in j['error'], j
-    wait_for(ray_server, lost, lambda j: not job_processes(node_folder(lost)), timeout=30)  # its training ended with its actor
+    wait_for(ray_server, lost, lambda j: not job_processes(folder_of(ray_server, lost)), timeout=30)  # its training ended with its actor
     assert job(ray_server, head)['status'] == 'running'
     assert json.loads(run_cli('cancel-job', head, ray_server.key, '--url', ray_server.url, '--json').stdout)['status'] == 'cancelled'
 
