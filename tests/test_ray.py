@@ -11,6 +11,7 @@ from conftest import BIN, run_cli
 from test_service import Server, free_port, job, submit, wait_for
 
 ENV = {**os.environ, 'RAY_USAGE_STATS_ENABLED': '0'}
+FP32 = dict(mixed_precision='no')  # the same arithmetic on every CPU: 'auto' would be bf16 on one with AMX, fp32 elsewhere
 
 def ray_cli(*args, timeout=180, env=None):
     r = subprocess.run([str(BIN/'ray'), *map(str, args)], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
@@ -55,7 +56,7 @@ def folder_of(server, jid) -> Path: return attempts_of(server, jid)[-1][1]
 def test_jobs_run_on_both_nodes_and_their_results_load(ray_server, ray_cluster, second_tmp, tiny_model, data, tmp_path):
     "Two jobs at once on a cluster of two one-CPU nodes: Ray places one on each, both succeed, and their results come back to the server, download and load"
     assert re.search(rf"2 workers, jobs on the Ray cluster at [\d.]+:{ray_cluster.split(':')[1]};", ray_server.output()), ray_server.output()  # one job per node's CPU
-    ids = [json.loads(submit(ray_server, tiny_model, data, steps=8).stdout)['id'] for _ in range(2)]
+    ids = [json.loads(submit(ray_server, tiny_model, data, steps=8, extra=FP32).stdout)['id'] for _ in range(2)]
     wait_for(ray_server, ids[1], lambda j: j['status'] == 'running' and job(ray_server, ids[0])['status'] == 'running', timeout=120)  # both at once
     done = [wait_for(ray_server, jid, lambda j: j['status'] not in ('queued', 'running'), timeout=300) for jid in ids]
     assert [j['status'] for j in done] == ['succeeded'] * 2, done
@@ -73,7 +74,7 @@ def test_a_server_killed_under_a_running_job_resumes_it_once(tmp_path, tiny_mode
     "kill -9 of the server while its job trains on Ray; the server started again finds the job's actor by name, brings back its checkpoint, ends it, and runs the job again from that checkpoint: one run at a time, each step logged once"
     s = Server(tmp_path/'data', workers=None, model_dir=tiny_model, extra=['--executor', 'ray', '--ray-address', ray_cluster]).start()
     s.key = next(w for w in s.output().split() if w.startswith('cft_'))
-    jid = json.loads(submit(s, tiny_model, data, steps=200, extra=dict(checkpointing_steps=10)).stdout)['id']
+    jid = json.loads(submit(s, tiny_model, data, steps=200, extra=dict(FP32, checkpointing_steps=10)).stdout)['id']
     wait_for(s, jid, lambda j: j["step"] >= 20, timeout=240)
     s.kill9()
     assert job_processes(folder_of(s, jid))  # the job trains on without its server
@@ -98,7 +99,7 @@ def test_cancel_and_a_lost_node_end_a_job_on_its_node(ray_server, tiny_model, da
     """Two jobs, one on each node. Cancelling the one on the second node ends its processes there (before the answer comes) and
     brings back its log. A third job then takes that node, and its raylet is killed under it (the last use of the cluster here: it
     keeps its head alone): the job fails, saying why, and its training ends with its actor. The head's job trains on throughout"""
-    ids = [json.loads(submit(ray_server, tiny_model, data, steps=3000).stdout)['id'] for _ in range(2)]
+    ids = [json.loads(submit(ray_server, tiny_model, data, steps=3000, extra=FP32).stdout)['id'] for _ in range(2)]
     for jid in ids: wait_for(ray_server, jid, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=180)
     remote, head = sorted(ids, key=lambda jid: raylet_of(nodes_of(ray_server, jid)[0])[1])
     assert job_processes(folder_of(ray_server, remote))  # its run-job, on the node
@@ -106,7 +107,7 @@ def test_cancel_and_a_lost_node_end_a_job_on_its_node(ray_server, tiny_model, da
     assert r.returncode == 0 and json.loads(r.stdout)['status'] == 'cancelled', r.stderr
     assert not job_processes(folder_of(ray_server, remote)) and not folder_of(ray_server, remote).exists()
     assert 'plan: 3000 steps' in run_cli('check-job-status', remote, ray_server.key, '--include-logs', '--url', ray_server.url).stdout  # its log came back
-    lost = json.loads(submit(ray_server, tiny_model, data, steps=3000).stdout)['id']
+    lost = json.loads(submit(ray_server, tiny_model, data, steps=3000, extra=FP32).stdout)['id']
     wait_for(ray_server, lost, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=180)
     raylet, is_head = raylet_of(nodes_of(ray_server, lost)[0])
     assert not is_head  # the free node's
