@@ -144,6 +144,12 @@ def jobs(self:Client, project_id:str, limit:int=10) -> list:
 def cancel(self:Client, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{job_id}/cancel", _is_job)
 
 @patch
+def metrics(self:Client, job_id:str, since:int=0) -> list[dict]:
+    "The job's metrics.csv rows after step `since`, as the run writes them"
+    ok = lambda o: isinstance(o, dict) and isinstance(o.get('rows'), list) and all(isinstance(r, dict) and isinstance(r.get('step'), int) for r in o['rows'])
+    return self._json('GET', f"/v1/jobs/{job_id}/metrics", ok, params=dict(since=since))['rows']
+
+@patch
 def images(self:Client, job_id:str) -> list[str]:
     return self._json('GET', f"/v1/jobs/{job_id}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
 

@@ -436,21 +436,24 @@ def _text_table(r:DatasetReport, width:int|None=None) -> str:
 _COLOURS = dict(error='#c62828', warning='#b26a00', info='#1565c0')
 
 def _html_report(r:DatasetReport) -> str:
-    "The report as HTML: the dataset's findings, then one row per file with a thumbnail, the worst first"
+    """The report as HTML: the dataset's own findings, then a grid of thumbnails, the worst first, each framed in the colour of its
+    worst finding with its findings under it; past a few rows the grid scrolls, so what follows it stays in view"""
     esc = html.escape
     by_file = {}
     for f in r.findings: by_file.setdefault(f.file, []).append(f)
-    def cell(fs): return '<br>'.join(f"<b style='color:{_COLOURS[f.severity]}'>{f.severity}</b> {esc(f.message)}<br><i>{esc(f.fix)}</i>" for f in fs) or '✓'
-    rows = [f"<tr><td></td><td>(dataset)</td><td></td><td style='text-align:left'>{cell(by_file.pop(None))}</td></tr>"] if None in by_file else []
+    def notes(fs): return ''.join(f"<div><b style='color:{_COLOURS[f.severity]}'>{f.severity}</b> {esc(f.message)}<br><i>{esc(f.fix)}</i></div>" for f in fs)
+    def card(name, fs, thumb=None, size=''):
+        colour = _COLOURS[min(fs, key=lambda f: SEVERITIES.index(f.severity)).severity] if fs else '#2e7d32'
+        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' style='max-width:96px;max-height:96px'>" if thumb
+               else "<div style='width:96px;height:96px;line-height:96px;margin:auto;background:#eee;color:#777'>no preview</div>")
+        return (f"<div style='width:176px;border:2px solid {colour};border-radius:4px;padding:4px;font-size:11px;line-height:1.3;text-align:center'>"
+                f"{img}<div style='word-break:break-all'><b>{esc(name)}</b> {size}</div><div style='text-align:left'>{notes(fs) or '✓'}</div></div>")
     worst = lambda i: min((SEVERITIES.index(f.severity) for f in by_file.get(i.name, [])), default=len(SEVERITIES))
-    for i in sorted(r.images, key=worst):
-        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(i.thumbnail).decode()}' style='max-height:64px'>" if i.thumbnail else '')
-        size = f"{i.size[0]}x{i.size[1]}" if i.size else ''
-        rows.append(f"<tr><td>{img}</td><td>{esc(i.name)}</td><td>{size}</td><td style='text-align:left'>{cell(by_file.pop(i.name, []))}</td></tr>")
-    for file, fs in by_file.items():  # files that are not images: ignored sidecars, manifests
-        rows.append(f"<tr><td></td><td>{esc(file)}</td><td></td><td style='text-align:left'>{cell(fs)}</td></tr>")
-    return (f"<div><p><b>Dataset check</b>: {esc(r.summary())}</p><table><thead><tr><th></th><th>file</th><th>size</th><th>findings</th></tr></thead>"
-            f"<tbody>{''.join(rows)}</tbody></table></div>")
+    cards = [card(i.name, by_file.pop(i.name, []), i.thumbnail, f"{i.size[0]}x{i.size[1]}" if i.size else '') for i in sorted(r.images, key=worst)]
+    own = notes(by_file.pop(None, []))
+    cards += [card(file, fs) for file, fs in by_file.items()]  # files that are not images: ignored sidecars, manifests
+    return (f"<div><p><b>Dataset check</b>: {esc(r.summary())}</p>{own}"
+            f"<div style='display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;max-height:460px;overflow-y:auto;margin-top:4px'>{''.join(cards)}</div></div>")
 
 # %% ../nbs/01_dataset.ipynb #c7c3562a
 def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None) -> DatasetReport:

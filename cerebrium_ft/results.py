@@ -13,10 +13,10 @@ from .families import FAMILIES, ModelInfo, kohya_base_model, pipeline_class, pre
 from .speed import precision_dtype, resolve_device, resolve_precision
 
 # %% auto #0
-__all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'atomic_path',
-           'write_atomic', 'write_progress', 'file_sha256', 'ResultsError', 'in_results', 'verify_results',
-           'zip_results', 'unzip_results', 'opened_results', 'to_kohya', 'write_kohya', 'kohya_of', 'choose_checkpoint',
-           'load_results', 'load_pipeline']
+__all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'read_metrics',
+           'smoothed', 'atomic_path', 'write_atomic', 'write_progress', 'file_sha256', 'ResultsError', 'in_results',
+           'verify_results', 'zip_results', 'unzip_results', 'opened_results', 'to_kohya', 'write_kohya', 'kohya_of',
+           'choose_checkpoint', 'load_results', 'load_pipeline']
 
 # %% ../nbs/05_results.ipynb #1e5634e0
 PHASES = ('class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
@@ -47,6 +47,32 @@ class RunDir:
         "The newest complete step checkpoint"
         done = [p for p in sorted(self.checkpoints.glob('step_*')) if (p/'state.pt').exists() and (p/'lora.safetensors').exists()]
         return done[-1] if done else None
+
+# %% ../nbs/05_results.ipynb #8ed9968c
+def read_metrics(path, since:int=0, limit:int=10_000) -> list[dict]:
+    """The rows of the metrics.csv at `path` after step `since` (at most `limit`): `step` a whole number, every other column a number
+    or None where empty or not finite (JSON has no nan); a last line without its newline (still being written) is left for the next read, and no file is no rows"""
+    try: text = Path(path).read_text(errors='replace')
+    except FileNotFoundError: return []
+    lines = text.split('\n')[:-1]  # the piece after the last newline is a line still being written
+    if not lines: return []
+    names, out = lines[0].split(','), []
+    num = lambda v: (f if math.isfinite(f := float(v)) else None) if v else None
+    for line in lines[1:]:
+        vals = line.split(',')
+        if len(vals) != len(names) or not vals[0].isdigit() or int(vals[0]) <= since: continue
+        try: out.append({k: int(v) if k == 'step' else num(v) for k, v in zip(names, vals)})
+        except ValueError: continue
+        if len(out) >= limit: break
+    return out
+
+def smoothed(values:list, weight:float=0.9) -> list:
+    "An exponential moving average of `values`, corrected for its start as TensorBoard's smoothing is (NaN where a value is NaN or None)"
+    out, avg, n = [], 0.0, 0
+    for v in values:
+        if v is None or math.isnan(v): out.append(math.nan); continue
+        n += 1; avg = weight * avg + (1 - weight) * v; out.append(avg / (1 - weight ** n))
+    return out
 
 # %% ../nbs/05_results.ipynb #a275b336
 def _remove(p:Path):

@@ -16,7 +16,7 @@ from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSetti
 from .dataset import check_dataset
 from .executor import Executor, is_out_of_space
 from .families import FamilyError, HubUnreachable, model_family
-from .results import ResultsError, RunDir, atomic_path, choose_checkpoint
+from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics
 from .store import Store, new_job_id
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
@@ -29,7 +29,7 @@ __all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 
            'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey',
            'DataDirBusy', 'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'create_job', 'Service',
            'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs',
-           'cancel', 'list_jobs', 'results', 'weights', 'images', 'image', 'create_app']
+           'cancel', 'list_jobs', 'results', 'weights', 'metrics', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -350,6 +350,11 @@ def weights(use:str=Query('final', max_length=40), job:dict=Depends(job_here), s
     return StreamingResponse(stream(), media_type='application/octet-stream', headers={
         'Content-Length': str(size), 'Content-Disposition': f'attachment; filename="{job["id"]}-{ckpt["name"]}.safetensors"',
         'X-Checkpoint': ckpt['name'], 'X-Checkpoint-Step': str(ckpt['step'])})
+
+@result_routes.get('/metrics')
+def metrics(job:dict=Depends(job_here), since:int=Query(0, ge=0, le=2**53), limit:int=Query(10_000, ge=1, le=100_000), svc:Service=Depends(service)):
+    "The rows of the job's metrics.csv after step `since` (at most `limit`: ask again from the last step for more), as they are written: step, epoch, the losses, lr, elapsed_s and, at each validation, the checkpoint's score"
+    return dict(job_id=job['id'], status=job['status'], rows=read_metrics(svc.executor.job_dir(job['id'])/'results'/'metrics.csv', since, limit))
 
 @result_routes.get('/images')
 def images(job:dict=Depends(job_here), svc:Service=Depends(service)):

@@ -21,7 +21,7 @@ from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeli
                                    model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, size_conditioning,
                                    snr_weights, text_encoders)
 from .prior import class_images
-from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, write_atomic, write_kohya, write_progress
+from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, smoothed, write_atomic, write_kohya, write_progress
 from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, training_attention, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
@@ -33,8 +33,8 @@ __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', '
            'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss', 'ImageLatents',
            'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog',
            'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid',
-           'save_lora', 'smoothed', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
-           'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
+           'save_lora', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'die_with_parent',
+           'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -453,14 +453,6 @@ def save_lora(folder:Path, denoiser, family:Family) -> dict:
     pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **{f'{part}_lora_layers': lora,
                                              f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
     return lora
-
-def smoothed(values:list, weight:float=0.9) -> list:
-    "An exponential moving average of `values`, corrected for its start as TensorBoard's smoothing is (NaN where a value is NaN)"
-    out, avg, n = [], 0.0, 0
-    for v in values:
-        if np.isnan(v): out.append(np.nan); continue
-        n += 1; avg = weight * avg + (1 - weight) * v; out.append(avg / (1 - weight ** n))
-    return out
 
 def loss_figure(rows:list[dict], title:str=''):
     "The figure of loss.png from metrics.csv's `rows`: each loss raw and faint with its smoothed line over it, each scored checkpoint's held-out score (the best starred) at a dotted line marking its validation, the learning rate below, `title` on top"

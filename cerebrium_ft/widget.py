@@ -6,43 +6,64 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/widget.html.md"""
 
 # %% ../nbs/12_widget.ipynb #0779d003
 from __future__ import annotations
-import html, json, tempfile, threading, time, typing
+import html, io, json, math, re, tempfile, threading, time
 from pathlib import Path
 import ipywidgets as W
 from fastcore.basics import patch
 from .client import ApiError, Client, JobPace, best_summary
-from .config import BASE_QUANTIZATIONS, FINAL, LR_SCHEDULES, MIXED_PRECISIONS, JobSpec, SettingsError, TrainingSettings
+from .config import FINAL, JobSpec, SettingsError, TrainingSettings
 from .dataset import check_dataset, training_buckets
 from .families import resolution_for
+from .results import smoothed
 
 # %% auto #0
-__all__ = ['setting_widgets', 'settings_from', 'JobPanel']
+__all__ = ['BASIC_SETTINGS', 'setting_widget', 'setting_widgets', 'settings_from', 'loss_chart', 'image_label', 'JobPanel']
 
 # %% ../nbs/12_widget.ipynb #23473403
-_CHOICES = dict(lr_schedule=LR_SCHEDULES, mixed_precision=MIXED_PRECISIONS, base_quantization=BASE_QUANTIZATIONS)
-_PLACEHOLDERS = dict(resolution="the model's own", validation_prompt='the training prompt; several: ["...", "..."]')
+BASIC_SETTINGS = ('max_train_steps', 'num_train_epochs', 'learning_rate', 'rank', 'resolution', 'validation_prompt')  # up front in the panel; the rest under Advanced
+
+def _without_null(prop:dict) -> tuple[dict, bool]:
+    "A JSON Schema property with its null alternative taken out, and whether it had one"
+    alts = prop.get('anyOf', [prop])
+    return next(a for a in alts if a.get('type') != 'null'), any(a.get('type') == 'null' for a in alts)
+
+def _when_empty(description:str) -> str:
+    "What an empty box means, as the setting's description says it (\"None means X\", \"None: X\")"
+    m = re.search(r"None(?: means|:) ([^;.(]+)", description)
+    return f"empty: {m.group(1).strip()}" if m else 'empty: not set'
+
+def setting_widget(name:str, prop:dict) -> W.Widget:
+    """The widget of setting `name` from its JSON Schema property `prop`: a dropdown of its choices, a checkbox, a number box held
+    to its limits, a text box (when it may be left empty: a number that may be None) or, for a list of prompts, a box of one per
+    line; its description is the tooltip"""
+    t, nullable = _without_null(prop)
+    tip = prop.get('description', '')
+    kw = dict(description=name, tooltip=tip, style={'description_width': '170px'}, layout=W.Layout(width='360px'))
+    if 'enum' in t: return W.Dropdown(options=t['enum'], value=prop['default'], **kw)
+    if t['type'] == 'boolean': return W.Checkbox(value=prop['default'], indent=True, **kw)
+    if t['type'] in ('integer', 'number') and not nullable:
+        box = W.BoundedIntText if t['type'] == 'integer' else W.BoundedFloatText
+        return box(value=prop['default'], min=t['minimum'], max=t['maximum'], **kw)
+    if t['type'] == 'array': return W.Textarea(value='', placeholder=f"{_when_empty(tip)}; several: one per line", rows=2, **kw)
+    return W.Text(value='' if prop.get('default') is None else str(prop['default']), placeholder=_when_empty(tip), **kw)
 
 def setting_widgets() -> dict:
-    "A widget per training setting, holding its default"
-    out, hints = {}, typing.get_type_hints(TrainingSettings)
-    for name, default in TrainingSettings().to_dict().items():
-        style, layout = {'description_width': '190px'}, W.Layout(width='360px')
-        if name in _CHOICES: w = W.Dropdown(options=_CHOICES[name], value=default, description=name, style=style, layout=layout)
-        elif hints[name] is bool: w = W.Checkbox(value=default, description=name, style=style, layout=layout, indent=True)
-        else: w = W.Text(value='' if default is None else str(default), description=name, style=style, layout=layout, placeholder=_PLACEHOLDERS.get(name, 'none'))
-        out[name] = w
-    return out
+    "A widget per training setting, built from the settings' JSON Schema (so a new setting gets one), holding its default"
+    return {name: setting_widget(name, prop) for name, prop in TrainingSettings.model_json_schema()['properties'].items()}
 
 def settings_from(widgets:dict) -> TrainingSettings:
     "Check the widgets' values as training settings (an empty box is None); raises `SettingsError`"
     return TrainingSettings.from_dict({k: _box_value(k, w.value) for k, w in widgets.items()})
 
 def _box_value(name:str, value):
-    "A setting widget's value as the setting takes it: an empty box is None, and a box of a list setting also takes a JSON list"
-    if value == '': return None
-    if name == 'validation_prompt' and value.strip().startswith('['):
-        try: return json.loads(value)
-        except ValueError: raise SettingsError(f"validation_prompt: write several prompts as a JSON list, e.g. [\"a photo of sks dog\", \"sks dog as a watercolor\"]; got {value}") from None
+    "A setting widget's value as the setting takes it: an empty box is None; the prompts' box is a prompt per line, or a JSON list"
+    if not isinstance(value, str): return value
+    if not value.strip(): return None
+    if name == 'validation_prompt':
+        if value.strip().startswith('['):
+            try: return json.loads(value)
+            except ValueError: raise SettingsError(f"validation_prompt: write one prompt per line, or a JSON list such as [\"a photo of sks dog\", \"sks dog as a watercolor\"]; got {value}") from None
+        return [line.strip() for line in value.splitlines() if line.strip()]
     return value
 
 # %% ../nbs/12_widget.ipynb #11b4c907
@@ -55,6 +76,39 @@ def _jobs_html(jobs:list) -> str:
     rows = ''.join(f"<tr><td>{html.escape(j['id'])}</td><td>{html.escape(j['name'])}</td><td>{j['status']}</td>"
                    f"<td>{j['step']}/{j['total']}</td><td>{t(j['created'])}</td></tr>" for j in jobs)
     return f"<table><tr><th>job</th><th>name</th><th>status</th><th>steps</th><th>created</th></tr>{rows}</table>"
+def loss_chart(rows:list[dict], width:int=560, height:int=170) -> str:
+    """An SVG chart of metrics `rows` (as `read_metrics` gives them): the raw loss faint under its smoothed line, each validation's
+    checkpoint score a dot, the best one gold; the steps and the losses' range on the axes"""
+    pts = [(r['step'], r['loss']) for r in rows if r.get('loss') is not None]
+    if not pts: return "<i>waiting for the first loss</i>"
+    scores = [(r['step'], r['score']) for r in rows if r.get('score') is not None]
+    ys = [v for _, v in pts] + [v for _, v in scores]
+    (x0, x1), (lo, hi) = (pts[0][0], max(pts[-1][0], pts[0][0] + 1)), (min(ys), max(ys))
+    if hi - lo < 1e-12: lo, hi = lo - 0.5, hi + 0.5
+    l, r, t, b = 48, 10, 8, 20
+    X = lambda s: l + (s - x0) / (x1 - x0) * (width - l - r)
+    Y = lambda v: t + (hi - v) / (hi - lo) * (height - t - b)
+    line = lambda ps: ' '.join(f"{X(s):.1f},{Y(v):.1f}" for s, v in ps if not math.isnan(v))
+    best = min(scores, key=lambda p: p[1]) if scores else None
+    dots = ''.join(f"<circle cx='{X(s):.1f}' cy='{Y(v):.1f}' r='{5 if (s, v) == best else 3}' fill='{'gold' if (s, v) == best else 'black'}' stroke='black'>"
+                   f"<title>checkpoint of step {s}: score {v:.5f}</title></circle>" for s, v in scores)
+    text = lambda x, y, s, anchor='start': f"<text x='{x}' y='{y}' text-anchor='{anchor}' fill='#555'>{html.escape(s)}</text>"
+    return (f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' style='font:10px sans-serif'>"
+            f"<rect x='{l}' y='{t}' width='{width - l - r}' height='{height - t - b}' fill='white' stroke='#ccc'/>"
+            f"<polyline points='{line(pts)}' fill='none' stroke='#1f77b4' stroke-opacity='0.3' stroke-width='1'/>"
+            f"<polyline points='{line(zip([s for s, _ in pts], smoothed([v for _, v in pts])))}' fill='none' stroke='#1f77b4' stroke-width='1.8'/>{dots}"
+            + text(l - 4, t + 8, f"{hi:.4g}", 'end') + text(l - 4, height - b, f"{lo:.4g}", 'end') + text(l, height - 6, f"step {x0}")
+            + text(width - r, height - 6, f"step {x1}", 'end') + text(l + 6, t + 12, 'loss (smoothed)' + (', checkpoint scores' if scores else '')) + "</svg>")
+
+def image_label(name:str, png:bytes) -> str:
+    "The caption of validation image `name` (epoch_NNNN/NN.png): its epoch and step, and the prompt that made it, from the image's PNG text"
+    from PIL import Image
+    try:
+        with Image.open(io.BytesIO(png)) as im: info = dict(getattr(im, 'text', {}))
+    except Exception: info = {}
+    epoch = int(name[6:10]) if re.match(r'epoch_\d{4}/', name) else None
+    head = ' · '.join(x for x in [f"epoch {epoch}" if epoch is not None else '', f"step {info['step']}" if 'step' in info else ''] if x)
+    return f"<div style='font-size:10px;line-height:1.2;width:128px' title='{html.escape(info.get('prompt', ''), quote=True)}'><b>{head}</b><br>{html.escape(info.get('prompt', '')[:60])}</div>"
 
 # %% ../nbs/12_widget.ipynb #11b4c907_a0b
 class JobPanel:
@@ -76,14 +130,14 @@ class JobPanel:
         self.job = W.Dropdown(options=[], description='job', style=S, layout=L('360px'))
         self.status, self.progress = W.HTML(), W.IntProgress(min=0, max=1, description='steps', style=S, layout=L())
         self.log = W.Textarea(layout=W.Layout(width='100%', height='160px'), disabled=True)
-        self.images = W.HBox(layout=W.Layout(flex_flow='row wrap'))
+        self.chart, self.images = W.HTML(), W.HBox(layout=W.Layout(flex_flow='row wrap'))
         self.repo = W.Text(description='Hub repo', style=S, placeholder='yourname/sks-dog-lora', layout=L('360px'))
         self.use = W.Dropdown(options=[('final checkpoint', 'final'), ('best checkpoint', 'best')], value='final', layout=L('160px'))
         self.token = W.Password(description='HF token', placeholder='default: HF_TOKEN or the saved login', style=S, layout=L('300px'),
                                 tooltip='A Hugging Face token with write access; left empty, HF_TOKEN or the token `hf auth login` saved')
         self.public = W.Checkbox(value=False, description='public', indent=False, layout=L('80px'), tooltip='Make a new repo public (a new one is private otherwise)')
         self.download_btn, self.cancel_btn, self.push_btn = W.Button(description='Download', icon='download'), W.Button(description='Cancel', icon='stop'), W.Button(description='Push to Hub', icon='upload')
-        self._logs, self._shown, self._pace, self._lock, self._stop = {}, {}, {}, threading.RLock(), threading.Event()
+        self._logs, self._shown, self._pace, self._metrics, self._lock, self._stop = {}, {}, {}, {}, threading.RLock(), threading.Event()
         self.dataset.observe(lambda c: self._safe(self.check_dataset), 'value')
         for w in self.settings.values(): w.observe(lambda c: self._safe(self.check_settings), 'value')
         self.job.observe(lambda c: self._safe(self.show_job), 'value')
@@ -91,11 +145,12 @@ class JobPanel:
         self.download_btn.on_click(lambda b: self._safe(self.download))
         self.cancel_btn.on_click(lambda b: self._safe(self.cancel))
         self.push_btn.on_click(lambda b: self._safe(self.push))
+        grid = lambda names: W.GridBox([self.settings[n] for n in names], layout=W.Layout(grid_template_columns='repeat(2, 370px)'))
+        advanced = W.Accordion([grid([n for n in self.settings if n not in BASIC_SETTINGS])], titles=('Advanced settings',), selected_index=None)
         form = W.VBox([self.name, self.model, self.dataset, self.dataset_report, self.prompt,
                        W.HTML('<b>Prior preservation</b>'), self.class_prompt, self.class_dir, self.num_class,
-                       W.Accordion([W.VBox([W.GridBox(list(self.settings.values()), layout=W.Layout(grid_template_columns='repeat(2, 370px)')), self.settings_msg])],
-                                   titles=('Training settings',)), self.start_btn])
-        follow = W.VBox([self.jobs, self.job, self.status, self.progress, self.log, self.images,
+                       W.HTML('<b>Training settings</b> <i>(hover a setting for what it does)</i>'), grid(BASIC_SETTINGS), advanced, self.settings_msg, self.start_btn])
+        follow = W.VBox([self.jobs, self.job, self.status, self.progress, self.chart, self.log, self.images,
                          W.HBox([self.download_btn, self.cancel_btn]), W.HBox([self.repo, self.use, self.token, self.public, self.push_btn])])
         self.widget = W.VBox([W.Tab([form, follow], titles=('New job', 'Jobs')), self.message])
         self._thread = threading.Thread(target=self._loop, daemon=True, name='cerebrium-ft-panel')
@@ -190,9 +245,14 @@ def show_job(self:JobPanel):
         lg = self.client.logs(jid, off)
         self._logs[jid] = (lg['next_offset'], (text + lg['text'])[-20_000:])
         self.log.value = self._logs[jid][1]
+        rows = self._metrics.setdefault(jid, {})  # by step; the last row asked again, as a validation adds its score to it
+        rows.update((r['step'], r) for r in self.client.metrics(jid, max(0, max(rows, default=0) - 1)))
+        self.chart.value = loss_chart(list(rows.values()))
         shown = self._shown.setdefault(jid, {})
         for name in self.client.images(jid):
-            if name not in shown: shown[name] = W.Image(value=self.client.image(jid, name), format='png', layout=W.Layout(width='128px'))
+            if name not in shown:
+                png = self.client.image(jid, name)
+                shown[name] = W.VBox([W.Image(value=png, format='png', layout=W.Layout(width='128px')), W.HTML(image_label(name, png))])
         self.images.children = list(shown.values())
 
 @patch

@@ -1,5 +1,5 @@
 "The repository's own contract: library generated from the notebooks, notebooks clean, README from index.ipynb, CI wired to the README"
-import filecmp, shutil, subprocess, sys
+import filecmp, re, shutil, subprocess, sys
 from pathlib import Path
 import yaml
 
@@ -30,6 +30,13 @@ def test_notebooks_are_clean(tmp_path):
 def test_readme_is_generated_from_index():
     r = subprocess.run([sys.executable, ROOT/'tools'/'make_readme.py', '--check'], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+def test_the_readmes_pictures_are_in_the_repository():
+    readme = (ROOT/'README.md').read_text()
+    pictures = re.findall(r'!\[[^\]]*\]\(([^)\s]+)\)', readme)
+    assert len(pictures) >= 3, pictures  # the panel, a loss plot, a validation grid
+    tracked = set(subprocess.run(['git', 'ls-files'], cwd=ROOT, capture_output=True, text=True, check=True).stdout.splitlines())
+    assert [p for p in pictures if p not in tracked] == [], "commit them: python tools/readme_pictures.py writes them to nbs/images/"
 
 def test_readme_opens_with_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT/'README.md').read_text()
@@ -72,7 +79,7 @@ LAYERS = {  # what each module may import from the package at its top: only what
     'config': set(), 'families': set(), 'results': {'families', 'speed'}, 'speed': set(), 'store': {'config'}, 'testing': set(), 'executor': {'config', 'results', 'store'},
     'dataset': {'config', 'results'}, 'prior': {'dataset', 'families', 'results', 'speed'}, 'train': {'config', 'dataset', 'families', 'prior', 'results', 'speed'},
     'server': {'config', 'dataset', 'executor', 'families', 'results', 'store'}, 'client': {'config', 'dataset', 'results'}, 'ray_jobs': {'executor', 'results'},
-    'cli': {'config', 'dataset', 'families', 'results', 'client'}, 'hub': {'families', 'results'}, 'widget': {'config', 'dataset', 'families', 'client'}}
+    'cli': {'config', 'dataset', 'families', 'results', 'client'}, 'hub': {'families', 'results'}, 'widget': {'config', 'dataset', 'families', 'results', 'client'}}
 
 def test_layers_import_only_what_is_on_their_left():
     import ast

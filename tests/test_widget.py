@@ -27,7 +27,7 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
     panel = JobPanel(Client(server.url, server.key), refresh_s=0.3)
     try:
         panel.name.value, panel.model.value, panel.prompt.value = 'robot', str(tiny_model), 'a photo of sks robot'
-        for k, v in dict(resolution='64', max_train_steps='10', num_validation_images='2', validation_epochs='1').items(): panel.settings[k].value = v
+        for k, v in dict(resolution='64', max_train_steps='10', num_validation_images=2, validation_epochs=1).items(): panel.settings[k].value = v
         panel.dataset.value = str(tmp_path/'robot')
         assert 'data:image/jpeg;base64,' in panel.dataset_report.value
         panel.start_btn.click()
@@ -36,6 +36,9 @@ def test_panel_starts_follows_and_shares_a_job(server, tiny_model, tmp_path, mon
         until(lambda: jid in panel.jobs.value)                        # the table refreshes by itself
         until(lambda: '<b>succeeded</b>' in panel.status.value)       # and so does the followed job
         until(lambda: len(panel.images.children) >= 2)                # with its validation images
+        assert 'epoch 1 · step ' in panel.images.children[0].children[1].value and 'a photo of sks robot' in panel.images.children[0].children[1].value  # each labelled
+        until(lambda: "fill='#555'>step 10<" in panel.chart.value)  # the loss chart, to the last step
+        assert panel.chart.value.count('<circle') >= 1                # with the checkpoint scores
         assert (panel.progress.value, panel.progress.max) == (10, 10)
         assert 'done: 10 steps' in panel.log.value
         assert 'best checkpoint: ' in panel.status.value              # the checkpoint that scored best, named
