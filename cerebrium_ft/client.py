@@ -243,7 +243,7 @@ class JobPace:
     def line(self, j:dict) -> str:
         "Job `j`'s phase, step, loss and time left, as one line"
         text = j['phase'] or j['status']
-        if j['total']: text += f" {j['step']}/{j['total']}"
+        if j['total']: text += f" {j['step']}/{j['total']}" + (' MB' if j['phase'] == 'downloading' else '')
         if j['phase'] == 'training': text += f", loss {j['loss']:.4f}" if j['loss'] is not None else ', waiting for the first loss'
         if (eta := self.eta(j)) is not None: text += f", about {duration(eta)} left"
         return text

@@ -6,7 +6,8 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/families.html.md"""
 
 # %% ../nbs/00a_families.ipynb #6df65a94
 from __future__ import annotations
-import json, os, socket
+import json, os, re, socket
+from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,10 @@ from pathlib import Path
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
            'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo', 'model_family', 'resolution_for',
-           'kohya_base_model', 'text_encoders', 'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text',
-           'size_conditioning', 'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids',
-           'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+           'model_parts', 'model_files', 'download_model', 'kohya_base_model', 'text_encoders', 'denoiser_of',
+           'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens', 'denoiser_inputs',
+           'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs',
+           'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -62,23 +64,31 @@ def hub_resolves(endpoint:str|None=None) -> bool:
     try: socket.getaddrinfo(urlparse(endpoint or 'https://huggingface.co').hostname, None); return True
     except (OSError, UnicodeError): return False
 
+@contextmanager
+def _hub_errors(model:str, revision:str, what:str):
+    "The Hub's errors about `what` of `model` in our words: `FamilyError` for a repo that is not there, `HubUnreachable` for a Hub out of reach (a missing file passes through)"
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    try: yield
+    except LocalEntryNotFoundError:  # no answer from the Hub (or HF_HUB_OFFLINE), and no copy in the local cache
+        raise HubUnreachable(f"cannot reach the Hugging Face Hub for {what} of {model}, and the local cache has no copy; check the network, or HF_ENDPOINT") from None
+    except EntryNotFoundError: raise
+    except HFValidationError: raise FamilyError(f"{model} is neither a folder on this machine nor a Hugging Face Hub id") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise FamilyError(f"{model} (revision {revision}) is not on the Hugging Face Hub, or is private: {str(e).splitlines()[0]}") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise HubUnreachable(f"cannot read {what} of {model} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
 def read_config(model:str, file:str, revision:str='main', cached_only:bool=False) -> dict|None:
     "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`, `cached_only` from the local Hub cache); None if the pipeline has no such file"
     p = Path(model).expanduser()
     if p.is_dir(): return json.loads((p/file).read_text()) if (p/file).is_file() else None
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError
     endpoint = os.environ.get('HF_ENDPOINT')
     cached_only = cached_only or not hub_resolves(endpoint)  # offline: the local cache's copy, or HubUnreachable now
-    try: return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=endpoint, local_files_only=cached_only)).read_text())
-    except LocalEntryNotFoundError:  # no answer from the Hub (or HF_HUB_OFFLINE), and no copy in the local cache
-        raise HubUnreachable(f"cannot reach the Hugging Face Hub for {file} of {model}, and the local cache has no copy; check the network, or HF_ENDPOINT") from None
+    try:
+        with _hub_errors(model, revision, file): return json.loads(Path(hf_hub_download(model, file, revision=revision, endpoint=endpoint, local_files_only=cached_only)).read_text())
     except EntryNotFoundError: return None
-    except HFValidationError: raise FamilyError(f"{model} is neither a folder on this machine nor a Hugging Face Hub id") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise FamilyError(f"{model} (revision {revision}) is not on the Hugging Face Hub, or is private: {str(e).splitlines()[0]}") from None
-    except (HfHubHTTPError, OSError) as e:
-        raise HubUnreachable(f"cannot read {file} of {model} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
 # %% ../nbs/00a_families.ipynb #f399a248
 @dataclass(frozen=True)
@@ -111,6 +121,57 @@ def resolution_for(model:str, revision:str='main', resolution:int|None=None, fal
     if resolution: return resolution
     try: return model_family(model, revision, cached_only).resolution
     except FamilyError: return fallback
+
+# %% ../nbs/00a_families.ipynb #8d4d1be2
+def model_parts(family:Family) -> list[str]:
+    "The folders of a `family` pipeline that training loads: its tokenizers and text encoders, VAE, denoiser and scheduler"
+    return ['tokenizer', 'text_encoder'] + (['tokenizer_2', 'text_encoder_2'] if family.encoders == 2 else []) + ['vae', family.denoiser, 'scheduler']
+
+def model_files(listing:list, family:Family) -> list[tuple]:
+    """The (name, size) pairs of a Hub pipeline's file `listing` that loading `family`'s parts reads: model_index.json, and in each
+    part's folder its configurations and vocabularies and its weights (safetensors where the folder has them, else .bin; no precision variants)"""
+    weights = lambda n: n.endswith(('.safetensors', '.bin')) and Path(n).name.count('.') == 1  # model.fp16.safetensors is a variant
+    out = [(n, s) for n, s in listing if n == 'model_index.json']
+    for part in model_parts(family):
+        inside = [(n, s) for n, s in listing if n.startswith(f"{part}/") and '/' not in n[len(part) + 1:]]
+        w = [(n, s) for n, s in inside if weights(n) and n.endswith('.safetensors')] or [(n, s) for n, s in inside if weights(n)]
+        out += [(n, s) for n, s in inside if n.endswith(('.json', '.txt', '.model')) and not re.search(r'\.index\.[^.]+\.json$', n)] + w  # no variant's shard index
+    return out
+
+def download_model(model:str, revision:str, family:Family, on_bytes=None, every:float=2.0, cache_dir=None) -> tuple[int, int]:
+    """Fetch the files of Hub pipeline `model` at `revision` that training reads (`model_files`) into the local Hub cache (`cache_dir`,
+    default huggingface_hub's), those cached already not again, calling `on_bytes(done, total)` as they arrive (every `every` seconds)
+    and once at the end; the (files, bytes) it needed. A local folder, or no network (`HF_HUB_OFFLINE`, or a Hub whose name does not resolve), fetches nothing: (0, 0)."""
+    if Path(model).expanduser().is_dir(): return 0, 0
+    import threading
+    from huggingface_hub import HfApi, constants, snapshot_download, try_to_load_from_cache
+    endpoint = os.environ.get('HF_ENDPOINT')
+    if constants.HF_HUB_OFFLINE or not hub_resolves(endpoint): return 0, 0  # offline: loading takes what the local cache holds
+    with _hub_errors(model, revision, 'the file list'):
+        info = HfApi(endpoint=endpoint).model_info(model, revision=revision, files_metadata=True)
+    files = model_files([(s.rfilename, s.size or 0) for s in info.siblings or []], family)
+    total, cache = sum(s for _, s in files), Path(cache_dir or constants.HF_HUB_CACHE)
+    have = sum(s for n, s in files if isinstance(try_to_load_from_cache(model, n, revision=info.sha, cache_dir=cache), str))
+    blobs = cache/f"models--{model.replace('/', '--')}"/'blobs'
+    def arrived() -> int:
+        n = 0
+        for f in (blobs.iterdir() if blobs.is_dir() else []):
+            try: n += f.stat().st_size
+            except OSError: pass  # a download's temporary file renamed under us
+        return n
+    start, stop, say, best = arrived(), threading.Event(), on_bytes or (lambda done, total: None), [have]
+    def watch():
+        while not stop.wait(every):
+            best[0] = max(best[0], min(total, have + arrived() - start))  # never back: a file renamed as it is counted is missed once
+            say(best[0], total)
+    say(have, total)
+    watcher = threading.Thread(target=watch, daemon=True); watcher.start()
+    try:
+        with _hub_errors(model, revision, 'its files'):
+            snapshot_download(model, revision=revision, allow_patterns=[n for n, _ in files], cache_dir=cache, endpoint=endpoint)
+    finally: stop.set(); watcher.join()
+    say(total, total)
+    return len(files), total
 
 # %% ../nbs/00a_families.ipynb #c60638e7
 def kohya_base_model(model:ModelInfo) -> dict:

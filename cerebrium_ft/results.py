@@ -19,7 +19,7 @@ __all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MA
            'choose_checkpoint', 'load_results', 'load_pipeline']
 
 # %% ../nbs/05_results.ipynb #1e5634e0
-PHASES = ('class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
+PHASES = ('downloading', 'class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
 
 class RunDir:
     "The layout of a training run's output folder: the results contract, plus the run's own state"

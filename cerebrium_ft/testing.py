@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/testing.html.md"""
 
 # %% ../nbs/02_testing.ipynb #0d121575
 from __future__ import annotations
-import base64, hashlib, http.server, json, threading
+import base64, hashlib, http.server, json, re, threading, time
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -223,9 +223,10 @@ def make_subject_images(dst, n:int=12, size:int=512, seed:int=0) -> list[Path]:
 LFS_SUFFIXES = ('.safetensors', '.png', '.bin', '.ckpt', '.pt', '.zip', '.jpg', '.jpeg', '.webp') # what the Hub's default .gitattributes sends to LFS
 
 class FakeHub:
-    "A recording stand-in for the Hub on 127.0.0.1: its upload API (regular and LFS uploads), and file downloads from the repos it `serve`s"
+    "A recording stand-in for the Hub on 127.0.0.1: its upload API (regular and LFS uploads), and the listings and file downloads of the repos it `serve`s (each download `delay`ed, for a slow network)"
     def __init__(self):
         self.calls, self.commits, self.lfs, self.repos, self.branches, self.created = [], [], {}, {}, {}, []  # lfs: sha256 -> the bytes uploaded; repos: id -> folder; branches: id -> names; created: the repo creation requests
+        self.delay = 0.0  # seconds each file download waits before its bytes: a slow network
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
     env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
@@ -256,7 +257,19 @@ def _hub_handler(hub:FakeHub):
             self.send_response(status); self.send_header('Content-Type', 'application/json')
             self.send_header('Content-Length', str(len(data))); self.end_headers(); self.wfile.write(data)
         def do_HEAD(self): self._download(body=False)
-        def do_GET(self): self._download(body=True)
+        def do_GET(self):
+            path = self.path.split('?')[0]
+            if path.startswith('/api/models/'): return self._listing(path)
+            self._download(body=True)
+        def _listing(self, path:str):  # GET /api/models/{repo}/revision/{revision} (model_info) or /api/models/{repo}/tree/{revision} (snapshot_download)
+            hub.calls.append(f"GET {path}")
+            repo, tree, _ = re.split(r'/(revision|tree)/', path[len('/api/models/'):], maxsplit=1)
+            if repo not in hub.repos:  # as the Hub answers: the error code is what huggingface_hub reads
+                self.send_response(404); self.send_header('X-Error-Code', 'RepoNotFound'); self.send_header('Content-Length', '0'); return self.end_headers()
+            root = hub.repos[repo]
+            files = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in sorted(root.rglob('*')) if p.is_file()]
+            if tree == 'tree': return self._json(200, [{'type': 'file', 'path': f, 'size': n, 'oid': hashlib.sha1(f.encode()).hexdigest()} for f, n in files])
+            self._json(200, {'id': repo, 'modelId': repo, 'sha': 'cd' * 20, 'private': False, 'siblings': [{'rfilename': f, 'size': n} for f, n in files]})
         def _download(self, body:bool):  # GET/HEAD /{repo}/resolve/{revision}/{file}, as hf_hub_download asks
             path = self.path.split('?')[0]; hub.calls.append(f"{self.command} {path}")
             repo, _, rest = path.lstrip('/').partition('/resolve/')
@@ -267,7 +280,7 @@ def _hub_handler(hub:FakeHub):
             data = file.read_bytes()
             self.send_response(200); self.send_header('ETag', f'"{hashlib.sha1(data).hexdigest()}"'); self.send_header('X-Repo-Commit', 'cd' * 20)
             self.send_header('Content-Length', str(len(data))); self.end_headers()
-            if body: self.wfile.write(data)
+            if body: time.sleep(hub.delay); self.wfile.write(data)
         def do_PUT(self):  # the bytes of an LFS object, to the URL the batch API gave
             body, path = self.rfile.read(int(self.headers.get('Content-Length') or 0)), self.path.split('?')[0]
             hub.calls.append(path); oid = path.rsplit('/', 1)[1]

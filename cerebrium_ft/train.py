@@ -17,7 +17,7 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
-from .families import (FAMILIES, Family, FamilyError, ModelInfo, assemble_pipeline, denoiser_of, encode_text, load_parts,
+from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
                                    model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, size_conditioning,
                                    snr_weights, text_encoders)
 from .prior import class_images
@@ -29,12 +29,12 @@ log = logging.getLogger('cerebrium_ft')
 # %% auto #0
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
            'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS', 'RANK_WAIT_S',
-           'TRACKER_PROJECT', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem', 'preflight',
-           'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss', 'ImageLatents',
-           'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'MetricsLog',
-           'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid',
-           'save_lora', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'die_with_parent',
-           'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
+           'TRACKER_PROJECT', 'DOWNLOAD_LOG_S', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem',
+           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
+           'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock',
+           'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid',
+           'progress_grid', 'save_lora', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
+           'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -666,6 +666,23 @@ def note_progress(self:Training, phase:str, *args, **kw):
     "The run's progress file, written by the main process alone"
     if self.main: write_progress(self.run, phase, *args, **kw)
 
+DOWNLOAD_LOG_S = 10 # while the base model downloads, a log line this often (a log that is not a terminal gets lines, not a redrawn bar)
+
+@patch
+def fetch_model(self:Training):
+    "Phase 0, for a base model on the Hub: the files training reads fetched into the local Hub cache, their progress in MB in the `downloading` phase and a log line every `DOWNLOAD_LOG_S` seconds"
+    spec, t0, said = self.spec, time.time(), [time.time()]
+    def on_bytes(done:int, total:int):
+        self.note_progress('downloading', done >> 20, max(1, total >> 20))
+        if time.time() - said[0] >= DOWNLOAD_LOG_S and done < total:
+            said[0] = time.time(); log.info(f"downloading {spec.hf_model_path}: {done / 2**20:,.0f} of {total / 2**20:,.0f} MB")
+    try:
+        with self.ranks.main_process_first() if self.ranks else nullcontext():  # the main process fetches; the others find the files cached
+            n, total = download_model(spec.hf_model_path, spec.revision, self.model.family, on_bytes if self.main else None)
+    except HubUnreachable as e:  # loading tries the Hub again, and the local cache
+        log.warning(f"{e}; loading from what the local Hub cache holds"); return
+    if n: log.info(f"base model {spec.hf_model_path}@{spec.revision}: {n} files, {total / 2**20:,.1f} MB in the local Hub cache ({time.time() - t0:.0f} s)")
+
 @patch
 def get_class_images(self:Training):
     "Phase 1, with prior preservation: the class images, reused or generated"
@@ -962,6 +979,6 @@ def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Pa
     "Run every phase of a `Training`"
     t = Training(spec, run, report, device, cache, progress)
     try:
-        t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
+        t.fetch_model(); t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
         return t.finish()
     finally: t.end_tracker()  # its files closed, however the run ends

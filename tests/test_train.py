@@ -575,3 +575,29 @@ def test_shuffle_caption_trains_on_orders_of_the_tags_keeping_the_first(model, d
     assert len(set(used)) >= 4, used  # several orders trained on, not one
     assert all(u.startswith('sks robot, ') and sorted(u.split(', ')) == sorted(caption.split(', ')) for u in used)  # the same tags, the kept one first
     assert 'shuffle_caption: 48 orders of the 6 captions' in (tmp_path/'run'/'logs.txt').read_text()
+
+def test_a_base_model_from_the_hub_downloads_with_its_progress_then_trains(model, data, tmp_path):
+    "A Hub id on a slow Hub: the run's progress shows the downloading phase in MB while the files arrive, the log names what came, and the run trains from the local cache"
+    import os, subprocess, sys, time
+    from cerebrium_ft.testing import FakeHub
+    hub = FakeHub().start().serve('me/tiny-sd', model)
+    hub.delay = 0.3  # each file late: a download long enough to be watched
+    out, phases = tmp_path/'run', set()
+    ta = dict(resolution=64, max_train_steps=2, num_validation_images=0, mixed_precision='no')
+    env = {**os.environ, **hub.env, 'HF_HOME': str(tmp_path/'hf')}
+    try:
+        p = subprocess.Popen([sys.executable, '-m', 'cerebrium_ft.cli', 'train', 'robot', 'me/tiny-sd', str(data), 'a photo of sks robot', '--output', str(out),
+                              '--training-args', json.dumps(ta)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while p.poll() is None:
+            try: pr = json.loads((out/'progress.json').read_text()); phases.add((pr['phase'], pr['total']))
+            except (OSError, ValueError): pass
+            time.sleep(0.05)
+        _, err = p.communicate()
+    finally: hub.stop()
+    assert p.returncode == 0, err
+    mb = sum(f.stat().st_size for f in Path(model).rglob('*') if f.is_file() and f.relative_to(model).parts[0] != '_tokenizer_src') >> 20
+    assert ('downloading', mb) in phases and ('training', 2) in phases, phases  # its size in MB, then the steps
+    logs = (out/'logs.txt').read_text()
+    assert re.search(r'base model me/tiny-sd@main: \d+ files, [\d.]+ MB in the local Hub cache', logs), logs
+    assert not any('safety_checker' in c or '_tokenizer_src' in c for c in hub.calls)  # only what training reads
+    assert manifest(out)['base_model']['path'] == 'me/tiny-sd'
