@@ -9,4 +9,4 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null && [ "$(id 
 fi
 OMP_NUM_THREADS=1 .venv/bin/nbdev-test --n-workers 2   # one thread per notebook: two workers share the two cores
 .venv/bin/python tools/docs_stage.py   # the docs build's first stage (Quarto renders the rest where it is installed)
-.venv/bin/python -m pytest tests
+.venv/bin/python -m pytest tests --durations=25   # the slowest tests listed: the whole command must stay under about 30 minutes on 2 cores
