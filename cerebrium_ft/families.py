@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'FamilyError',
-           'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo', 'model_family', 'resolution_for',
-           'model_parts', 'model_files', 'download_model', 'kohya_base_model', 'text_encoders', 'denoiser_of',
-           'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens', 'denoiser_inputs',
-           'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs',
-           'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+__all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'TEXT_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families',
+           'FamilyError', 'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo', 'model_family',
+           'resolution_for', 'model_parts', 'model_files', 'download_model', 'kohya_base_model', 'text_encoders',
+           'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens',
+           'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
+           'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
 FLUX_TARGETS = UNET_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") # and, in FLUX.1's double-stream blocks, the text stream's
+TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj") # a CLIP text encoder's attention projections, where train_text_encoder puts a LoRA (as diffusers' examples do)
 
 @dataclass(frozen=True)
 class Family:
@@ -38,15 +39,20 @@ class Family:
     resolution:int = 512    # its usual training resolution in pixels, when the configuration does not say
     pixel_multiple:int = 8  # an image's sides must be multiples of this: the VAE's downsampling, times 2 where latents are packed in 2x2 patches (FLUX.1)
     classes:tuple = ('UNet2DConditionModel', 'DDPMScheduler', None)  # the denoiser's and training scheduler's diffusers classes, the second text encoder's transformers class
+    text_lora:tuple = ('text_encoder',)  # the text encoders train_text_encoder gives a LoRA (none: it is refused)
     encoders = property(lambda f: 1 + (f.classes[2] is not None), doc="how many text encoders condition it")
+    def kohya_prefix(self, part:str) -> str:
+        "kohya's key prefix of pipeline part `part`: lora_unet (lora_transformer), lora_te, or lora_te1 and lora_te2 where two text encoders train"
+        if part in self.text_lora: return 'lora_te' + (str(self.text_lora.index(part) + 1) if len(self.text_lora) > 1 else '')
+        return f'lora_{part}'
 
 FAMILIES = {f.key: f for f in [
     Family('sd1', 'Stable Diffusion 1.x', 'StableDiffusionPipeline', True, 'creativeml-openrail-m', 'sd_v1'),
     Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2', resolution=768),
     Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0', resolution=1024,
-           classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection')),
+           classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection'), text_lora=('text_encoder', 'text_encoder_2')),
     Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024, pixel_multiple=16,
-           classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'))]}
+           classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'), text_lora=())]}
 
 def trained_families() -> str:
     "The families cerebrium-ft trains, for a message"
@@ -216,15 +222,17 @@ def _ids(tokenizer, prompts:list, limit:int=512):
     "Token ids of `prompts`, padded (and cut) to the tokenizer's length, at most `limit`"
     return tokenizer(prompts, padding='max_length', max_length=min(tokenizer.model_max_length, limit), truncation=True, return_tensors='pt').input_ids
 
-def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype):
-    "One text encoder's last hidden states for each prompt, [P, 77, D]"
+def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype, grad:bool=False):
+    "One text encoder's last hidden states for each prompt, [P, 77, D] (with their gradients when `grad`: a text encoder that trains)"
     import torch
-    with torch.no_grad(): return text_encoder(_ids(tokenizer, prompts).to(device))[0].to(dtype)
+    with torch.set_grad_enabled(grad): return text_encoder(_ids(tokenizer, prompts).to(device))[0].to(dtype)
 
-def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512) -> dict:
-    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids' (of a square image at `resolution`: `size_conditioning` gives an image's own); for FLUX.1 'pooled'"
+def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
+    """Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids'
+    (of a square image at `resolution`: `size_conditioning` gives an image's own); for FLUX.1 'pooled'. With `grad`, the gradients reach the text
+    encoders (`train_text_encoder`)"""
     import torch
-    if family.key in ('sd1', 'sd2'): return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype))
+    if family.key in ('sd1', 'sd2'): return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype, grad))
     if family.key == 'flux':
         with torch.no_grad():
             pooled = m['text_encoder'](_ids(m['tokenizer'], prompts).to(device)).pooler_output
@@ -232,7 +240,7 @@ def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:i
         return dict(embeds=embeds.to(dtype), pooled=pooled.to(dtype))
     hidden = []
     for tok, enc in text_encoders(m):
-        with torch.no_grad(): out = enc(_ids(tok, prompts).to(device), output_hidden_states=True)
+        with torch.set_grad_enabled(grad): out = enc(_ids(tok, prompts).to(device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
     ids = size_conditioning(family, (resolution, resolution), (0, 0), (resolution, resolution))['time_ids']  # a square training image's, which the trainer replaces by each image's own
     time_ids = torch.tensor(ids, device=device, dtype=dtype).repeat(len(prompts), 1)  # made once, here: the step copies nothing to the device

@@ -58,7 +58,7 @@ def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|Non
 # {job['name']}: a DreamBooth LoRA for {base or Path(path).name}
 
 Trained with [cerebrium-ft](https://github.com/cerebrium-ft/cerebrium-ft) on {len(manifest.get('instance_images', []))} images for {manifest['steps']} steps:
-LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the {family.denoiser}'s {', '.join(manifest['lora']['targets'])} ({family.name}){' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
+LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the {family.denoiser}'s {', '.join(manifest['lora']['targets'])}{_text_note(manifest)} ({family.name}){' with prior preservation (' + job['prior_class_prompt'] + ')' if job.get('prior_class_prompt') else ''}.
 
 {_checkpoint_note(manifest, checkpoint)}Trigger: use **{prompt}** in your prompt.
 
@@ -90,6 +90,11 @@ A DreamBooth LoRA learns one subject or style from a dozen images: it can copy t
 {settings}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+def _text_note(manifest:dict) -> str:
+    "What the card says of a text-encoder LoRA (train_text_encoder), when one trained"
+    lora = manifest['lora']
+    return f" and the {' and '.join(lora['text_encoders'])}'s {', '.join(lora['text_encoder_targets'])}" if lora.get('text_encoders') else ''
 
 def _checkpoint_note(manifest:dict, checkpoint:dict|None) -> str:
     "A paragraph of the card saying which checkpoint this is, when not the final one"

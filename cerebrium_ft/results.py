@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, json, math, re, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import FAMILIES, ModelInfo, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
+from .families import FAMILIES, Family, ModelInfo, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
 from .speed import precision_dtype, resolve_device, resolve_precision
 
 # %% auto #0
@@ -110,7 +110,7 @@ def file_sha256(path) -> str:
 class ResultsError(ValueError):
     "A results folder or zip that is incomplete or damaged"
 
-RESUMABLE_STATE = ('state.pt', 'lora.safetensors') # the files of a step checkpoint that only resume a run: not part of the results
+RESUMABLE_STATE = ('state.pt', 'lora.safetensors', 'lora_text_encoder.safetensors', 'lora_text_encoder_2.safetensors') # the files of a step checkpoint that only resume a run (the optimizer's and RNGs' state first): not part of the results
 SKIP_IN_ZIP = ('progress.json', 'job.json') # live status and the run's own spec: not part of the results either
 
 def in_results(rel:str) -> bool:
@@ -178,23 +178,26 @@ def opened_results(results):
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/05_results.ipynb #c9bfd749
-def to_kohya(lora:dict, alpha:float, denoiser:str='unet') -> dict:
-    "A LoRA state dict of `denoiser` (diffusers' `<module>.lora.down.weight` or PEFT's `<module>.lora_A.weight`) in the kohya layout, `lora_<denoiser>_<module>`"
+def to_kohya(lora:dict, alpha:float, family:Family|None=None) -> dict:
+    """A pipeline's LoRA state dict in kohya's layout (`<prefix>_<module>.lora_down.weight`, `.lora_up.weight` and `.alpha`), from any of the
+    layouts a LoRA file holds: diffusers' `<module>.lora.down.weight`, PEFT's `<module>.lora_A.weight`, a text encoder's
+    `<module>.lora_linear_layer.down.weight`, each key led by its part (`unet.`, `transformer.`, `text_encoder.`, `text_encoder_2.`) or
+    by none (the denoiser's); the prefix is `family`'s name of the part (`Family.kohya_prefix`: lora_unet, lora_te, lora_te1, ...)"""
     import torch
-    out = {}
+    family, out = family or FAMILIES['sd1'], {}
     for k, v in lora.items():
-        mod, kind, peft_kind = re.match(rf'^(?:{denoiser}\.)?(.*)\.lora(?:\.(down|up)|_([AB]))\.weight$', k).groups()
-        kind = kind or {'A': 'down', 'B': 'up'}[peft_kind]
-        name = f'lora_{denoiser}_' + mod.replace('.', '_')
+        part, mod, *kinds = re.match(r'^(?:(unet|transformer|text_encoder_2|text_encoder)\.)?(.*)\.lora(?:\.(down|up)|_linear_layer\.(down|up)|_([AB]))\.weight$', k).groups()
+        kind = next(x for x in kinds if x); kind = {'A': 'down', 'B': 'up'}.get(kind, kind)
+        name = f"{family.kohya_prefix(part or family.denoiser)}_{mod.replace('.', '_')}"
         out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
         out[f"{name}.alpha"] = torch.tensor(float(alpha))
     return out
 
 def write_kohya(dest, lora:dict, rank:int, alpha:float, model:ModelInfo) -> Path:
-    "Write `lora` (the denoiser's, either layout) to `dest` as a kohya/ComfyUI file whose metadata names `model`'s family"
+    "Write `lora` (a pipeline's LoRA state dict, in any layout `to_kohya` reads) to `dest` as a kohya/ComfyUI file whose metadata names `model`'s family"
     from safetensors.torch import save_file
-    save_file(to_kohya(lora, alpha, model.family.denoiser), dest, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(rank),
-                                                                                  ss_network_alpha=str(alpha), **kohya_base_model(model)))
+    save_file(to_kohya(lora, alpha, model.family), dest, metadata=dict(ss_network_module='networks.lora', ss_network_dim=str(rank),
+                                                                        ss_network_alpha=str(alpha), **kohya_base_model(model)))
     return Path(dest)
 
 def kohya_of(folder, manifest:dict, checkpoint:dict, dest) -> Path:

@@ -261,9 +261,9 @@ def _hub_handler(hub:FakeHub):
             path = self.path.split('?')[0]
             if path.startswith('/api/models/'): return self._listing(path)
             self._download(body=True)
-        def _listing(self, path:str):  # GET /api/models/{repo}/revision/{revision} (model_info) or /api/models/{repo}/tree/{revision} (snapshot_download)
+        def _listing(self, path:str):  # GET /api/models/{repo}[/revision/{revision}] (repo_info, model_info) or /api/models/{repo}/tree/{revision} (snapshot_download)
             hub.calls.append(f"GET {path}")
-            repo, tree, _ = re.split(r'/(revision|tree)/', path[len('/api/models/'):], maxsplit=1)
+            repo, tree = re.match(r'^(.+?)(?:/(revision|tree)/.+)?$', path[len('/api/models/'):]).groups()
             if repo not in hub.repos:  # as the Hub answers: the error code is what huggingface_hub reads
                 self.send_response(404); self.send_header('X-Error-Code', 'RepoNotFound'); self.send_header('Content-Length', '0'); return self.end_headers()
             root = hub.repos[repo]

@@ -17,7 +17,7 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
-from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
+from .families import (FAMILIES, TEXT_TARGETS, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
                                    model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, size_conditioning,
                                    snr_weights, text_encoders)
 from .prior import class_images
@@ -82,6 +82,8 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
+    if s.train_text_encoder and not model.family.text_lora:
+        raise TrainingError(f"train_text_encoder: {model.family.name}'s text encoders do not train here (its LoRA is on the {model.family.denoiser} alone); leave train_text_encoder off")
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
         if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
@@ -253,7 +255,7 @@ def make_optimizer(params, s:TrainingSettings, lr:float, device):
     return cls(params, lr=lr, betas=(s.adam_beta1, s.adam_beta2), weight_decay=s.adam_weight_decay, eps=s.adam_epsilon)
 
 # %% ../nbs/04_train.ipynb #07075efc
-def save_checkpoint(run:RunDir, step:int, denoiser, optimizer, lr_scheduler, gen):
+def save_checkpoint(run:RunDir, step:int, denoiser, optimizer, lr_scheduler, gen, encoders:dict|None=None):
     "Write the resumable state of `step` (each file atomically, `state.pt` last: a step folder without it is not resumable) and drop all but the newest `KEEP_CHECKPOINTS`"
     import torch
     from peft.utils import get_peft_model_state_dict
@@ -261,6 +263,8 @@ def save_checkpoint(run:RunDir, step:int, denoiser, optimizer, lr_scheduler, gen
     folder = run.step_checkpoint(step)  # it may hold that step's kept LoRA (attn_procs) already
     with atomic_path(folder/'lora.safetensors') as tmp:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp)
+    for name, enc in (encoders or {}).items():  # the text encoders that train (train_text_encoder), by name
+        with atomic_path(folder/f'lora_{name}.safetensors') as tmp: save_file({k: v.detach().float().contiguous().cpu() for k, v in get_peft_model_state_dict(enc).items()}, tmp)
     with atomic_path(folder/'state.pt') as tmp:
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), lr_scheduler=lr_scheduler.state_dict(), generator=gen.get_state(),
                         python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state()), tmp)
@@ -272,12 +276,15 @@ def _remove_if_empty(folder:Path):
     try: folder.rmdir()
     except OSError: pass  # it holds a kept LoRA
 
-def load_checkpoint(path:Path, denoiser, optimizer, lr_scheduler, gen) -> int:
-    "Restore a checkpoint written by `save_checkpoint`; returns its step"
+def load_checkpoint(path:Path, denoiser, optimizer, lr_scheduler, gen, encoders:dict|None=None) -> int:
+    "Restore a checkpoint written by `save_checkpoint` (with the LoRA of the text `encoders` that train); returns its step"
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
     set_peft_model_state_dict(denoiser, load_file(path/'lora.safetensors'))
+    for name, enc in (encoders or {}).items():
+        if not (path/f'lora_{name}.safetensors').exists(): raise TrainingError(f"{path} holds no LoRA of the {name}: a run without train_text_encoder saved it; give a new --output folder")
+        set_peft_model_state_dict(enc, load_file(path/f'lora_{name}.safetensors'))
     state = torch.load(path/'state.pt', weights_only=False, map_location='cpu')
     optimizer.load_state_dict(state['optimizer']); lr_scheduler.load_state_dict(state['lr_scheduler'])
     gen.set_state(state['generator']); random.setstate(state['python']); np.random.set_state(state['numpy']); torch.set_rng_state(state['torch'])
@@ -443,16 +450,18 @@ def progress_grid(run:RunDir, n_prompts:int, n:int):
     return image_grid(rows, labels)
 
 # %% ../nbs/04_train.ipynb #4eeb405e
-def save_lora(folder:Path, denoiser, family:Family) -> dict:
-    "Write `denoiser`'s LoRA into `folder` as `pytorch_lora_weights.safetensors`, which `load_lora_weights(folder)` loads (the UNet's in diffusers' layout, a transformer's in PEFT's, as diffusers' examples save them); the state dict back"
+def save_lora(folder:Path, denoiser, family:Family, encoders:dict|None=None) -> dict:
+    """Write the LoRA of `denoiser` (and of the text `encoders`, name -> model, that trained) into `folder` as `pytorch_lora_weights.safetensors`,
+    which `load_lora_weights(folder)` loads (a UNet's and a text encoder's in diffusers' layout, a transformer's in PEFT's, as diffusers' examples
+    save them); the state dict back, each key led by its part as in the file"""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    part = family.denoiser
-    lora = get_peft_model_state_dict(denoiser) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
-    lora = {k: v.detach().float().contiguous().cpu() for k, v in lora.items()}
-    pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **{f'{part}_lora_layers': lora,
-                                             f'{part}_lora_adapter_metadata': denoiser.peft_config['default'].to_dict()})
-    return lora
+    modules = {family.denoiser: denoiser, **(encoders or {})}
+    layers = {part: get_peft_model_state_dict(mod) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(mod)) for part, mod in modules.items()}
+    layers = {part: {k: v.detach().float().contiguous().cpu() for k, v in lora.items()} for part, lora in layers.items()}
+    pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **{f'{part}_lora_layers': lora for part, lora in layers.items()},
+                                             **{f'{part}_lora_adapter_metadata': mod.peft_config['default'].to_dict() for part, mod in modules.items()})
+    return {f'{part}.{k}': v for part, lora in layers.items() for k, v in lora.items()}
 
 def loss_figure(rows:list[dict], title:str=''):
     "The figure of loss.png from metrics.csv's `rows`: each loss raw and faint with its smoothed line over it, each scored checkpoint's held-out score (the best starred) at a dotted line marking its validation, the learning rate below, `title` on top"
@@ -480,17 +489,18 @@ def plot_loss(metrics:Path, out:Path, title:str=''):
     fig = loss_figure(MetricsLog.read(metrics), title)
     fig.savefig(out, dpi=100); plt.close(fig)
 
-def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, model:ModelInfo):
+def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, model:ModelInfo, encoders:dict|None=None):
     "Write the final LoRA (diffusers and kohya layouts), loss.png and, last, manifest.json (which records the base `model`'s family and lists the kept checkpoints of `extra`)"
     import diffusers, peft, torch, transformers
     s = spec.training_args
     alpha = s.lora_alpha or s.rank
-    lora = save_lora(run.attn_procs, denoiser, model.family)
+    lora = save_lora(run.attn_procs, denoiser, model.family, encoders)
     write_kohya(run.kohya, lora, s.rank, alpha, model)
     plot_loss(run.metrics, run.loss_plot, f"{spec.name}: a LoRA of {Path(spec.hf_model_path).name if Path(spec.hf_model_path).expanduser().exists() else spec.hf_model_path}")
     files = [run.weights, run.kohya] + [run.root/c['weights'] for c in extra.get('checkpoints', []) if c['weights'] and c['name'] != 'final']
     manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
-                    lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root))),
+                    lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root)),
+                              **(dict(text_encoders=list(encoders), text_encoder_targets=list(TEXT_TARGETS)) if encoders else {})),
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
                                            'torch': torch.__version__, 'transformers': transformers.__version__},
                     sha256={str(f.relative_to(run.root)): file_sha256(f) for f in files}, **extra)
@@ -720,7 +730,16 @@ def setup_models(self:Training):
     if self.precision != 'no': cast_training_params(net, dtype=torch.float32)
     use_fused_attention(net, device)  # same sums, fewer products (cerebrium_ft.speed)
     if s.gradient_checkpointing: net.enable_gradient_checkpointing()
-    self.params = [p for p in net.parameters() if p.requires_grad]
+    self.encoders = {}  # the text encoders that train (train_text_encoder), by name: their base weights in the run's precision, their LoRA in fp32
+    for name in (self.model.family.text_lora if s.train_text_encoder else ()):
+        enc = self.encoders[name] = self.m[name]
+        enc.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
+        enc.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(TEXT_TARGETS)))
+        if self.precision != 'no': cast_training_params(enc, dtype=torch.float32)
+        enc.train()
+    self.denoiser_params = [p for p in net.parameters() if p.requires_grad]
+    self.text_params = [p for enc in self.encoders.values() for p in enc.parameters() if p.requires_grad]
+    self.params = self.denoiser_params + self.text_params  # what is clipped, and summed over the processes of a data-parallel run
 
 # %% ../nbs/04_train.ipynb #40acecd9
 @patch
@@ -731,7 +750,8 @@ def encode_inputs(self:Training):
     vae, encoders = m['vae'], [enc for _, enc in text_encoders(m)]
     self.note_progress('caching')
     vae.to(device, *([dtype] if self.precision == 'bf16' else []))  # fp16 VAE encodes overflow
-    for enc in encoders: enc.to(device, *([dtype] if self.precision != 'no' else []))
+    for enc in encoders:
+        if enc not in self.encoders.values(): enc.to(device, *([dtype] if self.precision != 'no' else []))  # one that trains is placed already, its LoRA in fp32
     caption = lambda i: with_trigger(i.entry.caption, s.trigger_word) if i.entry.caption else spec.training_prompt
     images = self.inst + self.heldout  # the held-out ones last: the training images crop as they would with none held out
     orders = [shuffled_captions(caption(i), s.keep_tokens, CAPTION_ORDERS, s.seed) if s.shuffle_caption else [caption(i)] for i in images]
@@ -742,10 +762,8 @@ def encode_inputs(self:Training):
     if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
     if s.validation_negative_prompt and self.model.prediction == 'flow_matching':
         log.warning(f"{self.model.family.name} has no negative prompt (its guidance is embedded): validation_negative_prompt is not used")
-    cond = encode_text(self.model.family, m, prompts + s.validation_prompt + [s.validation_negative_prompt or ''], device, dtype, s.resolution)
-    n = len(prompts)
-    self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
-    self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
+    self.prompts = prompts
+    self.refresh_conditioning(first=True)
     width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
@@ -762,10 +780,40 @@ def encode_inputs(self:Training):
         self.score_prior = [(lat, torch.full_like(ids, self.cls_prompt), extra)
                             for lat, ids, extra in self.cls_latents.fixed(range(min(HELDOUT_CLASS_IMAGES, len(self.cls_paths))), HELDOUT_DRAWS, self.scaling, self.shift)]
     self.empty_prompt = prompts.index('') if s.caption_dropout_rate else None
-    for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None  # the cached embeddings are all training and validation need
+    if self.encoders: log.info(f"train_text_encoder: a LoRA on the {' and '.join(self.encoders)} too; each step encodes its prompts, which is slower than the cached embeddings")
+    for k in [k for k in m if k.startswith('text_encoder') and k not in self.encoders]: m[k] = None  # the cached embeddings are all training and validation need
     del encoders
     gc.collect()
     if device.type != 'cpu': vae.to('cpu'); torch.cuda.empty_cache()
+
+@patch
+def refresh_conditioning(self:Training, first:bool=False, lora:bool=True):
+    """Encode every prompt of the run (training, validation, negative): the conditioning the steps, the scoring and validation read. Done
+    `first` of all; with text encoders that train, again before each scoring and validation (without their LoRA, for the base model's score)"""
+    import torch
+    if not (first or self.encoders): return  # frozen encoders: the first encoding holds, and the encoders are gone
+    s, n = self.s, len(self.prompts)
+    for enc in self.encoders.values():
+        enc.eval()
+        if not lora: enc.disable_adapters()
+    try:
+        with torch.no_grad(), self.accelerator.autocast() if self.encoders else nullcontext():  # a LoRA in fp32 over weights in the run's precision
+            cond = encode_text(self.model.family, self.m, self.prompts + s.validation_prompt + [s.validation_negative_prompt or ''], self.device, self.weight_dtype, s.resolution)
+    finally:
+        for enc in self.encoders.values():
+            if not lora: enc.enable_adapters()
+            enc.train()
+    self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
+    self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
+
+@patch
+def prompt_conditioning(self:Training, prompt) -> dict:
+    "The conditioning of prompts `prompt` (indices into the run's prompts) for a step: gathered from the cache, or, with text encoders that train, encoded now with their gradients"
+    import torch
+    if not self.encoders: return {k: v[prompt] for k, v in self.cond.items()}
+    used, row = torch.unique(prompt, return_inverse=True)  # each prompt of the batch encoded once
+    cond = encode_text(self.model.family, self.m, [self.prompts[i] for i in used.tolist()], self.device, self.weight_dtype, self.s.resolution, grad=True)
+    return {k: v[row] for k, v in cond.items()}
 
 # %% ../nbs/04_train.ipynb #260cf5f1
 @patch
@@ -777,20 +825,22 @@ def setup_optimizer(self:Training):
     self.bucket_of = self.latents.bucket[:len(self.inst)]  # each training image's bucket
     self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s, self.bucket_of, self.world)
     self.lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * self.accelerator.num_processes if s.scale_lr else 1)
-    self.optimizer = self.accelerator.prepare(make_optimizer(self.params, s, self.lr, self.device))
+    self.text_lr = (s.text_encoder_lr or s.learning_rate) * self.lr / s.learning_rate  # scaled as the denoiser's is
+    groups = [dict(params=self.denoiser_params)] + ([dict(params=self.text_params, lr=self.text_lr)] if self.text_params else [])
+    self.optimizer = self.accelerator.prepare(make_optimizer(groups, s, self.lr, self.device))
     self.lr_scheduler = get_scheduler(s.lr_schedule, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
                                       num_cycles=s.lr_num_cycles, power=s.lr_power)
     self.gen = torch.Generator(self.device).manual_seed(s.seed)
     ckpt = run.latest_checkpoint()
     if ckpt is not None:
-        self.step = load_checkpoint(ckpt, self.denoiser, self.optimizer, self.lr_scheduler, self.gen)
+        self.step = load_checkpoint(ckpt, self.denoiser, self.optimizer, self.lr_scheduler, self.gen, self.encoders)
         log.info(f"resuming from {ckpt.name}: step {self.step} of {plan['max_train_steps']}")
     elif run.metrics.exists(): log.info("starting again from step 0: the stopped run left no checkpoint")
     self.resumed = dict(resumed_from=self.step if ckpt is not None else None)
     self.clock = CheckpointClock(s, step=self.step)
     self.metrics = MetricsLog(run.metrics, resume_step=self.step, nonfinite_limit=FP16_OVERFLOWS if self.precision == 'fp16' else 1) if self.main else None  # the main process keeps the metrics and scores
     self.scores = self.metrics.scores() if self.main else {}  # the checkpoints a stopped run scored before its resumable state
-    log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g} ({s.lr_schedule}), "
+    log.info(f"plan: {plan['max_train_steps']} steps, {plan['epochs']} epochs of {plan['steps_per_epoch']} steps; lr {self.lr:g}{f' (text encoders {self.text_lr:g})' if self.text_params else ''} ({s.lr_schedule}), "
              f"batch {s.train_batch_size} x {s.gradient_accumulation_steps} accumulation, optimizer {type(self.optimizer.optimizer).__name__}")
     if self.world > 1:
         log.info(f"data-parallel: each step's batch of up to {s.train_batch_size * self.world} images (train_batch_size {s.train_batch_size} per process x {self.world} processes) "
@@ -806,7 +856,7 @@ def status(self:Training) -> dict:
 def checkpoint(self:Training):
     "Save a checkpoint of the run at its current step (the metrics so far flushed first)"
     started = self.clock.now(); self.metrics.flush()
-    save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen)
+    save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen, self.encoders)
     self.clock.saved(started, self.step)
 
 # %% ../nbs/04_train.ipynb #94689dd3
@@ -838,12 +888,13 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
-    cond = {**{k: v[prompt] for k, v in self.cond.items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's: not gathered
-    if ci is not None:
-        cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
-        cls_cond = {**{k: v[torch.full_like(ci, self.cls_prompt)] for k, v in self.cond.items() if k not in cls_extra}, **cls_extra}
-        if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
-        else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
+    with self.accelerator.autocast():  # text encoders that train encode here, their LoRA in fp32 over weights in the run's precision
+        cond = {**{k: v for k, v in self.prompt_conditioning(prompt).items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's
+        if ci is not None:
+            cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
+            cls_cond = {**{k: v for k, v in self.prompt_conditioning(torch.full_like(ci, self.cls_prompt)).items() if k not in cls_extra}, **cls_extra}
+            if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
+            else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
     with self.accelerator.autocast(), training_attention(self.device):
         losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
                                 self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
@@ -902,7 +953,7 @@ def train_epoch(self:Training, epoch:int):
 def keep_checkpoint(self:Training):
     "Keep a usable LoRA of this step in the results, and drop the kept ones `checkpoints_total_limit` leaves out (never the best)"
     run, limit = self.run, self.s.checkpoints_total_limit
-    with atomic_path(run.kept_lora(self.step)) as tmp: save_lora(tmp, self.denoiser, self.model.family)
+    with atomic_path(run.kept_lora(self.step)) as tmp: save_lora(tmp, self.denoiser, self.model.family, self.encoders)
     if limit is None: return
     best = best_checkpoint(self.scores)['step']
     for step in sorted(st for st in self.scores if run.kept_lora(st).exists())[:-limit]:
@@ -913,6 +964,7 @@ def validation(self:Training, epoch:int, final:bool=False):
     "Score this step's checkpoint, keep its LoRA (the `final` one is saved with the results) and write the validation images for `epoch`, the progress saying so meanwhile"
     self.metrics.flush()
     self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
+    self.refresh_conditioning()  # with text encoders that train: the prompts as they encode now
     self.scores[self.step] = sc = self.score()
     self.track({k: v for k, v in sc.items() if v is not None})
     self.metrics.annotate(self.step, **sc)
@@ -950,13 +1002,14 @@ def finish(self:Training) -> Path:
     if not self.main: return run.root
     self.validation(self.epoch + 1, final=True)
     write_progress(run, 'saving', self.step, plan['max_train_steps'], self.metrics.last)
+    self.refresh_conditioning(lora=False)  # the base model's score: its own text encoders too
     base, best = self.score(lora=False)['score'], best_checkpoint(self.scores, final_step=self.step)
     save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, resolution=self.s.resolution, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
                                                             class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1),
                                                             checkpoints=self.kept_checkpoints(), best=best,
                                                             heldout=dict(images=[i.name for i in self.heldout], draws=HELDOUT_DRAWS, class_images=min(len(self.cls_paths), HELDOUT_CLASS_IMAGES),
-                                                                         base_model_score=base)), self.model)
+                                                                         base_model_score=base)), self.model, self.encoders)
     write_progress(run, 'done', self.step, plan['max_train_steps'], self.metrics.last, best=best)
     log.info(f"done: {self.step} steps in {time.time() - self.t0:.0f} s; LoRA in {run.weights}")
     gain = 1 - best['score'] / best['latest_score'] if best['latest_score'] else 0.0

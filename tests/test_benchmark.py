@@ -36,8 +36,8 @@ def test_benchmark_quality_mode_prints_learning_beside_the_reference():
                         '--ours-args', '{"use_8bit_adam": false}'],
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr
-    rows = {l.split()[0] + (' snr' if ' snr 5 ' in l else ''): l for l in r.stdout.splitlines() if l.startswith(('reference ', 'ours '))}
-    assert set(rows) == {'reference', 'ours', 'ours snr'}, r.stdout
+    rows = {l.split()[0] + (' snr' if ' snr 5 ' in l else ' te' if l.startswith('ours te ') else ''): l for l in r.stdout.splitlines() if l.startswith(('reference ', 'ours '))}
+    assert set(rows) == {'reference', 'ours', 'ours snr', 'ours te'}, r.stdout
     assert all(len(l.split()) >= 7 and ':' in l.split()[-1] for l in rows.values()), r.stdout  # optimizer, held-out loss, class drift, job time, time to quality, the curve
-    assert rows['ours'].split()[2] == rows['ours snr'].split()[4] == 'AdamW'  # --ours-args reached our runs (8-bit AdamW otherwise)
+    assert rows['ours'].split()[2] == rows['ours snr'].split()[4] == rows['ours te'].split()[3] == 'AdamW'  # --ours-args reached our runs (8-bit AdamW otherwise)
     assert "target: ours reaches the reference's final held-out loss" in r.stdout

@@ -601,3 +601,49 @@ def test_a_base_model_from_the_hub_downloads_with_its_progress_then_trains(model
     assert re.search(r'base model me/tiny-sd@main: \d+ files, [\d.]+ MB in the local Hub cache', logs), logs
     assert not any('safety_checker' in c or '_tokenizer_src' in c for c in hub.calls)  # only what training reads
     assert manifest(out)['base_model']['path'] == 'me/tiny-sd'
+
+@pytest.mark.parametrize('family, pipeline', [('sd1', 'StableDiffusionPipeline'), ('sdxl', 'StableDiffusionXLPipeline')])
+def test_train_text_encoder_puts_a_lora_on_each_text_encoder_with_its_own_learning_rate(data, tmp_path, family, pipeline, monkeypatch):
+    "train_text_encoder: LoRA on the CLIP encoders' attention (SDXL's two) at text_encoder_lr, in the results file, each kept checkpoint and the kohya file, which load to the same pipeline"
+    import diffusers
+    from safetensors.torch import load_file
+    model = str(build_tiny_pipeline(tmp_path/family, family=family))
+    groups, make = [], T.make_optimizer
+    monkeypatch.setattr(T, 'make_optimizer', lambda params, s, lr, device: groups.extend(params) or make(params, s, lr, device))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=12, learning_rate=1e-2, text_encoder_lr=5e-3, train_text_encoder=True, mixed_precision='no',
+                                                      num_validation_images=1, validation_epochs=2)), tmp_path/'run', progress=False)
+    assert [g['lr'] for g in groups] == [1e-2, 5e-3] and all(p.requires_grad for g in groups for p in g['params'])  # the denoiser's at learning_rate, the text encoders' at theirs
+    encs = ['text_encoder'] + (['text_encoder_2'] if family == 'sdxl' else [])
+    m = manifest(out)
+    assert m['lora']['text_encoders'] == encs and m['lora']['text_encoder_targets'] == ['q_proj', 'k_proj', 'v_proj', 'out_proj']
+    for c in m['checkpoints']: assert {k.split('.')[0] for k in load_file(out/c['weights'])} == {'unet', *encs}, c['name']
+    assert 'train_text_encoder: a LoRA on the ' in (out/'logs.txt').read_text()
+    cls = getattr(diffusers, pipeline)
+    base, tuned = cls.from_pretrained(model), load_pipeline(out, device='cpu')
+    ids = base.tokenizer(['a photo of sks robot'], return_tensors='pt').input_ids
+    with torch.no_grad(): assert not torch.allclose(base.text_encoder(ids)[0], tuned.text_encoder(ids)[0])  # the loaded text encoder is the trained one
+    loads_as_trained(out, model, cls)  # the kohya file (lora_te_, or lora_te1_ and lora_te2_ keys) draws what the results draw
+
+def test_a_run_with_text_encoder_lora_resumes_exactly(model, data, tmp_path, monkeypatch):
+    "The text encoders' LoRA is in the resumable state: a run stopped after step 5 and resumed from step 3 ends as the uninterrupted run"
+    from safetensors.torch import load_file
+    ta = dict(max_train_steps=9, checkpointing_steps=3, train_text_encoder=True, mixed_precision='no', learning_rate=1e-2, num_validation_images=0)
+    whole = T.train(spec(model, data, training_args=ta), tmp_path/'whole', progress=False)
+    real = T.Training.optimizer_step
+    def stopped(self, *a):
+        real(self, *a)
+        if self.step == 5: raise KeyboardInterrupt('stopped')
+    monkeypatch.setattr(T.Training, 'optimizer_step', stopped)
+    with pytest.raises(KeyboardInterrupt): T.train(spec(model, data, training_args=ta), tmp_path/'cut', progress=False)
+    monkeypatch.setattr(T.Training, 'optimizer_step', real)
+    cut = T.train(spec(model, data, training_args=ta), tmp_path/'cut', progress=False)
+    assert 'resuming from step_000003' in (cut/'logs.txt').read_text()
+    a, b = load_file(cut/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors'), load_file(whole/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    assert a.keys() == b.keys() and any(k.startswith('text_encoder.') for k in a)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+def test_train_text_encoder_is_refused_for_flux_before_anything_is_written(data, tmp_path):
+    model = str(build_tiny_pipeline(tmp_path/'flux', family='flux'))
+    with pytest.raises(T.TrainingError, match="train_text_encoder: FLUX.1's text encoders do not train here"):
+        T.train(spec(model, data, training_args=dict(train_text_encoder=True)), tmp_path/'run', progress=False)
+    assert not (tmp_path/'run').exists()

@@ -407,6 +407,9 @@ def quality(args):
     common = argparse.Namespace(**{**vars(args), 'every': every, 'data': str(root/'data'), 'class_dir': str(class_dir) if class_dir else None, 'resolution': res})
     runs = [('reference', _run(name, 'reference', common)), ('ours', _run(name, 'quality', common))]
     if not args.no_snr: runs.append(('ours snr 5', _run(name, 'quality', argparse.Namespace(**{**vars(common), 'snr_gamma': 5.0}))))
+    if not args.no_text_encoder:  # train_text_encoder: the evaluator loads the text encoders' LoRA too (load_lora_weights), so it measures their part
+        te = json.dumps({**json.loads(args.ours_args or '{}'), 'train_text_encoder': True})
+        runs.append(('ours te', _run(name, 'quality', argparse.Namespace(**{**vars(common), 'ours_args': te}))))
     base_held, base_cls = measure(str(model), None, heldout, 'a photo of sks robot', res), (measure(str(model), None, class_images, 'a photo of a robot', res) if class_dir else None)
     print(f"cerebrium-ft quality benchmark: {name}, {res} px, {args.steps} steps, lr {args.lr:g}, batch {args.batch}, {args.prior} class images; "
           f"10 photos trained on, 2 held out; {QUALITY_DRAWS} fixed draws per image; base model held-out loss {base_held:.5f}")
@@ -459,6 +462,7 @@ def main():
     ap.add_argument('--lr', type=float, default=5e-4, help="learning rate of both trainers (5e-4: the seed's default)")
     ap.add_argument('--every', type=int, default=0, help="--quality: keep a LoRA about every this many steps (default: steps / 8)")
     ap.add_argument('--no-snr', action='store_true', help="--quality: skip the run of ours with snr_gamma 5")
+    ap.add_argument('--no-text-encoder', action='store_true', help="--quality: skip the run of ours with train_text_encoder")
     ap.add_argument('--ours-args', default=None, help='--quality: more training settings for our runs, as JSON (e.g. \'{"use_8bit_adam": false}\')')
     ap.add_argument('--raw', default=None, help="also append each run's figures to this file as a line of JSON, as soon as the run ends")
     ap.add_argument('--model', help=argparse.SUPPRESS)
