@@ -177,7 +177,7 @@ class TrainingSettings(SeedSettings):
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
     resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL and FLUX.1)")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of the denoiser's attention projections (the UNet's, or FLUX.1's transformer's)")
-    train_text_encoder:bool = Field(False, description="Also train a LoRA on the text encoders' attention projections (CLIP's q, k, v and out; both of SDXL's): better likeness of the subject, slower steps (the prompts are encoded in each step, not once). Not for FLUX.1")
+    train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's, FLUX.1's CLIP and not its T5): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
     text_encoder_lr:Optional[float] = Field(None, ge=1e-8, le=1.0, description="Learning rate of the text encoders' LoRA, with train_text_encoder (kohya's and diffusers' text_encoder_lr); None means learning_rate")
     lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')

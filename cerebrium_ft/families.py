@@ -39,11 +39,11 @@ class Family:
     resolution:int = 512    # its usual training resolution in pixels, when the configuration does not say
     pixel_multiple:int = 8  # an image's sides must be multiples of this: the VAE's downsampling, times 2 where latents are packed in 2x2 patches (FLUX.1)
     classes:tuple = ('UNet2DConditionModel', 'DDPMScheduler', None)  # the denoiser's and training scheduler's diffusers classes, the second text encoder's transformers class
-    text_lora:tuple = ('text_encoder',)  # the text encoders train_text_encoder gives a LoRA (none: it is refused)
+    text_lora:tuple = ('text_encoder',)  # the text encoders train_text_encoder gives a LoRA: the CLIP ones (FLUX.1's T5 stays frozen, as in diffusers' example)
     encoders = property(lambda f: 1 + (f.classes[2] is not None), doc="how many text encoders condition it")
     def kohya_prefix(self, part:str) -> str:
-        "kohya's key prefix of pipeline part `part`: lora_unet (lora_transformer), lora_te, or lora_te1 and lora_te2 where two text encoders train"
-        if part in self.text_lora: return 'lora_te' + (str(self.text_lora.index(part) + 1) if len(self.text_lora) > 1 else '')
+        "kohya's key prefix of pipeline part `part`: lora_unet (lora_transformer), lora_te, or, where there are two text encoders (SDXL, FLUX.1), lora_te1 and lora_te2"
+        if part.startswith('text_encoder'): return 'lora_te' + (('2' if part == 'text_encoder_2' else '1') if self.encoders > 1 else '')
         return f'lora_{part}'
 
 FAMILIES = {f.key: f for f in [
@@ -52,7 +52,7 @@ FAMILIES = {f.key: f for f in [
     Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0', resolution=1024,
            classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection'), text_lora=('text_encoder', 'text_encoder_2')),
     Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024, pixel_multiple=16,
-           classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'), text_lora=())]}
+           classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'))]}
 
 def trained_families() -> str:
     "The families cerebrium-ft trains, for a message"
@@ -230,14 +230,15 @@ def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype, grad:bo
 def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
     """Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt: 'embeds'; for SDXL 'pooled' and 'time_ids'
     (of a square image at `resolution`: `size_conditioning` gives an image's own); for FLUX.1 'pooled'. With `grad`, the gradients reach the text
-    encoders (`train_text_encoder`)"""
+    encoders (`train_text_encoder`); FLUX.1's T5 never trains, and where it has been dropped only CLIP's 'pooled' comes back"""
     import torch
     if family.key in ('sd1', 'sd2'): return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype, grad))
-    if family.key == 'flux':
-        with torch.no_grad():
-            pooled = m['text_encoder'](_ids(m['tokenizer'], prompts).to(device)).pooler_output
-            embeds = m['text_encoder_2'](_ids(m['tokenizer_2'], prompts).to(device))[0]
-        return dict(embeds=embeds.to(dtype), pooled=pooled.to(dtype))
+    if family.key == 'flux':  # T5's sequence (once its encoder is dropped, none: the cached one holds) and CLIP's pooled output
+        out = {}
+        if m.get('text_encoder_2') is not None:
+            with torch.no_grad(): out['embeds'] = m['text_encoder_2'](_ids(m['tokenizer_2'], prompts).to(device))[0].to(dtype)
+        with torch.set_grad_enabled(grad): out['pooled'] = m['text_encoder'](_ids(m['tokenizer'], prompts).to(device)).pooler_output.to(dtype)
+        return out
     hidden = []
     for tok, enc in text_encoders(m):
         with torch.set_grad_enabled(grad): out = enc(_ids(tok, prompts).to(device), output_hidden_states=True)

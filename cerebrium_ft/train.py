@@ -82,8 +82,6 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
-    if s.train_text_encoder and not model.family.text_lora:
-        raise TrainingError(f"train_text_encoder: {model.family.name}'s text encoders do not train here (its LoRA is on the {model.family.denoiser} alone); leave train_text_encoder off")
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
         if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
@@ -803,6 +801,8 @@ def refresh_conditioning(self:Training, first:bool=False, lora:bool=True):
         for enc in self.encoders.values():
             if not lora: enc.enable_adapters()
             enc.train()
+    if first: self.all_cond = cond
+    cond = {k: cond.get(k, v) for k, v in self.all_cond.items()}  # what a frozen encoder gave (FLUX.1's T5, dropped) as it was first encoded
     self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
     self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
 
@@ -812,8 +812,8 @@ def prompt_conditioning(self:Training, prompt) -> dict:
     import torch
     if not self.encoders: return {k: v[prompt] for k, v in self.cond.items()}
     used, row = torch.unique(prompt, return_inverse=True)  # each prompt of the batch encoded once
-    cond = encode_text(self.model.family, self.m, [self.prompts[i] for i in used.tolist()], self.device, self.weight_dtype, self.s.resolution, grad=True)
-    return {k: v[row] for k, v in cond.items()}
+    fresh = encode_text(self.model.family, self.m, [self.prompts[i] for i in used.tolist()], self.device, self.weight_dtype, self.s.resolution, grad=True)
+    return {k: fresh[k][row] if k in fresh else v[prompt] for k, v in self.cond.items()}  # a frozen encoder's part (FLUX.1's T5) from the cache
 
 # %% ../nbs/04_train.ipynb #260cf5f1
 @patch
