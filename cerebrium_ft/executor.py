@@ -14,7 +14,7 @@ from .results import RunDir
 from .store import Store
 
 # %% auto #0
-__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space',
+__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space', 'cpu_share',
            'LocalProcesses', 'Executor', 'visible_gpus', 'run_job']
 
 # %% ../nbs/07_executor.ipynb #abf0252d
@@ -99,15 +99,21 @@ def is_out_of_space(e:BaseException, job_dir:Path|None=None) -> bool:
     return job_dir is not None and _out_of_space(Path(job_dir)) is not None
 
 # %% ../nbs/07_executor.ipynb #a1a26210
+def cpu_share(workers:int) -> int:
+    "The CPU threads each of `workers` jobs at once may use: this process's cores shared out (PyTorch otherwise takes them all in every job, and jobs side by side slow each other down many times over)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, workers))
+
 class LocalProcesses:
-    "The engine that runs each job as a child process tree of this server"
-    def __init__(self, cache, grace:float=KILL_GRACE_S, command=None):
-        self.cache, self.grace = Path(cache), grace
+    "The engine that runs each job as a child process tree of this server, each with `threads` CPU threads (OMP_NUM_THREADS, unless the server's environment sets it)"
+    def __init__(self, cache, grace:float=KILL_GRACE_S, command=None, threads:int|None=None):
+        self.cache, self.grace, self.threads = Path(cache), grace, threads
         self.command = command or (lambda d: [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job', str(d), '--cache', str(self.cache)])
 
     def start(self, job_dir:Path, attempt:int, gpus:list[str]|None=None):
         "Start the job in `job_dir`, seeing only `gpus` (when given: its CUDA_VISIBLE_DEVICES); its handle (a `Popen`). Raises `OSError` if it cannot start"
-        env = {**os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(job_dir), **({'CUDA_VISIBLE_DEVICES': ','.join(gpus)} if gpus is not None else {})}
+        env = {**({'OMP_NUM_THREADS': str(self.threads)} if self.threads else {}), **os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(job_dir),
+               **({'CUDA_VISIBLE_DEVICES': ','.join(gpus)} if gpus is not None else {})}
         log = open(job_dir/'job.log', 'ab')
         try:
             log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode()); log.flush()
@@ -142,7 +148,7 @@ class Executor:
         self.store, self.data_dir, self.workers, self.poll, self.stall_s = store, Path(data_dir), workers, poll, stall_s
         self.gpus = list(gpus) if gpus is not None else None
         self.free = list(self.gpus or [])  # the GPUs no running job holds, in the order given
-        self.engine = engine or LocalProcesses(self.data_dir/'cache')
+        self.engine = engine or LocalProcesses(self.data_dir/'cache', threads=cpu_share(workers))  # jobs side by side share the cores
         self.running = {}    # job id -> the engine's handle of its process, kept until its end is recorded
         self.unsettled = {}  # job id -> the end of a job whose database write failed, retried each tick
         self.lock, self._stop, self.complain = threading.RLock(), threading.Event(), _Complaints()

@@ -568,7 +568,8 @@ def launch_processes(spec:JobSpec, run:RunDir, processes:int, device, cache=None
                             f"set gpus {max(have, 1)} or fewer, or run where {processes} GPUs are free")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={processes}', '-m', 'cerebrium_ft.cli', 'train-rank', str(run.root),
            '--device', device.type, *(['--cache', str(cache)] if cache else []), *([] if progress else ['--quiet'])]
-    threads = os.environ.get('OMP_NUM_THREADS') or str(max(1, (os.cpu_count() or 1) // processes))  # the cores shared out, as torchrun would not
+    given = os.environ.get('OMP_NUM_THREADS', '')  # the job's share of the cores, from its server (else all of them)
+    threads = str(max(1, (int(given) if given.isdigit() and int(given) > 0 else os.cpu_count() or 1) // processes))  # shared out, as torchrun would not
     log.info(f"data-parallel: {processes} processes on {device.type} ({'NCCL' if device.type == 'cuda' else 'gloo'}), started by torchrun")
     start = run.logs.stat().st_size if run.logs.exists() else 0
     rc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': threads}, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent).returncode
