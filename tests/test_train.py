@@ -641,3 +641,22 @@ def test_a_run_with_text_encoder_lora_resumes_exactly(model, data, tmp_path, mon
     a, b = load_file(cut/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors'), load_file(whole/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
     assert a.keys() == b.keys() and any(k.startswith('text_encoder.') for k in a)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_train_text_encoder_in_mixed_precision(model, data, tmp_path, monkeypatch, request, precision):
+    "train_text_encoder under bf16 (what 'auto' picks on AMX CPUs and most GPUs) and fp16 with loss scaling (GPUs without bf16), forced whatever this CPU is: the text LoRA trains in fp32 over weights in the run's precision, the losses stay finite and the LoRA moves"
+    from cerebrium_ft import speed
+    from safetensors.torch import load_file
+    monkeypatch.setattr(speed, 'cpu_has_bf16', lambda: True)  # bf16 runs (emulated where the CPU has no bf16)
+    if precision == 'fp16': request.getfixturevalue('fp16_with_loss_scaling')
+    dtypes, setup = {}, T.Training.setup_models
+    def recorded(self):
+        setup(self)
+        enc = self.encoders['text_encoder']
+        dtypes.update(lora={p.dtype for p in self.text_params}, base={p.dtype for n, p in enc.named_parameters() if 'lora' not in n})
+    monkeypatch.setattr(T.Training, 'setup_models', recorded)
+    out = run(model, data, tmp_path, precision, max_train_steps=6, learning_rate=1e-2, train_text_encoder=True, mixed_precision=precision, num_validation_images=0)
+    assert manifest(out)['precision'] == precision and all(math.isfinite(l) for l in col(out, 'loss'))
+    assert dtypes == dict(lora={torch.float32}, base={getattr(torch, {'bf16': 'bfloat16', 'fp16': 'float16'}[precision])}), dtypes
+    ups = [v for k, v in load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors').items() if k.startswith('text_encoder.') and '.up.' in k]
+    assert ups and any(v.abs().max() > 0 for v in ups)  # the text encoder's LoRA left its zero start
