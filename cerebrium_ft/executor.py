@@ -11,10 +11,11 @@ from pathlib import Path
 from fastcore.basics import patch
 from .config import JobSpec
 from .results import RunDir
+from .speed import cpu_share
 from .store import Store
 
 # %% auto #0
-__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space', 'cpu_share',
+__all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space',
            'LocalProcesses', 'Executor', 'visible_gpus', 'run_job']
 
 # %% ../nbs/07_executor.ipynb #abf0252d
@@ -99,11 +100,6 @@ def is_out_of_space(e:BaseException, job_dir:Path|None=None) -> bool:
     return job_dir is not None and _out_of_space(Path(job_dir)) is not None
 
 # %% ../nbs/07_executor.ipynb #a1a26210
-def cpu_share(workers:int) -> int:
-    "The CPU threads each of `workers` jobs at once may use: this process's cores shared out (PyTorch otherwise takes them all in every job, and jobs side by side slow each other down many times over)"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
-    return max(1, cores // max(1, workers))
-
 class LocalProcesses:
     "The engine that runs each job as a child process tree of this server, each with `threads` CPU threads (OMP_NUM_THREADS, unless the server's environment sets it)"
     def __init__(self, cache, grace:float=KILL_GRACE_S, command=None, threads:int|None=None):

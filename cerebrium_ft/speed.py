@@ -6,13 +6,13 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/speed.html.md"""
 
 # %% ../nbs/02a_speed.ipynb #0adbbbb4
 from __future__ import annotations
-import logging
+import logging, os
 
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'resolve_precision', 'precision_dtype', 'DeviceError', 'resolve_device',
-           'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention', 'training_attention']
+__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'cpu_share', 'resolve_precision', 'precision_dtype', 'DeviceError',
+           'resolve_device', 'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention', 'training_attention']
 
 # %% ../nbs/02a_speed.ipynb #7778f9c2
 def cpu_has_amx() -> bool:
@@ -24,6 +24,13 @@ def cpu_has_bf16() -> bool:
     "Whether this CPU computes in bf16 natively (AVX512-BF16 or AMX), rather than emulating it"
     import torch
     return cpu_has_amx() or bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)())
+
+def cpu_share(parts:int) -> int:
+    """The CPU threads each of `parts` (jobs side by side, processes of a data-parallel job) may use: this process's threads (OMP_NUM_THREADS
+    when it sets a number, else the cores it may run on) shared out; PyTorch otherwise takes them all in each, and they slow each other down many times over"""
+    given = os.environ.get('OMP_NUM_THREADS', '')
+    cores = int(given) if given.isdigit() and int(given) > 0 else len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return max(1, cores // max(1, parts))
 
 def resolve_precision(setting:str, device) -> str:
     "'no', 'fp16' or 'bf16': what `setting` ('auto', 'no', 'fp16', 'bf16') trains in on `device`"

@@ -22,7 +22,7 @@ from .families import (FAMILIES, TEXT_TARGETS, Family, FamilyError, HubUnreachab
                                    snr_weights, text_encoders)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, smoothed, write_atomic, write_kohya, write_progress
-from .speed import DeviceError, precision_dtype, resolve_device, resolve_precision, training_attention, use_fused_attention
+from .speed import DeviceError, cpu_share, precision_dtype, resolve_device, resolve_precision, training_attention, use_fused_attention
 
 log = logging.getLogger('cerebrium_ft')
 
@@ -568,8 +568,7 @@ def launch_processes(spec:JobSpec, run:RunDir, processes:int, device, cache=None
                             f"set gpus {max(have, 1)} or fewer, or run where {processes} GPUs are free")
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc-per-node={processes}', '-m', 'cerebrium_ft.cli', 'train-rank', str(run.root),
            '--device', device.type, *(['--cache', str(cache)] if cache else []), *([] if progress else ['--quiet'])]
-    given = os.environ.get('OMP_NUM_THREADS', '')  # the job's share of the cores, from its server (else all of them)
-    threads = str(max(1, (int(given) if given.isdigit() and int(given) > 0 else os.cpu_count() or 1) // processes))  # shared out, as torchrun would not
+    threads = str(cpu_share(processes))  # the job's threads (its server's share) shared out, as torchrun would not
     log.info(f"data-parallel: {processes} processes on {device.type} ({'NCCL' if device.type == 'cuda' else 'gloo'}), started by torchrun")
     start = run.logs.stat().st_size if run.logs.exists() else 0
     rc = subprocess.run(cmd, env={**os.environ, 'OMP_NUM_THREADS': threads}, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent).returncode
