@@ -13,17 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'TEXT_TARGETS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families',
-           'FamilyError', 'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo', 'model_family',
-           'resolution_for', 'model_parts', 'model_files', 'download_model', 'kohya_base_model', 'text_encoders',
-           'denoiser_of', 'load_parts', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens',
-           'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids', 'predict', 'pipeline_class',
-           'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
+__all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'FLUX_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS',
+           'LORA_LAYERS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'lora_targets',
+           'text_lora_targets', 'unmatched_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'read_config',
+           'ModelInfo', 'model_family', 'resolution_for', 'model_parts', 'model_files', 'download_model',
+           'kohya_base_model', 'text_encoders', 'denoiser_of', 'load_parts', 'lora_layers_problem', 'encode_prompts',
+           'encode_text', 'size_conditioning', 'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights',
+           'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
+           'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
 FLUX_TARGETS = UNET_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") # and, in FLUX.1's double-stream blocks, the text stream's
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj") # a CLIP text encoder's attention projections, where train_text_encoder puts a LoRA (as diffusers' examples do)
+UNET_BLOCK_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out") # every linear layer of the UNet's transformer blocks, as kohya's LoRA: attention, feed-forward, the blocks' in and out projections
+FLUX_BLOCK_TARGETS = FLUX_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2") # and FLUX.1's feed-forwards of both streams, as diffusers' Flux example
+TEXT_BLOCK_TARGETS = TEXT_TARGETS + ("fc1", "fc2") # and a CLIP text encoder's MLPs, as kohya's
+LORA_LAYERS = ('attention', 'transformer') # lora_layers' named choices: the attention projections, or every linear layer of the transformer blocks
 
 @dataclass(frozen=True)
 class Family:
@@ -35,7 +41,8 @@ class Family:
     license:str   # the Hub license id of its usual weights
     kohya:str     # its name in kohya's metadata (ss_base_model_version)
     denoiser:str = 'unet'  # the pipeline part the LoRA trains: unet or transformer
-    lora_targets:tuple = UNET_TARGETS  # the denoiser's modules that get a LoRA
+    lora_targets:tuple = UNET_TARGETS  # the denoiser's modules that get a LoRA (lora_layers 'attention')
+    block_targets:tuple = UNET_BLOCK_TARGETS  # with lora_layers 'transformer': every linear layer of its transformer blocks
     resolution:int = 512    # its usual training resolution in pixels, when the configuration does not say
     pixel_multiple:int = 8  # an image's sides must be multiples of this: the VAE's downsampling, times 2 where latents are packed in 2x2 patches (FLUX.1)
     classes:tuple = ('UNet2DConditionModel', 'DDPMScheduler', None)  # the denoiser's and training scheduler's diffusers classes, the second text encoder's transformers class
@@ -51,12 +58,29 @@ FAMILIES = {f.key: f for f in [
     Family('sd2', 'Stable Diffusion 2.x', 'StableDiffusionPipeline', True, 'openrail++', 'sd_v2', resolution=768),
     Family('sdxl', 'Stable Diffusion XL', 'StableDiffusionXLPipeline', True, 'openrail++', 'sdxl_base_v1-0', resolution=1024,
            classes=('UNet2DConditionModel', 'DDPMScheduler', 'CLIPTextModelWithProjection'), text_lora=('text_encoder', 'text_encoder_2')),
-    Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, resolution=1024, pixel_multiple=16,
+    Family('flux', 'FLUX.1', 'FluxPipeline', True, 'other', 'flux1', 'transformer', FLUX_TARGETS, FLUX_BLOCK_TARGETS, resolution=1024, pixel_multiple=16,
            classes=('FluxTransformer2DModel', 'FlowMatchEulerDiscreteScheduler', 'T5EncoderModel'))]}
 
 def trained_families() -> str:
     "The families cerebrium-ft trains, for a message"
     return ', '.join(f.name for f in FAMILIES.values() if f.trains)
+
+def lora_targets(family:Family, lora_layers:str='attention') -> tuple:
+    "The denoiser's modules `lora_layers` puts a LoRA on: `family`'s attention projections, every linear layer of its transformer blocks, or the module names given, comma-separated"
+    if lora_layers == 'attention': return family.lora_targets
+    if lora_layers == 'transformer': return family.block_targets
+    return tuple(n.strip() for n in lora_layers.split(',') if n.strip())
+
+def text_lora_targets(lora_layers:str='attention') -> tuple:
+    "The CLIP text encoders' modules train_text_encoder puts a LoRA on: their attention projections, and with lora_layers 'transformer' their MLPs too (a list of the denoiser's module names leaves them at attention)"
+    return TEXT_BLOCK_TARGETS if lora_layers == 'transformer' else TEXT_TARGETS
+
+def unmatched_targets(module, targets) -> list[str]:
+    "The names of `targets` that match no linear or convolution layer of `module` (PEFT matches a name to a module whose dotted name is it or ends with it)"
+    import torch.nn as nn
+    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__.startswith('Linear')]  # bitsandbytes' Linear8bitLt, Linear4bit
+    return [t for t in targets if not any(n == t or n.endswith('.' + t) for n in layers)]
+
 
 # %% ../nbs/00a_families.ipynb #3878325e
 class FamilyError(ValueError):
@@ -216,6 +240,20 @@ def load_parts(model:str, revision:str, family:Family, quantize:str='none', dtyp
                 **{family.denoiser: getattr(diffusers, denoiser).from_pretrained(model, subfolder=family.denoiser, **kw,
                                                                                  **(_quantization(quantize, dtype) if quantize != 'none' else {}))},
                 noise_scheduler=getattr(diffusers, scheduler).from_pretrained(model, subfolder='scheduler', **kw))
+
+# %% ../nbs/00a_families.ipynb #2d5b1c15
+def lora_layers_problem(model:str, revision:str, family:Family, lora_layers:str) -> str|None:
+    "What is wrong with `lora_layers` (module names) for pipeline `model`: the names its denoiser has no layer for, found from the denoiser's config.json without its weights; None if nothing is"
+    if lora_layers in LORA_LAYERS: return None
+    import diffusers, torch
+    try: cfg = read_config(model, f'{family.denoiser}/config.json', revision)
+    except FamilyError: return None  # loading the model says what is wrong with it
+    if cfg is None: return None
+    with torch.device('meta'): net = getattr(diffusers, family.classes[0]).from_config(cfg)  # its layers' names, no memory
+    if not (missing := unmatched_targets(net, lora_targets(family, lora_layers))): return None
+    return (f"lora_layers names {', '.join(repr(m) for m in missing)}: no linear or convolution layer of {model}'s {family.denoiser} is called so; "
+            f"name some of {', '.join(family.block_targets)}, or give \"attention\" or \"transformer\"")
+
 
 # %% ../nbs/00a_families.ipynb #1a133360
 def _ids(tokenizer, prompts:list, limit:int=512):

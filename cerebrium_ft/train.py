@@ -17,9 +17,9 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
-from .families import (FAMILIES, TEXT_TARGETS, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
-                                   model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler, size_conditioning,
-                                   snr_weights, text_encoders)
+from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
+                                   lora_layers_problem, lora_targets, model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
+                                   size_conditioning, snr_weights, text_encoders, text_lora_targets)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, smoothed, write_atomic, write_kohya, write_progress
 from .speed import DeviceError, cpu_share, precision_dtype, resolve_device, resolve_precision, training_attention, use_fused_attention
@@ -31,10 +31,11 @@ __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', '
            'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS', 'RANK_WAIT_S',
            'TRACKER_PROJECT', 'DOWNLOAD_LOG_S', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem',
            'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
-           'ImageLatents', 'encode_latents', 'make_optimizer', 'save_checkpoint', 'load_checkpoint', 'CheckpointClock',
-           'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid',
-           'progress_grid', 'save_lora', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator',
-           'die_with_parent', 'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
+           'ImageLatents', 'encode_latents', 'lora_param_groups', 'make_optimizer', 'save_checkpoint',
+           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
+           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'loss_figure', 'plot_loss',
+           'save_results', 'train', 'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes',
+           'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -82,6 +83,7 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
+    if (problem := lora_layers_problem(spec.hf_model_path, spec.revision, model.family, s.lora_layers)): raise TrainingError(problem)  # from its config: before any weights
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
         if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
@@ -241,6 +243,16 @@ def _adamw8bit(device):
         bnb.optim.AdamW8bit([p], lr=1e-3).step()
         return bnb.optim.AdamW8bit
     except Exception as e: return f"{type(e).__name__}: {e}"
+
+def lora_param_groups(parts:list, loraplus_lr_ratio:float|None=None) -> list[dict]:
+    """The optimizer's parameter groups of `parts`, (modules, learning rate) pairs: a group of the modules' parameters that train, at that rate;
+    with LoRA+ (`loraplus_lr_ratio`, as kohya's) their LoRA up matrices (PEFT's lora_B) in a group of their own at that many times the rate"""
+    groups = []
+    for modules, lr in parts:
+        named = [(n, p) for m in modules for n, p in m.named_parameters() if p.requires_grad]
+        if not loraplus_lr_ratio: groups.append(dict(params=[p for _, p in named], lr=lr)); continue
+        groups += [dict(params=[p for n, p in named if '.lora_B.' not in n], lr=lr), dict(params=[p for n, p in named if '.lora_B.' in n], lr=lr * loraplus_lr_ratio)]
+    return [g for g in groups if g['params']]
 
 def make_optimizer(params, s:TrainingSettings, lr:float, device):
     "The optimizer `s` asks for, on `device`"
@@ -451,11 +463,16 @@ def progress_grid(run:RunDir, n_prompts:int, n:int):
 def save_lora(folder:Path, denoiser, family:Family, encoders:dict|None=None) -> dict:
     """Write the LoRA of `denoiser` (and of the text `encoders`, name -> model, that trained) into `folder` as `pytorch_lora_weights.safetensors`,
     which `load_lora_weights(folder)` loads (a UNet's and a text encoder's in diffusers' layout, a transformer's in PEFT's, as diffusers' examples
-    save them); the state dict back, each key led by its part as in the file"""
+    save them; a UNet's in PEFT's too where it has layers diffusers' layout has no name for: lora_layers beyond attention); the state dict back,
+    each key led by its part as in the file"""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     modules = {family.denoiser: denoiser, **(encoders or {})}
-    layers = {part: get_peft_model_state_dict(mod) if part == 'transformer' else convert_state_dict_to_diffusers(get_peft_model_state_dict(mod)) for part, mod in modules.items()}
+    def layout(part, lora):
+        if part == 'transformer': return lora
+        converted = convert_state_dict_to_diffusers(lora)  # layers it knows only (attention, CLIP's): a half-converted file would load half
+        return lora if any('.lora_A.' in k or '.lora_B.' in k for k in converted) else converted
+    layers = {part: layout(part, get_peft_model_state_dict(mod)) for part, mod in modules.items()}
     layers = {part: {k: v.detach().float().contiguous().cpu() for k, v in lora.items()} for part, lora in layers.items()}
     pipeline_class(family).save_lora_weights(folder, safe_serialization=True, **{f'{part}_lora_layers': lora for part, lora in layers.items()},
                                              **{f'{part}_lora_adapter_metadata': mod.peft_config['default'].to_dict() for part, mod in modules.items()})
@@ -497,8 +514,8 @@ def save_results(run:RunDir, spec:JobSpec, denoiser, steps:int, extra:dict, mode
     plot_loss(run.metrics, run.loss_plot, f"{spec.name}: a LoRA of {Path(spec.hf_model_path).name if Path(spec.hf_model_path).expanduser().exists() else spec.hf_model_path}")
     files = [run.weights, run.kohya] + [run.root/c['weights'] for c in extra.get('checkpoints', []) if c['weights'] and c['name'] != 'final']
     manifest = dict(job=spec.to_dict(), base_model=dict(path=spec.hf_model_path, revision=spec.revision, family=model.family.key, prediction=model.prediction),
-                    lora=dict(rank=s.rank, alpha=alpha, targets=list(model.family.lora_targets), format='diffusers', weights=str(run.weights.relative_to(run.root)),
-                              **(dict(text_encoders=list(encoders), text_encoder_targets=list(TEXT_TARGETS)) if encoders else {})),
+                    lora=dict(rank=s.rank, alpha=alpha, targets=list(lora_targets(model.family, s.lora_layers)), format='diffusers', weights=str(run.weights.relative_to(run.root)),
+                              **(dict(text_encoders=list(encoders), text_encoder_targets=list(text_lora_targets(s.lora_layers))) if encoders else {})),
                     steps=steps, versions={'cerebrium_ft': __version__, 'diffusers': diffusers.__version__, 'peft': peft.__version__,
                                            'torch': torch.__version__, 'transformers': transformers.__version__},
                     sha256={str(f.relative_to(run.root)): file_sha256(f) for f in files}, **extra)
@@ -724,7 +741,7 @@ def setup_models(self:Training):
         net = self.denoiser = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
     else: net.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
-    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(self.model.family.lora_targets)))
+    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(lora_targets(self.model.family, s.lora_layers))))
     if self.precision != 'no': cast_training_params(net, dtype=torch.float32)
     use_fused_attention(net, device)  # same sums, fewer products (cerebrium_ft.speed)
     if s.gradient_checkpointing: net.enable_gradient_checkpointing()
@@ -732,7 +749,7 @@ def setup_models(self:Training):
     for name in (self.model.family.text_lora if s.train_text_encoder else ()):
         enc = self.encoders[name] = self.m[name]
         enc.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
-        enc.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(TEXT_TARGETS)))
+        enc.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(text_lora_targets(s.lora_layers))))
         if self.precision != 'no': cast_training_params(enc, dtype=torch.float32)
         enc.train()
     self.denoiser_params = [p for p in net.parameters() if p.requires_grad]
@@ -826,7 +843,8 @@ def setup_optimizer(self:Training):
     self.plan = plan = plan_steps(len(self.inst), len(self.cls_paths), s, self.bucket_of, self.world)
     self.lr = s.learning_rate * (s.gradient_accumulation_steps * s.train_batch_size * self.accelerator.num_processes if s.scale_lr else 1)
     self.text_lr = (s.text_encoder_lr or s.learning_rate) * self.lr / s.learning_rate  # scaled as the denoiser's is
-    groups = [dict(params=self.denoiser_params)] + ([dict(params=self.text_params, lr=self.text_lr)] if self.text_params else [])
+    groups = lora_param_groups([([self.denoiser], self.lr), (list(self.encoders.values()), self.text_lr)], s.loraplus_lr_ratio)
+    if s.loraplus_lr_ratio: log.info(f"LoRA+: the LoRAs' up matrices learn at {s.loraplus_lr_ratio:g} times the rate of their down matrices (loraplus_lr_ratio)")
     self.optimizer = self.accelerator.prepare(make_optimizer(groups, s, self.lr, self.device))
     self.lr_scheduler = get_scheduler(s.lr_schedule, self.optimizer, num_warmup_steps=s.warmup_steps, num_training_steps=plan['max_train_steps'],
                                       num_cycles=s.lr_num_cycles, power=s.lr_power)
@@ -962,7 +980,7 @@ def keep_checkpoint(self:Training):
 @patch
 def validation(self:Training, epoch:int, final:bool=False):
     "Score this step's checkpoint, keep its LoRA (the `final` one is saved with the results) and write the validation images for `epoch`, the progress saying so meanwhile"
-    self.metrics.flush()
+    started = time.time(); self.metrics.flush()
     self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
     self.refresh_conditioning()  # with text encoders that train: the prompts as they encode now
     self.scores[self.step] = sc = self.score()
@@ -970,7 +988,7 @@ def validation(self:Training, epoch:int, final:bool=False):
     self.metrics.annotate(self.step, **sc)
     if not final: self.keep_checkpoint()
     best = best_checkpoint(self.scores)
-    log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f}" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
+    log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f} in {time.time() - started:.1f} s" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
     self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family))
 
 @patch

@@ -300,11 +300,14 @@ def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_pa
         s.key = next(w for w in s.output().split() if w.startswith('cft_'))
         for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline), ('flux', FluxPipeline)]:
             model = build_tiny_pipeline(models/family, family=family)
-            r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no'))
+            layers = dict(lora_layers='transformer', loraplus_lr_ratio=4) if family == 'flux' else {}  # FLUX.1's also on its feed-forwards, with LoRA+
+            r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no', **layers))
             assert r.returncode == 0, r.stderr
             j = json.loads(r.stdout); assert j['status'] == 'succeeded', j
             assert run_cli('download-model', j['id'], s.key, '--output', tmp_path/f"{family}.zip", '--url', s.url).returncode == 0
             assert type(load_pipeline(tmp_path/f"{family}.zip", device='cpu')) is pipeline
+            lora = json.loads(zipfile.ZipFile(tmp_path/f"{family}.zip").read('manifest.json'))['lora']
+            assert ('ff_context.net.2' in lora['targets']) == bool(layers), lora['targets']
         r = submit(s, sd3, data, steps=6)
         assert r.returncode == 1 and 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train' in r.stderr, r.stderr
     finally: s.stop()

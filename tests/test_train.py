@@ -389,6 +389,55 @@ def test_sdxl_and_flux_train_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path, fam
     assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', family, 4)
     assert all(math.isfinite(l) for l in col(out, 'loss'))
 
+# --- where the LoRA goes (lora_layers), and LoRA+ -------------------------------------------------------------
+
+@pytest.mark.parametrize('key', ['sd1', 'sdxl', 'flux'])
+def test_transformer_layers_put_the_lora_on_every_linear_layer_of_the_blocks_in_each_family(data, tmp_path, key):
+    """lora_layers 'transformer' with train_text_encoder: a LoRA on the blocks' attention, feed-forward (and the UNet's in and out projections) and on the CLIP
+    encoders' MLPs; the results load, and the kohya file loads through diffusers' converters to the same model (FLUX.1's: its keys name every layer trained,
+    as ComfyUI's map of FLUX.1 reads them; diffusers' converter of that layout knows attention layers only)"""
+    import diffusers
+    from safetensors.torch import load_file
+    from cerebrium_ft.families import FAMILIES, TEXT_BLOCK_TARGETS
+    family, model = FAMILIES[key], str(build_tiny_pipeline(tmp_path/key, family=key))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=6, learning_rate=1e-2, lora_layers='transformer', train_text_encoder=True, mixed_precision='no')),
+                  tmp_path/'run', progress=False)
+    lora = manifest(out)['lora']
+    assert lora['targets'] == list(family.block_targets) and lora['text_encoder_targets'] == list(TEXT_BLOCK_TARGETS)
+    keys = load_file(out/lora['weights']).keys()
+    for layer in ('ff.net.0.proj', 'ff.net.2', *(('ff_context.net.0.proj', 'ff_context.net.2') if key == 'flux' else ('proj_in', 'proj_out')), 'mlp.fc1', 'mlp.fc2'):
+        assert any(f'.{layer}.lora' in k for k in keys), layer
+    if key != 'flux': return loads_as_trained(out, model, getattr(diffusers, family.pipeline))
+    assert type(load_pipeline(out, device='cpu')) is diffusers.FluxPipeline
+    trained = {k.split('.', 1)[1].rsplit('.lora', 1)[0] for k in keys if k.startswith('transformer.')}
+    named = {k.split('.')[0] for k in load_file(out/'lora_kohya.safetensors') if k.startswith('lora_transformer_')}
+    assert named == {'lora_transformer_' + m.replace('.', '_') for m in trained} and any('ff_context_net_2' in k for k in named)
+
+def test_lora_layers_by_name(model, data, tmp_path, no_loading):
+    "Module names put the LoRA on those layers alone; a name the denoiser has no layer for is refused from its config, before any model loads"
+    with pytest.raises(T.TrainingError, match=r"lora_layers names 'attn3': no linear or convolution layer of .*'s unet is called so; name some of to_q, .*ff\.net\.0\.proj"):
+        T.train(spec(model, data, training_args=dict(lora_layers='to_q,attn3')), tmp_path/'o')
+    assert not (tmp_path/'o').exists()
+
+def test_lora_layers_by_name_train_those_layers(model, data, tmp_path):
+    from safetensors.torch import load_file
+    out = run(model, data, tmp_path, lora_layers='to_v, ff.net.2', max_train_steps=1)
+    assert manifest(out)['lora']['targets'] == ['to_v', 'ff.net.2']
+    assert {k.split('.lora')[0].rsplit('.', 1)[-1] for k in load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')} == {'to_v', '2'}
+
+def test_loraplus_lr_ratio_moves_the_up_matrices_that_many_times_as_fast(model, data, tmp_path):
+    "LoRA+ at 16: in the same steps each LoRA's up matrix (zero at the start) goes 16 times as far, the denoiser's and the text encoder's; the rate logged is the base one"
+    from safetensors.torch import load_file
+    def ups(out):
+        w = load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+        norm = lambda part: torch.cat([v.ravel() for k, v in w.items() if k.startswith(part) and ('lora.up' in k or 'lora_B' in k or 'up.weight' in k)]).norm().item()
+        return norm('unet.'), norm('text_encoder.')
+    runs = {r: run(model, data, tmp_path, f"ratio{r}", max_train_steps=3, learning_rate=1e-4, use_8bit_adam=False, train_text_encoder=True, mixed_precision='no',
+                   **({'loraplus_lr_ratio': r} if r else {})) for r in (None, 16)}
+    (unet, text), (unet16, text16) = ups(runs[None]), ups(runs[16])
+    assert 14 < unet16 / unet < 18 and 14 < text16 / text < 18, (unet16 / unet, text16 / text)  # AdamW's steps are about the rate in size, whatever the gradient
+    assert col(runs[16], 'lr') == [1e-4] * 3 and 'LoRA+: the LoRAs\' up matrices learn at 16 times' in (runs[16]/'logs.txt').read_text()
+
 @pytest.fixture(scope='module')
 def shapes(tmp_path_factory):
     "Six photos of the robot: two portrait (60x96), two landscape (96x60), two square; and a folder of two square class images"
