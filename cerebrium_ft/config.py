@@ -13,10 +13,10 @@ from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'ALIASES', 'MAX_JSON_DEPTH', 'MOVED_MODELS',
-           'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value', 'Checked', 'SeedSettings',
-           'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id',
-           'model_problem', 'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'ALIASES', 'LORA_LAYER_CHOICES',
+           'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
+           'Checked', 'SeedSettings', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
+           'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -171,13 +171,15 @@ class SeedSettings(Checked):
     use_8bit_adam:bool = Field(True, description="Use 8-bit AdamW from bitsandbytes (plain AdamW where it cannot run)")
 
 # %% ../nbs/00_config.ipynb #89b87f9f
+LORA_LAYER_CHOICES = ('attention', 'transformer') # lora_layers' named choices (module names are the other way to give it)
+
 class TrainingSettings(SeedSettings):
     "Training kwargs: the original fine-tuner's table with its defaults (`SeedSettings`), plus the trainer's own settings"
     model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
     resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL and FLUX.1)")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of each layer the LoRA is on (lora_layers: the denoiser's attention projections unless it says more)")
-    lora_layers:str = Field("attention", min_length=1, max_length=2000, description='Which of the denoiser\'s layers get a LoRA: "attention" (its attention projections, as the original and the diffusers DreamBooth examples), "transformer" (every linear layer of its transformer blocks: attention, feed-forward, the blocks\' in and out projections, as kohya\'s LoRA; with train_text_encoder the text encoders\' MLPs too; learns more in a step), or module names, comma-separated (diffusers\' --lora_layers, e.g. "to_q,to_v,ff.net.2")')
+    lora_layers:str = Field("attention", min_length=1, max_length=2000, examples=list(LORA_LAYER_CHOICES), description='Which of the denoiser\'s layers get a LoRA: "attention" (its attention projections, as the original and the diffusers DreamBooth examples), "transformer" (every linear layer of its transformer blocks: attention, feed-forward, the blocks\' in and out projections, as kohya\'s LoRA; with train_text_encoder the text encoders\' MLPs too; learns more in a step), or module names, comma-separated (diffusers\' --lora_layers, e.g. "to_q,to_v,ff.net.2")')
     loraplus_lr_ratio:Optional[float] = Field(None, ge=1.0, le=1000.0, description="LoRA+ (kohya's loraplus_lr_ratio): each LoRA's up (B) matrix learns at this many times the learning rate of its down (A) matrix, which the LoRA+ paper finds learns faster (16 is its and kohya's suggestion; lower it if the loss jumps); None: one rate for both")
     train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's, FLUX.1's CLIP and not its T5): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
     text_encoder_lr:Optional[float] = Field(None, ge=1e-8, le=1.0, description="Learning rate of the text encoders' LoRA, with train_text_encoder (kohya's and diffusers' text_encoder_lr); None means learning_rate")
@@ -244,7 +246,7 @@ class TrainingSettings(SeedSettings):
     @classmethod
     def _layers(cls, v:str) -> str:
         v = v.strip()
-        if v in ('attention', 'transformer'): return v
+        if v in LORA_LAYER_CHOICES: return v
         names = [n.strip() for n in v.split(',') if n.strip()]
         if not names or (bad := next((n for n in names if not re.fullmatch(r'[A-Za-z_]\w*(\.\w+)*', n)), None)) is not None:
             raise ValueError(f'lora_layers must be "attention", "transformer" or module names separated by commas (e.g. "to_q,to_v,ff.net.2"); got {_short(v if not names else bad)}')

@@ -227,6 +227,7 @@ class FakeHub:
     def __init__(self):
         self.calls, self.commits, self.lfs, self.repos, self.branches, self.created = [], [], {}, {}, {}, []  # lfs: sha256 -> the bytes uploaded; repos: id -> folder; branches: id -> names; created: the repo creation requests
         self.delay = 0.0  # seconds each file download waits before its bytes: a slow network
+        self.listings_fail = False  # answer the repo listings (model_info, the file tree) with 503, as a Hub having trouble does; files still download
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _hub_handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_port}"
     env = property(lambda s: {'HF_ENDPOINT': s.url, 'HF_HUB_DISABLE_XET': '1'}, doc="what a subprocess needs in its environment to push here")
@@ -263,6 +264,7 @@ def _hub_handler(hub:FakeHub):
             self._download(body=True)
         def _listing(self, path:str):  # GET /api/models/{repo}[/revision/{revision}] (repo_info, model_info) or /api/models/{repo}/tree/{revision} (snapshot_download)
             hub.calls.append(f"GET {path}")
+            if hub.listings_fail: return self._json(503, {'error': 'Service Unavailable'})
             repo, tree = re.match(r'^(.+?)(?:/(revision|tree)/.+)?$', path[len('/api/models/'):]).groups()
             if repo not in hub.repos:  # as the Hub answers: the error code is what huggingface_hub reads
                 self.send_response(404); self.send_header('X-Error-Code', 'RepoNotFound'); self.send_header('Content-Length', '0'); return self.end_headers()

@@ -34,8 +34,8 @@ def _when_empty(description:str) -> str:
 
 def setting_widget(name:str, prop:dict) -> W.Widget:
     """The widget of setting `name` from its JSON Schema property `prop`: a dropdown of its choices, a checkbox, a number box held
-    to its limits, a text box (when it may be left empty: a number that may be None) or, for a list of prompts, a box of one per
-    line; its description is the tooltip"""
+    to its limits, a text box (when it may be left empty: a number that may be None; offering the schema's examples where it has
+    them, anything else typed in still taken) or, for a list of prompts, a box of one per line; its description is the tooltip"""
     t, nullable = _without_null(prop)
     tip = prop.get('description', '')
     kw = dict(description=name, tooltip=tip, style={'description_width': '170px'}, layout=W.Layout(width='360px'))
@@ -45,6 +45,7 @@ def setting_widget(name:str, prop:dict) -> W.Widget:
         box = W.BoundedIntText if t['type'] == 'integer' else W.BoundedFloatText
         return box(value=prop['default'], min=t['minimum'], max=t['maximum'], **kw)
     if t['type'] == 'array': return W.Textarea(value='', placeholder=f"{_when_empty(tip)}; several: one per line", rows=2, **kw)
+    if prop.get('examples'): return W.Combobox(options=[str(x) for x in prop['examples']], value=str(prop['default']), ensure_option=False, **kw)
     return W.Text(value='' if prop.get('default') is None else str(prop['default']), placeholder=_when_empty(tip), **kw)
 
 def setting_widgets() -> dict:

@@ -634,15 +634,21 @@ def test_a_base_model_from_the_hub_downloads_with_its_progress_then_trains(model
     out, phases = tmp_path/'run', set()
     ta = dict(resolution=64, max_train_steps=2, num_validation_images=0, mixed_precision='no')
     env = {**os.environ, **hub.env, 'HF_HOME': str(tmp_path/'hf')}
+    train = lambda out: subprocess.Popen([sys.executable, '-m', 'cerebrium_ft.cli', 'train', 'robot', 'me/tiny-sd', str(data), 'a photo of sks robot', '--output', str(out),
+                                          '--training-args', json.dumps(ta)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        p = subprocess.Popen([sys.executable, '-m', 'cerebrium_ft.cli', 'train', 'robot', 'me/tiny-sd', str(data), 'a photo of sks robot', '--output', str(out),
-                              '--training-args', json.dumps(ta)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        p = train(out)
         while p.poll() is None:
             try: pr = json.loads((out/'progress.json').read_text()); phases.add((pr['phase'], pr['total']))
             except (OSError, ValueError): pass
             time.sleep(0.05)
         _, err = p.communicate()
+        hub.listings_fail, hub.calls[:] = True, []  # the Hub then in trouble: its file list fails (503), its files still come
+        again = train(tmp_path/'again'); _, err2 = again.communicate(timeout=600)
     finally: hub.stop()
+    assert again.returncode == 0, err2  # trained from the local cache, after saying so
+    assert 'cannot read the file list of me/tiny-sd from the Hugging Face Hub (HfHubHTTPError' in err2 and 'loading from what the local Hub cache holds' in err2, err2
+    assert not any(c.startswith('GET ') and '/resolve/' in c and c.endswith('.safetensors') for c in hub.calls), hub.calls  # no weights fetched again
     assert p.returncode == 0, err
     mb = sum(f.stat().st_size for f in Path(model).rglob('*') if f.is_file() and f.relative_to(model).parts[0] != '_tokenizer_src') >> 20
     assert ('downloading', mb) in phases and ('training', 2) in phases, phases  # its size in MB, then the steps
