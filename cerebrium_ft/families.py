@@ -10,17 +10,17 @@ import json, os, re, socket
 from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
+from .config import LORA_LAYER_CHOICES
 from pathlib import Path
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'FLUX_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'FLUX_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS',
-           'LORA_LAYERS', 'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'lora_targets',
-           'text_lora_targets', 'unmatched_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'read_config',
-           'ModelInfo', 'model_family', 'resolution_for', 'model_parts', 'model_files', 'download_model',
-           'kohya_base_model', 'text_encoders', 'denoiser_of', 'load_parts', 'lora_layers_problem', 'encode_prompts',
-           'encode_text', 'size_conditioning', 'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights',
-           'latent_image_ids', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
-           'assemble_pipeline', 'prompt_kwargs']
+           'FAMILIES', 'FLUX_GUIDANCE', 'Family', 'trained_families', 'lora_targets', 'text_lora_targets',
+           'unmatched_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'read_config', 'ModelInfo',
+           'model_family', 'resolution_for', 'model_parts', 'model_files', 'download_model', 'kohya_base_model',
+           'text_encoders', 'denoiser_of', 'load_parts', 'lora_layers_problem', 'encode_prompts', 'encode_text',
+           'size_conditioning', 'prompt_tokens', 'denoiser_inputs', 'noised', 'snr_weights', 'latent_image_ids',
+           'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs']
 
 # %% ../nbs/00a_families.ipynb #1661d7f9
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -29,7 +29,6 @@ TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj") # a CLIP text encoder'
 UNET_BLOCK_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out") # every linear layer of the UNet's transformer blocks, as kohya's LoRA: attention, feed-forward, the blocks' in and out projections
 FLUX_BLOCK_TARGETS = FLUX_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2") # and FLUX.1's feed-forwards of both streams, as diffusers' Flux example
 TEXT_BLOCK_TARGETS = TEXT_TARGETS + ("fc1", "fc2") # and a CLIP text encoder's MLPs, as kohya's
-LORA_LAYERS = ('attention', 'transformer') # lora_layers' named choices: the attention projections, or every linear layer of the transformer blocks
 
 @dataclass(frozen=True)
 class Family:
@@ -78,7 +77,7 @@ def text_lora_targets(lora_layers:str='attention') -> tuple:
 def unmatched_targets(module, targets) -> list[str]:
     "The names of `targets` that match no linear or convolution layer of `module` (PEFT matches a name to a module whose dotted name is it or ends with it)"
     import torch.nn as nn
-    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) or type(m).__name__.startswith('Linear')]  # bitsandbytes' Linear8bitLt, Linear4bit
+    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # bitsandbytes' quantized linears are nn.Linear too
     return [t for t in targets if not any(n == t or n.endswith('.' + t) for n in layers)]
 
 
@@ -244,7 +243,7 @@ def load_parts(model:str, revision:str, family:Family, quantize:str='none', dtyp
 # %% ../nbs/00a_families.ipynb #2d5b1c15
 def lora_layers_problem(model:str, revision:str, family:Family, lora_layers:str) -> str|None:
     "What is wrong with `lora_layers` (module names) for pipeline `model`: the names its denoiser has no layer for, found from the denoiser's config.json without its weights; None if nothing is"
-    if lora_layers in LORA_LAYERS: return None
+    if lora_layers in LORA_LAYER_CHOICES: return None
     import diffusers, torch
     try: cfg = read_config(model, f'{family.denoiser}/config.json', revision)
     except FamilyError: return None  # loading the model says what is wrong with it

@@ -421,7 +421,7 @@ def test_lora_layers_by_name(model, data, tmp_path, no_loading):
 
 def test_lora_layers_by_name_train_those_layers(model, data, tmp_path):
     from safetensors.torch import load_file
-    out = run(model, data, tmp_path, lora_layers='to_v, ff.net.2', max_train_steps=1)
+    out = run(model, data, tmp_path, lora_layers='to_v, ff.net.2', max_train_steps=1, mixed_precision='no')
     assert manifest(out)['lora']['targets'] == ['to_v', 'ff.net.2']
     assert {k.split('.lora')[0].rsplit('.', 1)[-1] for k in load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')} == {'to_v', '2'}
 
@@ -698,8 +698,11 @@ def test_a_run_with_text_encoder_lora_resumes_exactly(model, data, tmp_path, mon
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 @pytest.mark.parametrize('precision', ['bf16', 'fp16'])
-def test_train_text_encoder_in_mixed_precision(model, data, tmp_path, monkeypatch, request, precision):
-    "train_text_encoder under bf16 (what 'auto' picks on AMX CPUs and most GPUs) and fp16 with loss scaling (GPUs without bf16), forced whatever this CPU is: the text LoRA trains in fp32 over weights in the run's precision, the losses stay finite and the LoRA moves"
+@pytest.mark.parametrize('layers', [{}, dict(lora_layers='transformer', loraplus_lr_ratio=4)])
+def test_train_text_encoder_in_mixed_precision(model, data, tmp_path, monkeypatch, request, precision, layers):
+    """train_text_encoder under bf16 (what 'auto' picks on AMX CPUs and most GPUs) and fp16 with loss scaling (GPUs without bf16), forced whatever this CPU is:
+    the text LoRA trains in fp32 over weights in the run's precision, the losses stay finite and the LoRA moves; also with the LoRA on every layer of the blocks
+    (the UNet's 1x1-convolution proj_in among them, and CLIP's MLPs) and LoRA+"""
     from cerebrium_ft import speed
     from safetensors.torch import load_file
     monkeypatch.setattr(speed, 'cpu_has_bf16', lambda: True)  # bf16 runs (emulated where the CPU has no bf16)
@@ -708,10 +711,14 @@ def test_train_text_encoder_in_mixed_precision(model, data, tmp_path, monkeypatc
     def recorded(self):
         setup(self)
         enc = self.encoders['text_encoder']
-        dtypes.update(lora={p.dtype for p in self.text_params}, base={p.dtype for n, p in enc.named_parameters() if 'lora' not in n})
+        dtypes.update(lora={p.dtype for p in self.params}, base={p.dtype for m in (enc, self.denoiser) for n, p in m.named_parameters() if 'lora' not in n})
     monkeypatch.setattr(T.Training, 'setup_models', recorded)
-    out = run(model, data, tmp_path, precision, max_train_steps=6, learning_rate=1e-2, train_text_encoder=True, mixed_precision=precision, num_validation_images=0)
+    out = run(model, data, tmp_path, precision, max_train_steps=6, learning_rate=1e-2, train_text_encoder=True, mixed_precision=precision, num_validation_images=0, **layers)
     assert manifest(out)['precision'] == precision and all(math.isfinite(l) for l in col(out, 'loss'))
     assert dtypes == dict(lora={torch.float32}, base={getattr(torch, {'bf16': 'bfloat16', 'fp16': 'float16'}[precision])}), dtypes
-    ups = [v for k, v in load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors').items() if k.startswith('text_encoder.') and '.up.' in k]
-    assert ups and any(v.abs().max() > 0 for v in ups)  # the text encoder's LoRA left its zero start
+    w = load_file(out/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors')
+    ups = lambda part: [v for k, v in w.items() if k.startswith(part) and ('.up.' in k or '.lora_B.' in k)]
+    assert ups('text_encoder.') and any(v.abs().max() > 0 for v in ups('text_encoder.'))  # the text encoder's LoRA left its zero start
+    if layers:  # a 1x1 convolution's LoRA and an MLP's, each trained in fp32 under autocast
+        moved = ups('unet.down_blocks.0.attentions.0.proj_in') + ups('text_encoder.encoder.layers.0.mlp.fc1')
+        assert len(moved) == 2 and all(v.abs().max() > 0 for v in moved), [k for k in w if 'proj_in' in k or 'fc1' in k]
