@@ -13,8 +13,8 @@ from .executor import JOB_ENV, KILL_GRACE_S, end_job
 from .results import write_atomic
 
 # %% auto #0
-__all__ = ['RAY_NAMESPACE', 'SYNC_MB', 'INPUTS', 'OUTPUTS', 'LOST_NODE', 'actor_name', 'node_folder', 'job_files', 'this_node',
-           'NodeJob', 'mirror', 'RayJob', 'RayJobs']
+__all__ = ['RAY_NAMESPACE', 'SYNC_MB', 'INPUTS', 'OUTPUTS', 'LOST_NODE', 'SYNC_TRIES', 'actor_name', 'node_folder', 'job_files',
+           'this_node', 'NodeJob', 'mirror', 'RayJob', 'RayJobs']
 
 # %% ../nbs/07a_ray.ipynb #1848e0ee
 RAY_NAMESPACE = 'cerebrium-ft' # the Ray namespace of the job actors
@@ -22,6 +22,7 @@ SYNC_MB = 256 # the most one poll brings back from a node; the rest comes with t
 INPUTS = ('spec.json', 'dataset', 'class_images', 'job.log', 'results') # what a node gets of a job's folder
 OUTPUTS = ('job.log', 'results', 'results.zip') # what comes back
 LOST_NODE = 75 # the exit status a job gets when its actor is gone (its node died or was stopped)
+SYNC_TRIES = 5 # polls in a row whose call failed in a live actor before its job is given up
 
 def actor_name(job_id:str) -> str: return f"job-{job_id}"
 
@@ -30,13 +31,16 @@ def node_folder(job_id:str) -> Path:
     return Path(tempfile.gettempdir())/'cerebrium-ft-ray'/job_id
 
 def job_files(folder:Path, names) -> list[Path]:
-    "The files of `folder` under `names` (files or folders), leaving out those being written (a name starting with '.')"
+    """The files of `folder` under `names` (files or folders), leaving out those being written (a name starting with '.'). A running job
+    removes files and folders (a checkpoint that `checkpoints_total_limit` drops): one removed while it is listed is left out, not an error"""
     out = []
     for name in names:
-        p = folder/name
-        for f in [p] if p.is_file() else sorted(p.rglob('*')) if p.is_dir() else []:
-            rel = f.relative_to(folder)
-            if f.is_file() and not any(part.startswith('.') for part in rel.parts): out.append(f)
+        p, found = folder/name, []
+        if p.is_file(): out.append(p); continue
+        for root, dirs, files in os.walk(p):  # os.walk passes over a folder that is gone by the time it is read (rglob raises there)
+            dirs[:] = [d for d in dirs if not d.startswith('.')]
+            found += [Path(root)/f for f in files if not f.startswith('.')]
+        out += sorted(f for f in found if f.is_file())
     return out
 
 # %% ../nbs/07a_ray.ipynb #0679fa26
@@ -88,7 +92,8 @@ def sync(self:NodeJob, known:dict) -> dict:
     rc = self.p.poll() if self.p is not None else None  # read first: once it has ended, every file listed below is final
     files, present, room = {}, [], SYNC_MB * 2**20
     for f in job_files(self.dir, OUTPUTS):
-        rel, st = f.relative_to(self.dir).as_posix(), f.stat()
+        try: rel, st = f.relative_to(self.dir).as_posix(), f.stat()
+        except FileNotFoundError: continue  # removed since it was listed: gone from `present` too, so the server removes its copy
         sig = [st.st_size, st.st_mtime_ns]; present.append(rel)
         if known.get(rel) == sig: continue
         if st.st_size > room and files: rc = None; continue  # the next poll brings it; the end is told with everything sent
@@ -122,6 +127,7 @@ class RayJob:
     def __init__(self, actor, job_dir:Path, known:dict|None=None):
         self.actor, self.job_dir, self.known = actor, job_dir, known if known is not None else {}
         self.pid, self.node, self.rc, self.pending, self.started = None, None, None, None, time.time()
+        self.failed_polls = 0  # in a row
 
 class RayJobs:
     "The engine that runs each job as a detached actor on the Ray cluster at `address` (None: $RAY_ADDRESS, else a Ray of this process's own)"
@@ -163,11 +169,28 @@ def poll(self:RayJobs, h:RayJob) -> int|None:
     if h.pending is None: h.pending = h.actor.sync.remote(h.known)
     if not self.ray.wait([h.pending], timeout=0)[0]: return None
     try: reply = self.ray.get(h.pending)
+    except (self.ray.exceptions.RayTaskError, self.ray.exceptions.ActorUnavailableError) as e: return self._failed_poll(h, e)  # the actor is there
     except self.ray.exceptions.RayError as e: return self._lost(h, e)
     finally: h.pending = None
+    h.failed_polls = 0
     if 'pid' in reply: h.pid, h.node = reply['pid'], reply['node']; return None  # the start's reply
     mirror(h.job_dir, reply, h.known)
     h.rc = reply['rc']
+    return h.rc
+
+@patch
+def _failed_poll(self:RayJobs, h:RayJob, e:Exception) -> int|None:
+    """A call to a live actor failed (it raised, or Ray could not reach it for a moment): the next poll asks again, up to `SYNC_TRIES` in
+    a row; a start that failed ends the job at once. An actor Ray still cannot reach after that is taken for lost (its node's death is
+    reported as that first)"""
+    h.failed_polls += 1
+    if h.pid is not None and h.failed_polls < SYNC_TRIES: return None
+    if isinstance(e, self.ray.exceptions.ActorUnavailableError): return self._lost(h, e)
+    cause = getattr(e, 'cause', None) or e
+    what = "run-job could not be started on its Ray node" if h.pid is None else f"the job's files could not be brought back from its Ray node ({SYNC_TRIES} tries in a row)"
+    with open(h.job_dir/'job.log', 'a') as log:
+        log.write(f"cerebrium-ft run-job: {what}: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}; submit the job again\n")
+    h.rc = LOST_NODE
     return h.rc
 
 @patch

@@ -906,17 +906,20 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
         prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
-    with self.accelerator.autocast():  # text encoders that train encode here, their LoRA in fp32 over weights in the run's precision
-        cond = {**{k: v for k, v in self.prompt_conditioning(prompt).items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's
-        if ci is not None:
-            cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
-            cls_cond = {**{k: v for k, v in self.prompt_conditioning(torch.full_like(ci, self.cls_prompt)).items() if k not in cls_extra}, **cls_extra}
-            if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
-            else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
-    with self.accelerator.autocast(), training_attention(self.device):
-        losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
-                                self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
-    if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
+    # the whole step under one choice of attention kernels: a backward pass that recomputes the forward (gradient checkpointing) must pick the
+    # kernels the forward picked, or their saved tensors differ (CheckpointError on CUDA, where cuDNN's kernel is the default one)
+    with training_attention(self.device):
+        with self.accelerator.autocast():  # text encoders that train encode here, their LoRA in fp32 over weights in the run's precision
+            cond = {**{k: v for k, v in self.prompt_conditioning(prompt).items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's
+            if ci is not None:
+                cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
+                cls_cond = {**{k: v for k, v in self.prompt_conditioning(torch.full_like(ci, self.cls_prompt)).items() if k not in cls_extra}, **cls_extra}
+                if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
+                else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
+        with self.accelerator.autocast():
+            losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
+                                    self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
+        if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
     return losses
 
 @patch

@@ -69,6 +69,19 @@ def test_each_family_trains_in_each_precision_on_the_gpu(models, data, tmp_path,
     assert all(math.isfinite(l) for l in ls), ls
     lora_changes_the_gpu_pipeline(out)
 
+@pytest.mark.parametrize('family, precision', [('sd1', 'fp16'), ('sdxl', 'bf16'), ('flux', 'bf16')])
+def test_transformer_layers_text_encoder_lora_and_loraplus_train_on_the_gpu(models, data, tmp_path, family, precision):
+    """The quality levers together in the GPU's precision with 8-bit AdamW: lora_layers 'transformer' (the feed-forward, the UNet's 1x1 or linear
+    projections), the text encoders' LoRA on their MLPs too, LoRA+ at 4: finite losses, every layer named in the manifest, results that load and draw"""
+    from cerebrium_ft.families import FAMILIES, TEXT_BLOCK_TARGETS
+    out = T.train(spec(models(family), data, max_train_steps=20, learning_rate=1e-3, num_validation_images=1, validation_epochs=10, mixed_precision=precision,
+                       lora_layers='transformer', train_text_encoder=True, loraplus_lr_ratio=4), tmp_path/'run', device=GPU, progress=False)
+    m, ls = manifest(out), losses(out)
+    assert (m['precision'], m['optimizer'], m['steps']) == (precision, 'AdamW8bit', 20)
+    assert m['lora']['targets'] == list(FAMILIES[family].block_targets) and m['lora']['text_encoder_targets'] == list(TEXT_BLOCK_TARGETS)
+    assert all(math.isfinite(l) for l in ls), ls
+    lora_changes_the_gpu_pipeline(out)
+
 @pytest.mark.parametrize('family, quantization', [('flux', 'nf4'), ('flux', '8bit'), ('sdxl', 'nf4'), ('sd1', 'nf4')])
 def test_qlora_trains_over_a_quantized_base_and_loads_on_the_full_one(models, data, tmp_path, family, quantization, monkeypatch):
     """base_quantization: bitsandbytes' 4- or 8-bit layers carry the frozen denoiser, the LoRA trains over them (with gradient

@@ -115,7 +115,8 @@ def test_cancel_and_a_lost_node_end_a_job_on_its_node(ray_server, tiny_model, da
     j = wait_for(ray_server, lost, lambda j: j['status'] != 'running', timeout=120)
     assert j['status'] == 'failed' and 'the Ray actor running the job is gone (its node died or was stopped)' in j['error'], j
     wait_for(ray_server, lost, lambda j: not job_processes(folder_of(ray_server, lost)), timeout=30)  # its training ended with its actor
-    assert job(ray_server, head)['status'] == 'running'
+    kept = job(ray_server, head)
+    assert kept['status'] == 'running', (kept, run_cli('check-job-status', head, ray_server.key, '--include-logs', '--url', ray_server.url).stdout[-3000:])
     assert json.loads(run_cli('cancel-job', head, ray_server.key, '--url', ray_server.url, '--json').stdout)['status'] == 'cancelled'
 
 def test_serve_says_what_is_wrong_with_its_ray_options(tmp_path):

@@ -389,6 +389,26 @@ def test_sdxl_and_flux_train_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path, fam
     assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', family, 4)
     assert all(math.isfinite(l) for l in col(out, 'loss'))
 
+def test_the_backward_pass_recomputes_attention_under_the_kernels_of_the_forward(model, data, tmp_path, monkeypatch):
+    """With gradient checkpointing the backward pass runs the denoiser's forward again: it must do so under the same choice of attention
+    kernels (`training_attention`, which on CUDA leaves out cuDNN's), or the recomputed tensors differ from the saved ones (CheckpointError,
+    seen on an H200). A marker stands in for the kernel choice on this CPU: every attention that builds a graph runs inside it"""
+    import contextlib, torch.nn.functional as F
+    inside, calls, sdpa = [False], [], F.scaled_dot_product_attention
+    @contextlib.contextmanager
+    def marked(device):
+        inside[0] = True
+        try: yield
+        finally: inside[0] = False
+    def recorded(*a, **k):
+        if torch.is_grad_enabled(): calls.append((inside[0], torch._C._current_graph_task_id() != -1))  # (under the choice, in a backward pass)
+        return sdpa(*a, **k)
+    monkeypatch.setattr(T, 'training_attention', marked)
+    monkeypatch.setattr(F, 'scaled_dot_product_attention', recorded)
+    run(model, data, tmp_path, max_train_steps=2, mixed_precision='no', gradient_checkpointing=True, num_validation_images=0)
+    assert any(backward for _, backward in calls), calls  # the recomputation ran
+    assert all(chosen for chosen, _ in calls), calls
+
 # --- where the LoRA goes (lora_layers), and LoRA+ -------------------------------------------------------------
 
 @pytest.mark.parametrize('key', ['sd1', 'sdxl', 'flux'])

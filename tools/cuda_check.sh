@@ -34,7 +34,7 @@ timeout "${SD15_S:-200}" bash -c "$py -c \"from cerebrium_ft.testing import buil
 [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 
 want sdxl && { echo "== 3. SDXL's architecture, 1024 px, batch 1: ours alone"
-timeout "${SDXL_S:-170}" bash -c "$py -c \"from cerebrium_ft.testing import build_tiny_pipeline, SDXL_ARCHITECTURE as A; build_tiny_pipeline('$models/sdxl', family='sdxl', **A)\" &&
+timeout "${SDXL_S:-360}" bash -c "$py -c \"from cerebrium_ft.testing import build_tiny_pipeline, SDXL_ARCHITECTURE as A; build_tiny_pipeline('$models/sdxl', family='sdxl', **A)\" &&
   $py tools/benchmark.py --models '$models/sdxl' --resolution 1024 --batch 1 --steps 20 --no-reference --no-fp32-check --raw '$log/bench.jsonl'" 2>&1 | tee "$log/bench-sdxl.log"
 [ "${PIPESTATUS[0]}" = 0 ] || status=1; }
 exit $status
