@@ -699,10 +699,12 @@ def test_train_text_encoder_puts_a_lora_on_each_text_encoder_with_its_own_learni
     with torch.no_grad(): assert not torch.allclose(base.text_encoder(ids)[0], tuned.text_encoder(ids)[0])  # the loaded text encoder is the trained one
     loads_as_trained(out, model, cls)  # the kohya file (lora_te_, or lora_te1_ and lora_te2_ keys) draws what the results draw
 
-def test_a_run_with_text_encoder_lora_resumes_exactly(model, data, tmp_path, monkeypatch):
-    "The text encoders' LoRA is in the resumable state: a run stopped after step 5 and resumed from step 3 ends as the uninterrupted run"
+@pytest.mark.parametrize('levers', [{}, dict(lora_layers='transformer', loraplus_lr_ratio=4)])
+def test_a_run_with_text_encoder_lora_resumes_exactly(model, data, tmp_path, monkeypatch, levers):
+    """The text encoders' LoRA is in the resumable state: a run stopped after step 5 and resumed from step 3 ends as the uninterrupted run;
+    also with the LoRA on every layer of the blocks and LoRA+ (an optimizer of four groups, each part's down and up matrices)"""
     from safetensors.torch import load_file
-    ta = dict(max_train_steps=9, checkpointing_steps=3, train_text_encoder=True, mixed_precision='no', learning_rate=1e-2, num_validation_images=0)
+    ta = dict(max_train_steps=9, checkpointing_steps=3, train_text_encoder=True, mixed_precision='no', learning_rate=1e-2, num_validation_images=0, **levers)
     whole = T.train(spec(model, data, training_args=ta), tmp_path/'whole', progress=False)
     real = T.Training.optimizer_step
     def stopped(self, *a):
