@@ -194,7 +194,7 @@ def _start(self:Executor, j:dict):
     except OSError as e:
         self._give_back(gpus)
         return self._finish(j['id'], 'failed', dict(error=f"the job process could not start: {type(e).__name__}: {e}"))
-    h.stall, h.seen, h.gpus = False, None, gpus
+    h.stall, h.seen, h.gpus = None, None, gpus
     self.running[j['id']] = h
     self.store.started(j['id'], h.pid, ','.join(gpus) if gpus else None)
 
@@ -231,7 +231,7 @@ def _watch(self:Executor, jid:str, h):
     "Record a job's progress; stop it if it stalled; record its end, then let go of it"
     self._read_progress(jid, h)
     rc = self.engine.poll(h)
-    if rc is None and self._stalled(jid, h): self.engine.end(h); rc, h.stall = self.engine.poll(h), True
+    if rc is None and self._stalled(jid, h): self.engine.end(h); rc, h.stall = self.engine.poll(h), self._stall_error(h)
     if rc is None: return
     self._settle(jid, rc, h.stall)
     self._let_go(jid)
@@ -242,6 +242,13 @@ def _stalled(self:Executor, jid:str, h) -> bool:
     d = self.job_dir(jid)
     seen = [h.started] + [f.stat().st_mtime for f in (d/'job.log', RunDir(d/'results').progress) if f.exists()]
     return time.time() - max(seen) > self.stall_s
+
+@patch
+def _stall_error(self:Executor, h) -> str:
+    "Why a job was stopped for showing no progress: the engine's reason where it knows one (a Ray job that no node took), else the silence itself"
+    waited = f"{round(self.stall_s / 60, 2):g} minutes"
+    reason = self.engine.stall_reason(h, waited) if hasattr(self.engine, 'stall_reason') else None
+    return reason or f"the job showed no progress for {waited} and was stopped (serve --stall-minutes allows longer)"
 
 @patch
 def _read_progress(self:Executor, jid:str, h=None):
@@ -265,14 +272,14 @@ def _best_field(b) -> str|None:
     return json.dumps(dict(checkpoint=b['checkpoint'][:32], step=b['step'], score=b['score'], latest=b['latest'][:32], latest_score=b['latest_score']))
 
 @patch
-def _settle(self:Executor, jid:str, rc:int, stalled:bool=False):
-    "Record how job `jid`'s process ended (raises if the database write fails: the caller keeps it)"
+def _settle(self:Executor, jid:str, rc:int, stalled:str|None=None):
+    "Record how job `jid`'s process ended, `stalled` the error of one stopped for showing no progress (raises if the database write fails: the caller keeps it)"
     j = self.store.row(jid)
     if j is None or j['status'] != 'running': return
     d = self.job_dir(jid)
     self._read_progress(jid)
     if j['cancel_requested']: status, fields = 'cancelled', {}
-    elif stalled: status, fields = 'failed', dict(error=f"the job showed no progress for {self.stall_s / 60:.0f} minutes and was stopped (serve --stall-minutes allows longer)")
+    elif stalled: status, fields = 'failed', dict(error=stalled)
     elif rc == 0 and (d/'results.zip').is_file(): status, fields = 'succeeded', dict(phase='done', error=None)
     else: status, fields = 'failed', dict(error=_failure_reason(d/'job.log', rc))
     self.store.finish(jid, status, **fields)

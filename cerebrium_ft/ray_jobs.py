@@ -14,7 +14,7 @@ from .results import write_atomic
 
 # %% auto #0
 __all__ = ['RAY_NAMESPACE', 'SYNC_MB', 'INPUTS', 'OUTPUTS', 'LOST_NODE', 'SYNC_TRIES', 'actor_name', 'node_folder', 'job_files',
-           'this_node', 'NodeJob', 'mirror', 'RayJob', 'RayJobs']
+           'this_node', 'NodeJob', 'mirror', 'placement_problem', 'RayJob', 'RayJobs']
 
 # %% ../nbs/07a_ray.ipynb #1848e0ee
 RAY_NAMESPACE = 'cerebrium-ft' # the Ray namespace of the job actors
@@ -122,12 +122,21 @@ def mirror(job_dir:Path, reply:dict, known:dict):
         (job_dir/rel).unlink(missing_ok=True); known.pop(rel)
 
 # %% ../nbs/07a_ray.ipynb #401610a5
+def placement_problem(nodes:list[dict], gpus:int) -> str|None:
+    "Why no node of a Ray cluster as it stands (`nodes`: what `ray.nodes()` says) could ever take a job's actor (a CPU and `gpus` GPUs); None when one could"
+    alive = [n.get('Resources') or {} for n in nodes if n.get('Alive')]
+    if any(r.get('CPU', 0) >= 1 and r.get('GPU', 0) >= gpus for r in alive): return None
+    if not gpus or not any(r.get('CPU', 0) >= 1 for r in alive): return "no node of the cluster has a CPU for it"
+    most = max(int(r.get('GPU', 0)) for r in alive if r.get('CPU', 0) >= 1)
+    return f"it asks for {gpus} GPUs, and no node of the cluster has that many (the most on one node: {most})"
+
 class RayJob:
     "The executor's handle of a job on Ray: its actor, its folder on the server, what came back of it, and its exit status once known"
     def __init__(self, actor, job_dir:Path, known:dict|None=None):
         self.actor, self.job_dir, self.known = actor, job_dir, known if known is not None else {}
         self.pid, self.node, self.rc, self.pending, self.started = None, None, None, None, time.time()
         self.failed_polls = 0  # in a row
+        self.asks, self.unplaceable = 0, None  # the GPUs its actor asks for; why no node could take it when it started, if none could
 
 class RayJobs:
     "The engine that runs each job as a detached actor on the Ray cluster at `address` (None: $RAY_ADDRESS, else a Ray of this process's own)"
@@ -148,17 +157,20 @@ class RayJobs:
 
     def start(self, job_dir:Path, attempt:int, gpus:list[str]|None=None) -> RayJob:
         "Ask Ray for the job's actor (1 CPU, and the job's GPUs where the cluster has GPUs) and for its start; Ray places it when a node has room"
-        n = json.loads((job_dir/'spec.json').read_text()).get('training_args', {}).get('gpus', 1)
+        n = json.loads((job_dir/'spec.json').read_text()).get('training_args', {}).get('gpus', 1) if self.ray.cluster_resources().get('GPU', 0) else 0
         self._kill(actor_name(job_dir.name))  # an actor of an earlier attempt, if one is left
+        if problem := placement_problem(self.ray.nodes(), n):  # Ray waits for a node that fits (an autoscaler may add one): the log says so, before it goes to the node
+            with open(job_dir/'job.log', 'a') as log:
+                log.write(f"--- waiting for Ray to place the job: {problem}; it starts when a node with room joins the cluster (an autoscaler adds one "
+                          f"where the cluster has one); else cancel it and submit it asking for fewer gpus\n")
         files = self.ray.put({f.relative_to(job_dir).as_posix(): f.read_bytes() for f in job_files(job_dir, INPUTS)})
-        make = self.actor_class.options(name=actor_name(job_dir.name), lifetime='detached', num_cpus=1, max_restarts=0,
-                                        num_gpus=n if self.ray.cluster_resources().get('GPU', 0) else 0)
+        make = self.actor_class.options(name=actor_name(job_dir.name), lifetime='detached', num_cpus=1, max_restarts=0, num_gpus=n)
         for wait in [0.1] * 100 + [None]:  # a killed actor's name is free again a moment later
             try: actor = make.remote(job_dir.name, files); break
             except ValueError:
                 if wait is None: raise
                 time.sleep(wait)
-        h = RayJob(actor, job_dir); h.pending = actor.start.remote(attempt)
+        h = RayJob(actor, job_dir); h.pending, h.asks, h.unplaceable = actor.start.remote(attempt), n, problem
         return h
 
 # %% ../nbs/07a_ray.ipynb #d352dedc
@@ -205,6 +217,9 @@ def _lost(self:RayJobs, h:RayJob, e:Exception) -> int:
 @patch
 def end(self:RayJobs, h:RayJob) -> str|None:
     "End the job's process tree on its node, and bring back its last files; the strongest signal it took"
+    if h.pid is None and h.pending is not None and not self.ray.wait([h.pending], timeout=0)[0]:  # no run-job yet: an actor Ray has placed nowhere
+        self._kill_actor(h.actor); h.pending, h.rc = None, LOST_NODE  # nothing ran, so nothing comes back (a call to it would wait for its placement)
+        return None
     try:
         sig = self.ray.get(h.actor.end.remote(self.grace), timeout=self.grace + 60)
         h.pending = None
@@ -213,6 +228,13 @@ def end(self:RayJobs, h:RayJob) -> str|None:
         return sig
     except self.ray.exceptions.RayError: return None  # gone already
     except TimeoutError: return None
+
+@patch
+def stall_reason(self:RayJobs, h:RayJob, waited:str) -> str|None:
+    "Why the job showed no progress for `waited` where Ray knows it: it placed the job's actor on no node (None once its run-job started)"
+    if h.pid is not None: return None
+    why = h.unplaceable or f"no node had a CPU{f' and {h.asks} GPUs' if h.asks else ''} free for it"
+    return f"Ray placed the job on no node in {waited}: {why}; submit it again once the cluster has room for it, or asking for fewer gpus"
 
 @patch
 def release(self:RayJobs, h:RayJob):

@@ -88,6 +88,22 @@ def test_a_server_killed_under_a_running_job_resumes_it_once(tmp_path, tiny_mode
         assert steps == list(range(1, 201)), steps  # each step once: the first run ended before the second began
     finally: s.stop()
 
+def test_a_job_ray_places_nowhere_fails_saying_so(tmp_path, tiny_model, data, ray_cluster):
+    """A server allowed more jobs at once than the cluster has CPUs: the third job's actor waits for a CPU that never frees. Once it has shown no
+    progress for --stall-minutes it fails saying Ray placed it on no node, and why; the other two train on"""
+    s = Server(tmp_path/'data', workers=3, model_dir=tiny_model, extra=['--executor', 'ray', '--ray-address', ray_cluster, '--stall-minutes', '0.5']).start()
+    s.key = next(w for w in s.output().split() if w.startswith('cft_'))
+    try:
+        ids = [json.loads(submit(s, tiny_model, data, steps=3000, extra=FP32).stdout)['id'] for _ in range(2)]
+        for jid in ids: wait_for(s, jid, lambda j: j['status'] == 'running' and j['step'] > 0, timeout=180)
+        waiting = json.loads(submit(s, tiny_model, data, steps=3000, extra=FP32).stdout)['id']
+        j = wait_for(s, waiting, lambda j: j['status'] not in ('queued', 'running'), timeout=120)
+        assert (j['status'], j['error']) == ('failed', "Ray placed the job on no node in 0.5 minutes: no node had a CPU free for it; "
+                                                       "submit it again once the cluster has room for it, or asking for fewer gpus"), j
+        assert [job(s, jid)['status'] for jid in ids] == ['running', 'running']
+        for jid in ids: assert json.loads(run_cli('cancel-job', jid, s.key, '--url', s.url, '--json').stdout)['status'] == 'cancelled'
+    finally: s.stop()
+
 def raylet_of(node:str) -> tuple[int, bool]:
     "The pid of the raylet of the Ray node whose id starts with `node`, and whether it is the head's"
     for p in subprocess.run(['pgrep', '-f', 'raylet/raylet'], capture_output=True, text=True).stdout.split():
