@@ -52,10 +52,15 @@ def this_node() -> str:
     except ImportError: pass
     return socket.gethostname()
 
-def _ends_with_actor():
-    "In run-job's process, before it starts: Linux kills it (SIGKILL) when the actor's process ends, however it ends (its node lost, the actor killed)"
-    import ctypes, signal
-    if sys.platform.startswith('linux'): ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+def _ends_with_actor(actor_pid:int):
+    """What run-job's process does before it starts: have Linux kill it (SIGKILL) when the actor's process `actor_pid` ends, however it
+    ends (its node lost, the actor killed), and exit at once if that happened before the signal was set (Popen's preexec_fn)"""
+    def arm():
+        import ctypes, signal
+        if not sys.platform.startswith('linux'): return
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != actor_pid: os._exit(1)  # the actor ended between the fork and here: no run-job without it
+    return arm
 
 class NodeJob:
     "A job on the Ray node that runs it: its files unpacked in `node_folder` (the spec's folders moved there), its run-job process, and what changed sent back on request"
@@ -81,7 +86,7 @@ class NodeJob:
         with open(self.dir/'job.log', 'ab') as log:
             log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}, in {self.dir}\n".encode()); log.flush()
             self.p = subprocess.Popen(self.command + [str(self.dir)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor, umask=0o077)
+                                      start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor(os.getpid()), umask=0o077)
         return dict(pid=self.p.pid, node=this_node())
 
 # %% ../nbs/07a_ray.ipynb #076b214b
@@ -217,7 +222,7 @@ def _lost(self:RayJobs, h:RayJob, e:Exception) -> int:
 @patch
 def end(self:RayJobs, h:RayJob) -> str|None:
     "End the job's process tree on its node, and bring back its last files; the strongest signal it took"
-    if h.pid is None and h.pending is not None and not self.ray.wait([h.pending], timeout=0)[0]:  # no run-job yet: an actor Ray has placed nowhere
+    if h.pid is None and h.pending is not None and not self.ray.wait([h.pending], timeout=0)[0]:  # no run-job yet: Ray placed the actor nowhere (or it is unpacking)
         self._kill_actor(h.actor); h.pending, h.rc = None, LOST_NODE  # nothing ran, so nothing comes back (a call to it would wait for its placement)
         return None
     try:
