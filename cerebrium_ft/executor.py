@@ -125,6 +125,7 @@ class LocalProcesses:
         sig = end_job(p.job_dir, p, self.grace); p.wait(); return sig
     def release(self, p): p.log.close()  # the executor has recorded its end
     def end_leftovers(self, job_dir:Path): end_job(job_dir, grace=1.0)  # what a previous server started
+    def stall_reason(self, p, waited:str) -> str|None: return None  # a child process that went silent: its silence is all there is to say
 
 # %% ../nbs/07_executor.ipynb #f6d167ee
 class _Complaints:
@@ -247,7 +248,7 @@ def _stalled(self:Executor, jid:str, h) -> bool:
 def _stall_error(self:Executor, h) -> str:
     "Why a job was stopped for showing no progress: the engine's reason where it knows one (a Ray job that no node took), else the silence itself"
     waited = f"{round(self.stall_s / 60, 2):g} minutes"
-    reason = self.engine.stall_reason(h, waited) if hasattr(self.engine, 'stall_reason') else None
+    reason = self.engine.stall_reason(h, waited)
     return reason or f"the job showed no progress for {waited} and was stopped (serve --stall-minutes allows longer)"
 
 @patch

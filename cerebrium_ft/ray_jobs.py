@@ -205,16 +205,16 @@ def _failed_poll(self:RayJobs, h:RayJob, e:Exception) -> int|None:
     if isinstance(e, self.ray.exceptions.ActorUnavailableError): return self._lost(h, e)
     cause = getattr(e, 'cause', None) or e
     what = "run-job could not be started on its Ray node" if h.pid is None else f"the job's files could not be brought back from its Ray node ({SYNC_TRIES} tries in a row)"
-    with open(h.job_dir/'job.log', 'a') as log:
-        log.write(f"cerebrium-ft run-job: {what}: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}; submit the job again\n")
-    h.rc = LOST_NODE
-    return h.rc
+    return _given_up(h, f"{what}: {type(cause).__name__}: {(str(cause).splitlines() or [''])[0]}")
 
 @patch
 def _lost(self:RayJobs, h:RayJob, e:Exception) -> int:
     "End a job whose actor is gone, saying so in its log"
-    with open(h.job_dir/'job.log', 'a') as log:
-        log.write(f"cerebrium-ft run-job: the Ray actor running the job is gone (its node died or was stopped): {type(e).__name__}; submit the job again\n")
+    return _given_up(h, f"the Ray actor running the job is gone (its node died or was stopped): {type(e).__name__}")
+
+def _given_up(h:RayJob, why:str) -> int:
+    "End job `h` with status `LOST_NODE`, its log's last line saying `why` (the executor fails the job with that line)"
+    with open(h.job_dir/'job.log', 'a') as log: log.write(f"cerebrium-ft run-job: {why}; submit the job again\n")
     h.rc = LOST_NODE
     return h.rc
 

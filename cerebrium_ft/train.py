@@ -916,7 +916,6 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
                 cls_cond = {**{k: v for k, v in self.prompt_conditioning(torch.full_like(ci, self.cls_prompt)).items() if k not in cls_extra}, **cls_extra}
                 if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
                 else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
-        with self.accelerator.autocast():
             losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
                                     self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
         if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
