@@ -20,7 +20,7 @@ from . import __version__
 from .config import JobSpec, SettingsError, spec_from_args
 from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
-from .client import ApiError, Client, JobPace, best_summary, duration, save_login
+from .client import ApiError, Client, InvalidInput, path_id, JobPace, best_summary, duration, save_login
 from .results import ResultsError
 
 # %% ../nbs/10_cli.ipynb #941f8405
@@ -88,7 +88,7 @@ def main(argv:list|None=None) -> int:
     except ApiError as e:
         print(f"cerebrium-ft {name}: {e}", file=sys.stderr)
         for fd in e.findings: print(f"  {fd.get('severity')} {fd.get('file') or '(dataset)'}: {fd.get('message')}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, InvalidInput) else 1  # a URL or id that cannot be valid is bad input; a service that fails is not
     except KeyboardInterrupt:
         print(f"cerebrium-ft {name}: interrupted", file=sys.stderr); return 130
     except Exception as e:  # a failure no message was written for yet: one line, the traceback on request
@@ -338,14 +338,16 @@ DATABASE_ENV = 'CEREBRIUM_FT_DATABASE_URL' # the job table's database when --dat
 
 def _store(data_dir, database_url:str|None=None):
     "The job service's store: the database `database_url` (or `DATABASE_ENV`) names, else the SQLite file in data folder `data_dir`"
-    from sqlalchemy.exc import ArgumentError, SQLAlchemyError
-    from cerebrium_ft.store import Store
-    url = database_url or os.environ.get(DATABASE_ENV)
+    from sqlalchemy.exc import SQLAlchemyError
+    from cerebrium_ft.store import Store, database_url as checked_url
+    url, flag = database_url or os.environ.get(DATABASE_ENV), '--database-url' if database_url else DATABASE_ENV
     d = Path(data_dir).expanduser() if data_dir else data_dir_default()
     shown = url.split('@')[-1] if url else None  # never the password
+    if url:  # checked before anything is made: a mistyped URL is never a SQLite file of its own
+        try: url = checked_url(url)
+        except ValueError as e: raise CliError(f"{flag}: {e}") from None
     try: return Store(url or d/'cerebrium-ft.sqlite')
-    except ModuleNotFoundError as e: raise CliError(f"--database-url: its driver, {e.name}, is not installed: pip install 'cerebrium-ft[postgres]'") from None
-    except ArgumentError as e: raise CliError(f"--database-url is not a database URL ({e}): e.g. postgresql+psycopg://USER:PASSWORD@HOST/DATABASE") from None
+    except ModuleNotFoundError as e: raise CliError(f"{flag}: its driver, {e.name}, is not installed: pip install 'cerebrium-ft[postgres]'") from None
     except SQLAlchemyError as e: raise Unavailable(f"cannot open the job database ({shown or d}): {str(getattr(e, 'orig', None) or e).strip().splitlines()[0]}") from None
 
 # %% ../nbs/10_cli.ipynb #632ecbe3_s0b
@@ -392,7 +394,7 @@ def serve(
     if (missing := [str(m) for m in model_dirs if not m.is_dir()]): raise CliError(f"--model-dir {', '.join(missing)}: no such folder")
     os.umask(0o077)  # the data folder holds photos and key hashes: everything in it is its owner's only
     url = database_url or os.environ.get(DATABASE_ENV)
-    if url: _store(d, url)  # reachable, and its tables up to date, before the server starts: a bad URL is said plainly
+    if url: _store(d, database_url)  # a URL, reachable, and its tables up to date, before the server starts: a bad URL is said plainly
     try: app = create_app(d, workers=workers, max_request_mb=max_request_mb, stall_minutes=stall_minutes, model_dirs=model_dirs, gpus=gpu_ids or None, database_url=url, engine=engine)
     except DataDirBusy as e: print(f"cerebrium-ft serve: {e}", file=sys.stderr); return 1
     store = app.state.service.store
@@ -461,7 +463,7 @@ def run_job_cmd(
     quiet_libraries()
     from cerebrium_ft.executor import EXIT_NO_SPACE, is_out_of_space, run_job
     from cerebrium_ft.train import TrainingError
-    try: print(f"results: {run_job(job_dir, cache)}")
+    try: print(f"results: {run_job(job_dir, cache).name}")  # the job's log names its files relative to its folder
     except TrainingError as e:
         print(f"cerebrium-ft run-job: {e}", file=sys.stderr)
         return 1
@@ -504,7 +506,7 @@ def login(
     c = Client(url, api_key)
     pid = c.me()['project_id']  # a wrong key or an unreachable server stops here, before anything is saved
     saved = save_login(api_key, c.url)
-    _print_json(dict(project_id=pid, url=c.url, saved_to=str(saved))) if json else print(f"key for project {pid} saved to {saved}")
+    _print_json(dict(project_id=pid, url=c.shown, saved_to=str(saved))) if json else print(f"key for project {pid} saved to {saved}")
 
 # %% ../nbs/10_cli.ipynb #9edcd165_s0b
 def _client(url, api_key): return Client(url, api_key)
@@ -596,6 +598,7 @@ def download_model(
     use:str=None, # Write only this checkpoint's LoRA as one .safetensors file: final, best (the lowest held-out score), or a kept step (e.g. 40)
 ):
     "Download a finished job's results zip: LoRA weights, validation images, metrics, logs (or, with --use, one checkpoint's LoRA alone)"
+    path_id(job_id)  # an id that cannot be a job's is refused before it names a file
     dest = _output_file(output or (f"{job_id}-{use}.safetensors" if use else f"{job_id}.zip"))
     c = _client(url, api_key)
     bar = _bar(None, 'download')

@@ -6,8 +6,8 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/client.html.md"""
 
 # %% ../nbs/09_client.ipynb #215cb398
 from __future__ import annotations
-import json, os, time, uuid, zipfile
-from urllib.parse import urlsplit
+import json, os, re, time, uuid, zipfile
+from urllib.parse import quote, urlsplit
 from pathlib import Path
 import requests
 from fastcore.basics import patch
@@ -17,8 +17,9 @@ from .dataset import read_dataset
 from .results import atomic_path
 
 # %% auto #0
-__all__ = ['DEFAULT_URL', 'RETRY_STATUS', 'JOB_KEYS', 'login_file', 'save_login', 'resolve', 'ApiError', 'check_url', 'Client',
-           'best_summary', 'duration', 'JobPace']
+__all__ = ['DEFAULT_URL', 'ID_RE', 'RETRY_STATUS', 'MAX_RETRY_AFTER', 'JOB_KEYS', 'login_file', 'save_login', 'resolve',
+           'ApiError', 'InvalidInput', 'shown_url', 'check_url', 'path_id', 'Client', 'best_summary', 'duration',
+           'JobPace']
 
 # %% ../nbs/09_client.ipynb #b283e434
 DEFAULT_URL = 'http://127.0.0.1:8642'
@@ -49,29 +50,61 @@ class ApiError(RuntimeError):
     def __init__(self, message:str, status:int|None=None, findings:list|None=None):
         super().__init__(message); self.status, self.findings = status, findings or []
 
+class InvalidInput(ApiError):
+    "What was given cannot be sent at all (a URL that cannot be a job service's address, an id that cannot be a job's): nothing was asked of any server"
+
+def shown_url(url:str) -> str:
+    "`url` as messages show it: any user name and password in it replaced by ***"
+    return re.sub(r'^([^:/?#]*://)[^/?#@]*@', r'\1***@', url) if isinstance(url, str) else url
+
 def check_url(url:str) -> str:
-    "`url` without a trailing slash, if it can be a job service's address (http or https, a host, a port in range); else `ApiError` saying what to give"
-    example = "give one like http://127.0.0.1:8642"
+    "`url` without a trailing slash, if it can be a job service's address (http or https, a host, a port in range); else `InvalidInput` saying what to give"
+    example, shown = "give one like http://127.0.0.1:8642", shown_url(url)
     try: u = urlsplit(url); u.port
-    except ValueError as e: raise ApiError(f"the job service's URL {url!r} is not valid ({e}); {example}") from None
+    except ValueError as e: raise InvalidInput(f"the job service's URL {shown!r} is not valid ({e}); {example}") from None
     if u.scheme not in ('http', 'https'):
-        hint = f"; did you mean http://{url}?" if '://' not in url else f": {u.scheme}:// is not served; {example}"
-        raise ApiError(f"the job service's URL {url!r} must start with http:// or https://{hint}")
-    if not u.hostname: raise ApiError(f"the job service's URL {url!r} names no host; {example}")
+        hint = f"; did you mean http://{shown}?" if '://' not in url else f": {u.scheme}:// is not served; {example}"
+        raise InvalidInput(f"the job service's URL {shown!r} must start with http:// or https://{hint}")
+    if not u.hostname: raise InvalidInput(f"the job service's URL {shown!r} names no host; {example}")
     return url.rstrip('/')
+
+ID_RE = re.compile(r'[A-Za-z0-9_-]{1,100}')
+
+def path_id(value:str, what:str='job') -> str:
+    "`value` as one segment of a request's path, if it can be a `what`'s id (letters, digits, _ and -); else `InvalidInput`: an id is never a path of its own"
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise InvalidInput(f"{value!r} cannot be a {what} id: ids are letters, digits, _ and - (a {what}'s looks like {what[0]}_0123456789abcdef)")
+    return quote(value, safe='')
+
+def _one_line(text:str, limit:int=300) -> str:
+    "`text` on one line, cut at `limit` characters"
+    text = ' '.join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+def _not_json(r:requests.Response) -> str:
+    "What an answer that is not JSON was, in a few words: its type and, for an HTML page, its title"
+    ctype = (r.headers.get('content-type') or 'an unknown type').split(';')[0]
+    title = re.search(r'<title[^>]*>(.*?)</title>', r.text[:20_000], re.I | re.S) if 'html' in ctype else None
+    return f"{ctype}" + (f" (a page titled {_one_line(title.group(1), 80)!r})" if title and title.group(1).strip() else '')
 
 def _error(r:requests.Response, url:str) -> ApiError:
     try: body = r.json(); detail = body.get('detail') if isinstance(body, dict) else body
-    except ValueError: detail = r.text[:500]
+    except ValueError: detail = f"{_not_json(r)}, not the job service's JSON"
     findings = []
     if isinstance(detail, dict): findings, detail = detail.get('findings', []), detail.get('message')
-    if isinstance(detail, list): detail = '; '.join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" for d in detail)
+    if isinstance(detail, list): detail = '; '.join(f"{'.'.join(map(str, d.get('loc', [])))}: {d.get('msg')}" if isinstance(d, dict) else str(d) for d in detail)
     hint = {401: " (check the key: --api-key, CEREBRIUM_FT_API_KEY or cerebrium-ft login KEY)",
             413: "", 404: ""}.get(r.status_code, " (the server failed; see its log)" if r.status_code >= 500 else '')
-    return ApiError(f"{url} answered {r.status_code}: {detail}{hint}", r.status_code, findings)
+    return ApiError(f"{shown_url(url)} answered {r.status_code}: {_one_line(detail)}{hint}", r.status_code, findings)
 
 # %% ../nbs/09_client.ipynb #c712787f
 RETRY_STATUS = (502, 503)
+MAX_RETRY_AFTER = 30 # seconds: the longest a server's Retry-After makes a retry wait
+
+def _retry_after(r:requests.Response) -> float:
+    "The seconds a 503's Retry-After asks to wait (at most `MAX_RETRY_AFTER`), else 0"
+    try: return min(MAX_RETRY_AFTER, max(0.0, float(r.headers.get('retry-after') or 0)))
+    except ValueError: return 0.0
 
 class _Upload:
     "A request body that reports how much of it has been read"
@@ -88,6 +121,7 @@ class Client:
     def __init__(self, url:str|None=None, api_key:str|None=None, retries:int=4, backoff:float=0.5, timeout:float=60):
         self.url, self.api_key = resolve(url, api_key)
         self.url = check_url(self.url)
+        self.shown = shown_url(self.url)  # the URL in messages: never its password
         self.retries, self.backoff, self.timeout = retries, backoff, timeout
         self.session = requests.Session()
 
@@ -97,16 +131,16 @@ class Client:
         headers = {**kw.pop('headers', {}), **({'Authorization': f"Bearer {self.api_key}"} if self.api_key else {})}
         url = self.url + path
         for attempt in range(self.retries + 1):
-            body = kw.get('data')
+            body, r = kw.get('data'), None
             if isinstance(body, _Upload): body.pos = 0
             try: r = self.session.request(method, url, headers=headers, timeout=self.timeout, **kw)
             except (requests.ConnectionError, requests.Timeout) as e:
-                if attempt == self.retries: raise ApiError(f"cannot reach the job service at {self.url} ({type(e).__name__}); is `cerebrium-ft serve` running there?") from None
-            except requests.RequestException as e: raise ApiError(f"the request to {url} failed: {type(e).__name__}: {e}") from None
+                if attempt == self.retries: raise ApiError(f"cannot reach the job service at {self.shown} ({type(e).__name__}); is `cerebrium-ft serve` running there?") from None
+            except requests.RequestException as e: raise ApiError(f"the request to {shown_url(url)} failed: {type(e).__name__}: {_one_line(str(e).replace(url, shown_url(url)))}") from None
             else:
                 if r.status_code in ok: return r
                 if r.status_code not in RETRY_STATUS or attempt == self.retries: raise _error(r, url)
-            time.sleep(self.backoff * 2 ** attempt)
+            time.sleep(max(self.backoff * 2 ** attempt, _retry_after(r) if r is not None else 0))
 
 JOB_KEYS = ('id', 'name', 'status', 'created', 'started', 'finished', 'attempts', 'error', 'phase', 'step', 'total', 'loss', 'duration')
 def _is_job(o) -> bool: return isinstance(o, dict) and all(k in o for k in JOB_KEYS) and isinstance(o['id'], str) and isinstance(o['status'], str)
@@ -119,9 +153,8 @@ def _json(self:Client, method:str, path:str, shape, **kw):
     r = self._request(method, path, **kw)
     try: obj = r.json()
     except ValueError:
-        raise ApiError(f"{self.url}{path} answered {r.status_code} with {r.headers.get('content-type') or 'an unknown type'}, not JSON: "
-                       f"is {self.url} a cerebrium-ft job service?") from None
-    if not shape(obj): raise ApiError(f"{self.url}{path} answered JSON that the job service does not send ({str(obj)[:120]}): is {self.url} a cerebrium-ft job service of this version?")
+        raise ApiError(f"{self.shown}{path} answered {r.status_code} with {_not_json(r)}, not JSON: is {self.shown} a cerebrium-ft job service?") from None
+    if not shape(obj): raise ApiError(f"{self.shown}{path} answered JSON that the job service does not send ({_one_line(obj, 120)}): is {self.shown} a cerebrium-ft job service of this version?")
     return obj
 
 @patch
@@ -131,30 +164,33 @@ def health(self:Client) -> dict: return self._json('GET', '/v1/health', lambda o
 def me(self:Client) -> dict: return self._json('GET', '/v1/me', lambda o: isinstance(o, dict) and isinstance(o.get('project_id'), str))
 
 @patch
-def job(self:Client, job_id:str) -> dict: return self._json('GET', f"/v1/jobs/{job_id}", _is_job)
+def job(self:Client, job_id:str) -> dict: return self._json('GET', f"/v1/jobs/{path_id(job_id)}", _is_job)
 
 @patch
-def logs(self:Client, job_id:str, offset:int=0) -> dict: return self._json('GET', f"/v1/jobs/{job_id}/logs", _is_log, params=dict(offset=offset))
+def logs(self:Client, job_id:str, offset:int=0) -> dict: return self._json('GET', f"/v1/jobs/{path_id(job_id)}/logs", _is_log, params=dict(offset=offset))
 
 @patch
 def jobs(self:Client, project_id:str, limit:int=10) -> list:
-    return self._json('GET', f"/v1/projects/{project_id}/jobs", lambda o: isinstance(o, list) and all(map(_is_job, o)), params=dict(limit=limit))
+    return self._json('GET', f"/v1/projects/{path_id(project_id, 'project')}/jobs", lambda o: isinstance(o, list) and all(map(_is_job, o)), params=dict(limit=limit))
 
 @patch
-def cancel(self:Client, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{job_id}/cancel", _is_job)
+def cancel(self:Client, job_id:str) -> dict: return self._json('POST', f"/v1/jobs/{path_id(job_id)}/cancel", _is_job)
 
 @patch
 def metrics(self:Client, job_id:str, since:int=0) -> list[dict]:
     "The job's metrics.csv rows after step `since`, as the run writes them"
     ok = lambda o: isinstance(o, dict) and isinstance(o.get('rows'), list) and all(isinstance(r, dict) and isinstance(r.get('step'), int) for r in o['rows'])
-    return self._json('GET', f"/v1/jobs/{job_id}/metrics", ok, params=dict(since=since))['rows']
+    return self._json('GET', f"/v1/jobs/{path_id(job_id)}/metrics", ok, params=dict(since=since))['rows']
 
 @patch
 def images(self:Client, job_id:str) -> list[str]:
-    return self._json('GET', f"/v1/jobs/{job_id}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
+    return self._json('GET', f"/v1/jobs/{path_id(job_id)}/images", lambda o: isinstance(o, list) and all(isinstance(x, str) for x in o))
 
 @patch
-def image(self:Client, job_id:str, name:str) -> bytes: return self._request('GET', f"/v1/jobs/{job_id}/images/{name}").content
+def image(self:Client, job_id:str, name:str) -> bytes:
+    "Validation image `name` (epoch_NNNN/NN.png, as `images` lists them) of job `job_id`"
+    if not re.fullmatch(r'epoch_\d{4}/\d{2}\.png', name): raise InvalidInput(f"{name!r} is not a validation image's name: they look like epoch_0010/00.png")
+    return self._request('GET', f"/v1/jobs/{path_id(job_id)}/images/{name}").content
 
 # %% ../nbs/09_client.ipynb #74f9c5fe
 def _entries(path) -> list:
@@ -187,7 +223,7 @@ def download(self:Client, job_id:str, dest, progress=None, use:str|None=None) ->
     dest, what = Path(dest), 'results zip' if use is None else 'LoRA weights file'
     if dest.is_dir(): raise ApiError(f"{dest} is a folder: give the file's name, e.g. {dest/(f'{job_id}.zip' if use is None else f'{job_id}-{use}.safetensors')}")
     if not dest.parent.is_dir(): raise ApiError(f"cannot write {dest}: the folder {dest.parent} does not exist")
-    r = self._request('GET', f"/v1/jobs/{job_id}/results" if use is None else f"/v1/jobs/{job_id}/weights", stream=True, **({} if use is None else dict(params=dict(use=use))))
+    r = self._request('GET', f"/v1/jobs/{path_id(job_id)}/results" if use is None else f"/v1/jobs/{path_id(job_id)}/weights", stream=True, **({} if use is None else dict(params=dict(use=use))))
     self.checkpoint = None if use is None else dict(name=r.headers.get('x-checkpoint'), step=int(r.headers.get('x-checkpoint-step') or 0))
     total, got = int(r.headers.get('content-length') or 0), 0
     with atomic_path(dest) as tmp:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'ALIASES', 'LORA_LAYER_CHOICES',
            'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
            'Checked', 'SeedSettings', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
-           'parse_training_args', 'is_hub_id', 'model_problem', 'JobSpec', 'spec_from_args']
+           'parse_training_args', 'is_hub_id', 'is_folder', 'path_exists', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -65,7 +65,7 @@ def coerce_value(v, typ, name:str='value'):
         if isinstance(v, bool): raise ValueError(f"{name} must be a number, got {_short(v)}")
         if isinstance(v, (int, float)) or _num_text(v):
             try: f = float(v.strip() if isinstance(v, str) else v)
-            except ValueError: f = None
+            except (ValueError, OverflowError): f = None  # OverflowError: a whole number past float's range (JSON allows 4000 digits)
             if f is not None and math.isfinite(f): return f
         raise ValueError(f"{name} must be a finite number, got {_short(v)}")
     if typ is str:
@@ -295,9 +295,19 @@ def parse_training_args(text:str|None) -> TrainingSettings:
 
 # %% ../nbs/00_config.ipynb #7c98f057
 MOVED_MODELS = {'runwayml/stable-diffusion-v1-5': 'stable-diffusion-v1-5/stable-diffusion-v1-5'}
-HUB_ID = re.compile(r'^[A-Za-z0-9][\w.-]*/[\w.-]+$') # what a Hugging Face model id looks like: owner/name
+HUB_ID = re.compile(r'^(?!.*(?:--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}$') # what a Hugging Face model id looks like: owner/name, each at most 96 characters, no -- or .. (the Hub's own rules)
 
 def is_hub_id(model:str) -> bool: return bool(HUB_ID.match(model))
+
+def is_folder(p:Path) -> bool:
+    "Whether `p` is a folder; False for a name the system cannot look up (too long, a NUL byte), rather than an error"
+    try: return p.is_dir()
+    except (OSError, ValueError): return False
+
+def path_exists(p:Path) -> bool:
+    "Whether `p` exists; False for a name the system cannot look up"
+    try: return p.exists()
+    except (OSError, ValueError): return False
 
 def model_problem(hf_model_path:str, here:bool=True) -> str|None:
     "Why `hf_model_path` cannot be a base model, or None; `here`: also look on this machine's disk (a spec checked away from where it trains checks its text only)"
@@ -307,9 +317,9 @@ def model_problem(hf_model_path:str, here:bool=True) -> str|None:
         return f"'{p}' was removed from the Hugging Face Hub; its weights moved to '{MOVED_MODELS[p.rstrip('/')]}': use that id"
     if not here: return None
     path = Path(p).expanduser()
-    if path.is_dir():
+    if is_folder(path):
         return None if (path/'model_index.json').is_file() else f"{p} is a folder but not a diffusers pipeline (no model_index.json): give the folder that holds model_index.json, unet/, vae/, text_encoder/"
-    if path.exists(): return f"{p} is a file; give a diffusers pipeline folder or a Hugging Face model id"
+    if path_exists(path): return f"{p} is a file; give a diffusers pipeline folder or a Hugging Face model id"
     if not is_hub_id(p): return f"{p} does not exist, and is not a Hugging Face model id (owner/name) either"
     return None
 

@@ -7,6 +7,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/dataset.html.md"""
 # %% ../nbs/01_dataset.ipynb #74794af8
 from __future__ import annotations
 import base64, html, io, json, math, re, shutil, textwrap, warnings, zlib
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -15,10 +16,11 @@ from .results import file_sha256
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
-           'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS', 'Finding', 'Entry',
-           'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions', 'perceptual_hash', 'hamming',
-           'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets', 'bucket_for', 'fit_bucket',
-           'inspect_image', 'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
+           'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'DECODED_BYTES', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS',
+           'Finding', 'Entry', 'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions', 'perceptual_hash',
+           'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets', 'bucket_for',
+           'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image', 'to_upright_rgb', 'DatasetReport',
+           'check_dataset', 'Prepared', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -228,22 +230,53 @@ def _size_findings(info:ImageInfo, target:int, buckets:list|None=None) -> list[F
     return out
 
 # %% ../nbs/01_dataset.ipynb #09929927
-WORK_SIDE = 512 # the check measures an image on a copy whose short side is at least this many pixels
+WORK_SIDE = 512 # the check measures an image on a copy whose short side is at least this many pixels (and whose long side is at most 8 times that)
+DECODED_BYTES = {'1': 1, 'L': 1, 'P': 1, 'I;16': 2, 'I;16L': 2, 'I;16B': 2, 'I;16N': 2} # the bytes a pixel of these modes takes decoded in Pillow; every other mode takes 4
 
-def _decode_small(im:Image.Image) -> Image.Image:
-    "Decode `im` into a working copy whose short side is about `WORK_SIDE` (a JPEG at a reduced DCT scale; others decoded, then reduced)"
+def _draft(im:Image.Image) -> Image.Image:
+    "`im`, a JPEG set to decode at the reduced DCT scale the check needs (nothing is decoded yet); other formats decode whole"
     if im.format == 'JPEG': im.draft(im.mode, (WORK_SIDE, WORK_SIDE))
-    im.load()
-    k = min(im.size) // WORK_SIDE
-    if k < 2: return im
-    try: return im.reduce(k)
-    except ValueError: return im.resize((max(1, im.width // k), max(1, im.height // k)), Image.Resampling.NEAREST)  # modes reduce lacks: 1, P, I;16
+    return im
+
+def decoded_pixels(path) -> int:
+    "The pixels a check of image file `path` decodes (a JPEG at the reduced scale it reads, any other format whole), from its header alone; 0 for a file that is not an image or that the check refuses unread"
+    try:
+        with _open(Path(path)) as im:
+            if im.width * im.height > MAX_PIXELS: return 0
+            _draft(im); return im.width * im.height
+    except Exception: return 0
+
+def decoded_bytes(im:Image.Image) -> int:
+    "The memory `im` takes once decoded, as it stands (a JPEG after `draft`)"
+    return im.width * im.height * DECODED_BYTES.get(im.mode, 4)
+
+def _reduce(im:Image.Image, k:int, strip_bytes:int=16 << 20) -> Image.Image:
+    "`im` reduced `k` times (box averages); Pillow's reduce first copies a whole RGBA or LA image premultiplied, so those go a strip of about `strip_bytes` at a time"
+    if im.mode not in ('RGBA', 'LA'):
+        try: return im.reduce(k)
+        except ValueError: return im.resize((max(1, im.width // k), max(1, im.height // k)), Image.Resampling.NEAREST)  # modes reduce lacks: 1, P, I;16
+    out, rows = Image.new(im.mode, (-(-im.width // k), -(-im.height // k))), k * max(1, strip_bytes // (im.width * 4 * k))
+    for y in range(0, im.height, rows): out.paste(im.crop((0, y, im.width, min(im.height, y + rows))).reduce(k), (0, y // k))
+    return out
+
+def _no_budget(nbytes:int): return nullcontext()
+
+def _decode_small(im:Image.Image, decoding=None) -> Image.Image:
+    """A working copy of `im` whose short side is about `WORK_SIDE` (a JPEG decoded at a reduced DCT scale; others decoded whole, then reduced),
+    `decoding(nbytes)` held while the whole is in memory (the job service's budget of memory for checks); a reduced copy leaves `im` closed, its memory freed"""
+    _draft(im)
+    with (decoding or _no_budget)(decoded_bytes(im)):
+        im.load()
+        k = max(min(im.size) // WORK_SIDE, -(-max(im.size) // (8 * WORK_SIDE)))  # a long panorama is reduced by its long side too
+        if k < 2: return im
+        small = _reduce(im, k); im.close()
+        return small
 
 # %% ../nbs/01_dataset.ipynb #7bd61531
 BLUR_THRESHOLD = 25.0 # sharpness below this is reported as blurred
 
-def inspect_image(entry:Entry, target:int=512, buckets:list|None=None) -> tuple[ImageInfo, list[Finding]]:
-    "Open, measure and check one dataset file for training at `target` px (in aspect-ratio `buckets`, when given); bad files give findings, never exceptions"
+def inspect_image(entry:Entry, target:int=512, buckets:list|None=None, decoding=None) -> tuple[ImageInfo, list[Finding]]:
+    "Open, measure and check one dataset file for training at `target` px (in aspect-ratio `buckets`, when given; `decoding`: see `_decode_small`); bad files give findings, never exceptions"
     info, name, path = ImageInfo(entry), entry.name, entry.path
     E = lambda code, msg, fix: (info, [Finding('error', code, name, msg, fix)])
     if not path.is_file(): return E('missing', 'does not exist', 'fix the path in the manifest or add the file')
@@ -267,7 +300,7 @@ def inspect_image(entry:Entry, target:int=512, buckets:list|None=None) -> tuple[
         if im.format not in FORMATS:
             findings.append(Finding('error', 'format', name, f"is {im.format or 'an unknown format'}, not JPEG, PNG or WEBP", 'convert it to PNG or JPEG; --fix does this'))
         elif (m := _mode_finding(im, path, name)): findings.append(m)
-        try: small = _decode_small(im)
+        try: small = _decode_small(im, decoding)
         except Exception as e:
             return info, findings + [Finding('error', 'corrupt', name, f"cannot be decoded: {e}",
                                              'the file is truncated or damaged: copy or export the photo again, or delete it')]
@@ -456,14 +489,14 @@ def _html_report(r:DatasetReport) -> str:
             f"<div style='display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;max-height:460px;overflow-y:auto;margin-top:4px'>{''.join(cards)}</div></div>")
 
 # %% ../nbs/01_dataset.ipynb #c7c3562a
-def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None) -> DatasetReport:
-    "Check the images in folder or JSON manifest `path` for training at `size` px (in aspect-ratio `buckets`, as `bucket_sizes` gives them, else square); `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives)"
+def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None, decoding=None) -> DatasetReport:
+    "Check the images in folder or JSON manifest `path` for training at `size` px (in aspect-ratio `buckets`, as `bucket_sizes` gives them, else square); `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives); `decoding(nbytes)`, a context held while an image is decoded whole (a service's memory budget)"
     if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
     if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
     entries, findings = read_dataset(path)
     infos = []
     for e in entries:
-        try: info, fs = inspect_image(e, size, buckets)
+        try: info, fs = inspect_image(e, size, buckets, decoding)
         except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
             info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
         infos.append(info); findings += fs

@@ -11,12 +11,12 @@ from pathlib import Path
 from fastcore.basics import patch
 from .config import JobSpec
 from .results import RunDir
-from .speed import cpu_share
-from .store import Store
+from .speed import cpu_cores, cpu_share
+from .store import Store, database_unavailable
 
 # %% auto #0
 __all__ = ['MAX_ATTEMPTS', 'KILL_GRACE_S', 'JOB_ENV', 'EXIT_NO_SPACE', 'job_processes', 'end_job', 'is_out_of_space',
-           'LocalProcesses', 'Executor', 'visible_gpus', 'run_job']
+           'LocalProcesses', 'Complaints', 'trouble', 'Executor', 'visible_gpus', 'run_job']
 
 # %% ../nbs/07_executor.ipynb #abf0252d
 MAX_ATTEMPTS = 3
@@ -78,7 +78,7 @@ def _out_of_space(job_dir:Path) -> str|None:
     try: du = shutil.disk_usage(job_dir if job_dir.exists() else job_dir.parent)
     except OSError: return None
     if du.free >= min(64 * 2**20, du.total / 20): return None
-    return f"no space left on device: {du.free / 2**20:.1f} MB free for {job_dir.parent}; free some space, then submit the job again"
+    return f"no space left on device: {du.free / 2**20:.1f} MB free on the job service's disk; its operator must free some space, then submit the job again"
 
 def _failure_reason(log:Path, rc:int) -> str:
     "Why a job process ended with status `rc`"
@@ -86,7 +86,7 @@ def _failure_reason(log:Path, rc:int) -> str:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
         return f"the job process was killed by {name}"
     full = _out_of_space(log.parent)
-    if rc == EXIT_NO_SPACE: return full or f"no space left on device for {log.parent.parent} (it has been freed since); submit the job again"
+    if rc == EXIT_NO_SPACE: return full or "no space left on device on the job service's disk (some has been freed since); submit the job again"
     lines = log.read_text(errors='replace').splitlines()[-200:] if log.exists() else []
     err = [l for l in lines if l.startswith(('cerebrium-ft run-job:', 'training failed:')) or 'Error' in l.split(':')[0]]
     if not err: return full or f"the job process exited with status {rc}"
@@ -126,17 +126,28 @@ class LocalProcesses:
     def release(self, p): p.log.close()  # the executor has recorded its end
     def end_leftovers(self, job_dir:Path): end_job(job_dir, grace=1.0)  # what a previous server started
     def stall_reason(self, p, waited:str) -> str|None: return None  # a child process that went silent: its silence is all there is to say
+    def most_processes(self) -> int|None: return cpu_cores()  # a data-parallel job without GPUs: a process per core at most
 
 # %% ../nbs/07_executor.ipynb #f6d167ee
-class _Complaints:
-    "Print an error when it is new, and the same error again at most once a minute, with how often it happened meanwhile"
-    def __init__(self, every:float=60, file=None): self.every, self.file, self.last, self.at, self.repeats = every, file, None, 0.0, 0
-    def __call__(self, message:str):
+class Complaints:
+    "Print an error when it is new, and one of its kind again at most once a minute, with how often it happened meanwhile; `who` names the part of the service that says it"
+    def __init__(self, every:float=60, file=None, who:str='executor'): self.every, self.file, self.who, self.said = every, file, who, {}
+    def __call__(self, message:str, kind:str|None=None):
+        "Say `message`, unless one of its `kind` (default: the message itself) was said less than `every` seconds ago"
         message, now = message.splitlines()[0] if message else message, time.monotonic()
-        if message == self.last and now - self.at < self.every: self.repeats += 1; return
-        again = f" (and {self.repeats} times more in the last {now - self.at:.0f} s)" if message == self.last and self.repeats else ''
-        print(f"cerebrium-ft executor: {message}{again}", file=self.file or sys.stderr, flush=True)
-        self.last, self.at, self.repeats = message, now, 0
+        key = kind or message
+        at, repeats = self.said.get(key, (None, 0))
+        if at is not None and now - at < self.every: self.said[key] = (at, repeats + 1); return
+        again = f" (and {repeats} times more in the last {now - at:.0f} s)" if repeats else ''
+        print(f"cerebrium-ft {self.who}: {message}{again}", file=self.file or sys.stderr, flush=True)
+        if len(self.said) > 256: self.said = {k: v for k, v in self.said.items() if now - v[0] < self.every}  # a long run of new messages forgets the old ones
+        self.said[key] = (now, 0)
+
+def trouble(complain, e:BaseException, about:str=''):
+    "Say error `e` through `complain` (`about`: what it was doing, e.g. 'job j_...: '): the job database out of reach or full is one kind, said once a minute whatever failed, without the statement"
+    if not database_unavailable(e): return complain(f"{about}{type(e).__name__}: {e}")
+    reason = str(getattr(e, 'orig', None) or e).strip().splitlines()
+    complain(f"the job database is unavailable: {type(e).__name__}: {reason[0] if reason else 'no reason given'}", 'database')
 
 # %% ../nbs/07_executor.ipynb #67cefd8a
 class Executor:
@@ -148,16 +159,23 @@ class Executor:
         self.engine = engine or LocalProcesses(self.data_dir/'cache', threads=cpu_share(workers))  # jobs side by side share the cores
         self.running = {}    # job id -> the engine's handle of its process, kept until its end is recorded
         self.unsettled = {}  # job id -> the end of a job whose database write failed, retried each tick
-        self.lock, self._stop, self.complain = threading.RLock(), threading.Event(), _Complaints()
+        self.lock, self._stop, self.complain = threading.RLock(), threading.Event(), Complaints()
         self.thread = threading.Thread(target=self._loop, name='cerebrium-ft-executor', daemon=True)
 
     def job_dir(self, job_id:str) -> Path: return self.data_dir/'jobs'/job_id
+
+    def job_limit(self) -> tuple[int, str]|None:
+        "The most GPUs (a data-parallel job's processes) one job may ask for here, and why; None where the engine leaves it to the cluster's placement"
+        if self.gpus is not None: return len(self.gpus), f"this server has {len(self.gpus)} GPU{'s' * (len(self.gpus) != 1)} ({','.join(self.gpus)})"
+        n = self.engine.most_processes()
+        return None if n is None else (n, f"this server runs jobs without GPUs, a data-parallel job's processes on its {n} CPU core{'s' * (n != 1)}")
+
     def start(self): self.recover(); self.thread.start()
 
     def _loop(self):
         while not self._stop.is_set():
             try: self.tick()
-            except Exception as e: self.complain(f"{type(e).__name__}: {e}")
+            except Exception as e: trouble(self.complain, e)
             self._stop.wait(self.poll)
 
     def tick(self):
@@ -166,7 +184,7 @@ class Executor:
             for jid in list(self.unsettled): self._finish(jid, *self.unsettled[jid])
             for jid, h in list(self.running.items()):
                 try: self._watch(jid, h)
-                except Exception as e: self.complain(f"job {jid}: {type(e).__name__}: {e}")  # it stays: the next tick tries again
+                except Exception as e: trouble(self.complain, e, f"job {jid}: ")  # it stays: the next tick tries again
             self._reconcile()
             while (len(self.running) < self.workers and (self.gpus is None or self.free) and not self._stop.is_set()
                    and (j := self.store.claim_next(len(self.free) if self.gpus is not None else None))): self._start(j)
@@ -215,7 +233,7 @@ def _finish(self:Executor, jid:str, status:str, fields:dict|None=None):
     "Record that job `jid` ended in `status`; keep it in `unsettled` while the write fails"
     try: self.store.finish(jid, status, **(fields or {}))
     except Exception as e:
-        self.unsettled[jid] = (status, fields); self.complain(f"job {jid} ended {status}, not recorded yet: {type(e).__name__}: {e}")
+        self.unsettled[jid] = (status, fields); trouble(self.complain, e, f"job {jid} ended {status}, not recorded yet: ")
     else: self.unsettled.pop(jid, None)
 
 @patch
@@ -229,13 +247,14 @@ def _reconcile(self:Executor):
 # %% ../nbs/07_executor.ipynb #d47c9a45
 @patch
 def _watch(self:Executor, jid:str, h):
-    "Record a job's progress; stop it if it stalled; record its end, then let go of it"
-    self._read_progress(jid, h)
+    "Record a job's progress; stop it if it stalled; record its end, then let go of it (an end the database cannot take yet waits in `unsettled`, the job's process kept)"
+    try: self._read_progress(jid, h)
+    except Exception as e: trouble(self.complain, e, f"job {jid}: its progress is not recorded: ")  # its end is still seen below
     rc = self.engine.poll(h)
     if rc is None and self._stalled(jid, h): self.engine.end(h); rc, h.stall = self.engine.poll(h), self._stall_error(h)
     if rc is None: return
     self._settle(jid, rc, h.stall)
-    self._let_go(jid)
+    if jid not in self.unsettled: self._let_go(jid)
 
 @patch
 def _stalled(self:Executor, jid:str, h) -> bool:
@@ -274,16 +293,17 @@ def _best_field(b) -> str|None:
 
 @patch
 def _settle(self:Executor, jid:str, rc:int, stalled:str|None=None):
-    "Record how job `jid`'s process ended, `stalled` the error of one stopped for showing no progress (raises if the database write fails: the caller keeps it)"
+    "Record how job `jid`'s process ended, `stalled` the error of one stopped for showing no progress; an end the database cannot take yet is kept in `unsettled` (and shown from there) until it can"
     j = self.store.row(jid)
     if j is None or j['status'] != 'running': return
     d = self.job_dir(jid)
-    self._read_progress(jid)
+    try: self._read_progress(jid)
+    except Exception: pass  # the last progress is lost with a database that cannot write; the end is what matters
     if j['cancel_requested']: status, fields = 'cancelled', {}
     elif stalled: status, fields = 'failed', dict(error=stalled)
     elif rc == 0 and (d/'results.zip').is_file(): status, fields = 'succeeded', dict(phase='done', error=None)
     else: status, fields = 'failed', dict(error=_failure_reason(d/'job.log', rc))
-    self.store.finish(jid, status, **fields)
+    self._finish(jid, status, fields)
 
 # %% ../nbs/07_executor.ipynb #48f521d7
 @patch
@@ -325,10 +345,16 @@ def stop(self:Executor):
 
 # %% ../nbs/07_executor.ipynb #726b4b7a
 def run_job(job_dir, cache=None) -> Path:
-    "Train the job in `job_dir` (its spec.json) into job_dir/results, class images cached in `cache`, and zip them to job_dir/results.zip"
+    """Train the job in `job_dir` (its spec.json) into job_dir/results, class images cached in `cache`, and zip them to job_dir/results.zip. It runs in
+    the job's folder, so that what it logs and records names the job's files relative to it, never by the server's paths; the zip says the base model by name"""
     from cerebrium_ft.results import zip_results
     from cerebrium_ft.train import train
-    d = Path(job_dir)
+    d = Path(job_dir).resolve()
     spec = JobSpec.from_json((d/'spec.json').read_text())
-    res = train(spec, d/'results', cache=cache, progress=False)
-    return zip_results(res, d/'results.zip')
+    here = os.getcwd(); os.chdir(d)
+    try:
+        res = train(spec, 'results', cache=cache, progress=False)
+        model = Path(spec.hf_model_path)
+        zip_results(res, 'results.zip', hide=[d] + ([model.parent] if model.is_absolute() else []))
+    finally: os.chdir(here)
+    return d/'results.zip'

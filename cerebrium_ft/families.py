@@ -10,7 +10,7 @@ import json, os, re, socket
 from contextlib import contextmanager
 from urllib.parse import urlparse
 from dataclasses import dataclass
-from .config import LORA_LAYER_CHOICES
+from .config import LORA_LAYER_CHOICES, is_folder
 from pathlib import Path
 
 # %% auto #0
@@ -107,10 +107,10 @@ def _hub_errors(model:str, revision:str, what:str):
     except (HfHubHTTPError, OSError) as e:
         raise HubUnreachable(f"cannot read {what} of {model} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]})") from None
 
-def read_config(model:str, file:str, revision:str='main', cached_only:bool=False) -> dict|None:
-    "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`, `cached_only` from the local Hub cache); None if the pipeline has no such file"
+def read_config(model:str, file:str, revision:str='main', cached_only:bool=False, local:bool=True) -> dict|None:
+    "JSON file `file` of pipeline `model` (a local folder or a Hub id at `revision`, `cached_only` from the local Hub cache; with `local` False a Hub id only, never a folder of this machine); None if the pipeline has no such file"
     p = Path(model).expanduser()
-    if p.is_dir(): return json.loads((p/file).read_text()) if (p/file).is_file() else None
+    if local and is_folder(p): return json.loads((p/file).read_text()) if (p/file).is_file() else None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
     endpoint = os.environ.get('HF_ENDPOINT')
@@ -127,9 +127,9 @@ class ModelInfo:
     prediction:str  # what the denoiser predicts: epsilon, v_prediction, or flow_matching (FLUX.1's velocity from noise to image)
     resolution:int  # the resolution it was trained at, in pixels
 
-def model_family(model:str, revision:str='main', cached_only:bool=False) -> ModelInfo:
-    "The family of base model `model` (a local folder or a Hub id; `cached_only`: only what the local Hub cache holds), from its configuration files only; `FamilyError` if it does not train here"
-    read = lambda file: read_config(model, file, revision, cached_only)
+def model_family(model:str, revision:str='main', cached_only:bool=False, local:bool=True) -> ModelInfo:
+    "The family of base model `model` (a local folder or a Hub id; `cached_only`: only what the local Hub cache holds; `local` False: a Hub id, never looked for on this machine's disk), from its configuration files only; `FamilyError` if it does not train here"
+    read = lambda file: read_config(model, file, revision, cached_only, local)
     index = read('model_index.json')
     if index is None: raise FamilyError(f"{model} has no model_index.json: it is not a diffusers pipeline")
     cls = index.get('_class_name', '(no pipeline class)')

@@ -9,10 +9,10 @@ from __future__ import annotations
 import json, os, re, tempfile
 from pathlib import Path
 from .families import FAMILIES
-from .results import RunDir, choose_checkpoint, kohya_of, opened_results, verify_results
+from .results import RunDir, choose_checkpoint, hub_id_of, kohya_of, opened_results, public_manifest, verify_results
 
 # %% auto #0
-__all__ = ['LICENSES', 'FAMILY_TAGS', 'FLUX_DEV_LICENSE', 'hub_id_of', 'public_manifest', 'model_card', 'HubError', 'push_to_hub']
+__all__ = ['LICENSES', 'FAMILY_TAGS', 'FLUX_DEV_LICENSE', 'model_card', 'HubError', 'push_to_hub']
 
 # %% ../nbs/11_hub.ipynb #cf2cac88
 LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-m', 'runwayml/stable-diffusion-v1-5': 'creativeml-openrail-m',
@@ -23,19 +23,6 @@ FAMILY_TAGS = dict(sd1=['stable-diffusion'], sd2=['stable-diffusion'], sdxl=['st
 
 FLUX_DEV_LICENSE = dict(license_name='flux-1-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md')
 
-def hub_id_of(path:str) -> str|None:
-    "The Hub id base model `path` names: itself when it is one, the repo of a Hugging Face cache snapshot it points into; None for a folder of one's own"
-    if (m := re.search(r'models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]', str(path))): return f"{m[1]}/{m[2]}"
-    looks_like_id = re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', str(path)) is not None
-    return str(path) if looks_like_id and not Path(path).expanduser().exists() else None
-
-def public_manifest(manifest:dict, base:str|None) -> dict:
-    "The manifest as it is pushed: the base model as its Hub id `base` (else the folder's name), and the dataset's and class images' folders by name; no path on the disk it was trained on"
-    m = json.loads(json.dumps(manifest))
-    name = lambda p: Path(p).name if p else p
-    m['base_model']['path'] = base or name(m['base_model']['path'])
-    m['job'].update(hf_model_path=m['base_model']['path'], dataset=name(m['job'].get('dataset')), prior_class_image_dir=name(m['job'].get('prior_class_image_dir')))
-    return m
 
 def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|None=None, base_model:str|None=None) -> str:
     "README.md for a LoRA repo through `huggingface_hub.ModelCard`: the metadata the Hub reads (the base model's Hub id, `base_model` or else `hub_id_of` its path, when there is one), then how to use it, the validation images (`images`: their paths in the repo), the settings and the limitations; `checkpoint` (a `choose_checkpoint` entry) when it is not the final one"

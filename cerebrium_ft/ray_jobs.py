@@ -75,19 +75,19 @@ class NodeJob:
         for f in (self.dir/'spec.json', self.dir/'results'/'job.json'):  # the spec, and the one an earlier attempt ran (on this node or another)
             if not f.exists(): continue
             spec = json.loads(f.read_text())
-            for k in ('dataset', 'prior_class_image_dir'):  # the photos' folders (dataset, class_images), here
-                if spec.get(k): spec[k] = str(self.dir/Path(spec[k]).name)
+            for k in ('dataset', 'prior_class_image_dir'):  # the photos' folders (dataset, class_images), relative to the job's folder here, where it runs
+                if spec.get(k): spec[k] = Path(spec[k]).name
             f.write_text(json.dumps(spec))
         self.command = command or [sys.executable, '-m', 'cerebrium_ft.cli', 'run-job']
 
     def start(self, attempt:int) -> dict:
-        "Start run-job (seeing the GPUs Ray gave this actor, if any); its pid and this node's name"
+        "Start run-job (seeing the GPUs Ray gave this actor, if any); its pid, this node's name and the job's folder here"
         env = {**os.environ, 'PYTHONUNBUFFERED': '1', JOB_ENV: str(self.dir)}
         with open(self.dir/'job.log', 'ab') as log:
-            log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}, in {self.dir}\n".encode()); log.flush()
+            log.write(f"--- attempt {attempt} started {time.strftime('%Y-%m-%d %H:%M:%S')} on {this_node()}\n".encode()); log.flush()
             self.p = subprocess.Popen(self.command + [str(self.dir)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                       start_new_session=True, env=env, cwd=self.dir, preexec_fn=_ends_with_actor(os.getpid()), umask=0o077)
-        return dict(pid=self.p.pid, node=this_node())
+        return dict(pid=self.p.pid, node=this_node(), folder=str(self.dir))
 
 # %% ../nbs/07a_ray.ipynb #076b214b
 @patch
@@ -160,6 +160,11 @@ class RayJobs:
         res = self.ray.cluster_resources()
         return int(res.get('GPU', 0)) or max(1, int(res.get('CPU', 1)))
 
+    def most_processes(self) -> int|None:
+        "The most processes one job may have: on a cluster with GPUs, none set here (Ray places a job by its GPUs, and an autoscaler may add a node with more); without, a data-parallel job's processes share one node's CPUs, so the most CPUs of a node"
+        if self.ray.cluster_resources().get('GPU', 0): return None
+        return max([int((n.get('Resources') or {}).get('CPU', 0)) for n in self.ray.nodes() if n.get('Alive')] or [1])
+
     def start(self, job_dir:Path, attempt:int, gpus:list[str]|None=None) -> RayJob:
         "Ask Ray for the job's actor (1 CPU, and the job's GPUs where the cluster has GPUs) and for its start; Ray places it when a node has room"
         n = json.loads((job_dir/'spec.json').read_text()).get('training_args', {}).get('gpus', 1) if self.ray.cluster_resources().get('GPU', 0) else 0
@@ -190,7 +195,10 @@ def poll(self:RayJobs, h:RayJob) -> int|None:
     except self.ray.exceptions.RayError as e: return self._lost(h, e)
     finally: h.pending = None
     h.failed_polls = 0
-    if 'pid' in reply: h.pid, h.node = reply['pid'], reply['node']; return None  # the start's reply
+    if 'pid' in reply:  # the start's reply: where the job runs goes to the server's log (its operator's), never to the job's (its project's)
+        h.pid, h.node = reply['pid'], reply['node']
+        print(f"cerebrium-ft executor: job {h.job_dir.name} runs on {h.node}, in {reply.get('folder')}", file=sys.stderr, flush=True)
+        return None
     mirror(h.job_dir, reply, h.known)
     h.rc = reply['rc']
     return h.rc

@@ -15,8 +15,9 @@ from .speed import precision_dtype, resolve_device, resolve_precision
 # %% auto #0
 __all__ = ['PHASES', 'RESUMABLE_STATE', 'SKIP_IN_ZIP', 'MAX_UNZIPPED_BYTES', 'MAX_ZIP_RATIO', 'RunDir', 'read_metrics',
            'smoothed', 'atomic_path', 'write_atomic', 'write_progress', 'file_sha256', 'ResultsError', 'in_results',
-           'verify_results', 'zip_results', 'unzip_results', 'opened_results', 'to_kohya', 'write_kohya', 'kohya_of',
-           'choose_checkpoint', 'load_results', 'load_pipeline']
+           'verify_results', 'hub_id_of', 'public_manifest', 'without_paths', 'zip_results', 'unzip_results',
+           'opened_results', 'to_kohya', 'write_kohya', 'kohya_of', 'choose_checkpoint', 'load_results',
+           'load_pipeline']
 
 # %% ../nbs/05_results.ipynb #1e5634e0
 PHASES = ('downloading', 'class images', 'loading', 'caching', 'training', 'validation', 'saving', 'done')
@@ -132,15 +133,38 @@ def verify_results(folder) -> dict:
     return manifest
 
 # %% ../nbs/05_results.ipynb #6b5b79b2
-def zip_results(folder, dest) -> Path:
-    "Zip the finished results `folder` into `dest`; the zip appears under its name only when complete"
+def hub_id_of(path:str) -> str|None:
+    "The Hub id base model `path` names: itself when it is one, the repo of a Hugging Face cache snapshot it points into; None for a folder of one's own"
+    if (m := re.search(r'models--([^/\\]+)--([^/\\]+)[/\\]snapshots[/\\]', str(path))): return f"{m[1]}/{m[2]}"
+    looks_like_id = re.fullmatch(r'[A-Za-z0-9][\w.-]*/[\w.-]+', str(path)) is not None
+    return str(path) if looks_like_id and not Path(path).expanduser().exists() else None
+
+def public_manifest(manifest:dict, base:str|None=None) -> dict:
+    "The manifest as it leaves the machine it was trained on (pushed, or downloaded from the job service): the base model as its Hub id (`base`, else `hub_id_of` its path, else the folder's name), and the dataset's and class images' folders by name"
+    m = json.loads(json.dumps(manifest))
+    name = lambda p: Path(p).name if p else p
+    m['base_model']['path'] = base or hub_id_of(m['base_model']['path']) or name(m['base_model']['path'])
+    m['job'].update(hf_model_path=m['base_model']['path'], dataset=name(m['job'].get('dataset')), prior_class_image_dir=name(m['job'].get('prior_class_image_dir')))
+    return m
+
+def without_paths(text:str, folders) -> str:
+    "`text` with the absolute paths of `folders` taken out: a path inside one shown relative to it, the folder itself as '.'"
+    for f in sorted((str(Path(f)) for f in folders if f), key=len, reverse=True):
+        if f != '/': text = text.replace(f + '/', '').replace(f, '.')
+    return text
+
+def zip_results(folder, dest, hide=None) -> Path:
+    """Zip the finished results `folder` into `dest`; the zip appears under its name only when complete. `hide`, for a job of the job service: the
+    folders whose paths must not leave the server (the job's, the base model's): the manifest is `public_manifest`'s, logs.txt says paths relative to them"""
     folder, dest = Path(folder), Path(dest)
-    verify_results(folder)
+    manifest = verify_results(folder)
     with atomic_path(dest) as tmp, zipfile.ZipFile(tmp, 'w', zipfile.ZIP_DEFLATED) as z:
         for f in sorted(folder.rglob('*')):
             rel = f.relative_to(folder).as_posix()
-            if f.is_file() and in_results(rel):
-                z.write(f, rel, compress_type=zipfile.ZIP_STORED if f.suffix in ('.png', '.safetensors') else zipfile.ZIP_DEFLATED)
+            if not (f.is_file() and in_results(rel)): continue
+            if hide is not None and rel == 'manifest.json': z.writestr(rel, json.dumps(public_manifest(manifest), indent=2))
+            elif hide is not None and rel == 'logs.txt': z.writestr(rel, without_paths(f.read_text(errors='replace'), hide))
+            else: z.write(f, rel, compress_type=zipfile.ZIP_STORED if f.suffix in ('.png', '.safetensors') else zipfile.ZIP_DEFLATED)
     return dest
 
 MAX_UNZIPPED_BYTES = 8 * 2**30 # a results zip that would unpack to more is refused before anything is extracted

@@ -6,30 +6,32 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/server.html.md"""
 
 # %% ../nbs/08_server.ipynb #047c0ec5
 from __future__ import annotations
-import fcntl, hashlib, json, os, re, secrets, shutil, threading, zipfile
-from contextlib import asynccontextmanager
+import collections, fcntl, hashlib, json, os, re, secrets, shutil, threading, zipfile
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from . import __version__
 from typing import Literal
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
-from .dataset import check_dataset
-from .executor import Executor, is_out_of_space
+from .dataset import check_dataset, decoded_pixels
+from .executor import Complaints, Executor, is_out_of_space, trouble
 from .families import FamilyError, HubUnreachable, model_family
-from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics
-from .store import Store, new_job_id
+from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics, without_paths
+from .store import Store, database_unavailable, new_job_id
+from PIL import Image
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['LOCAL_MODEL_REFUSED', 'MAX_FILES', 'MAX_CHECKS', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'service_routes', 'SCHEMAS',
-           'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'RequireKey',
-           'DataDirBusy', 'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'create_job', 'Service',
-           'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job', 'get_logs',
-           'cancel', 'list_jobs', 'results', 'weights', 'metrics', 'images', 'image', 'create_app']
+__all__ = ['DB_RETRY_AFTER', 'LOCAL_MODEL_REFUSED', 'MAX_FILES', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'MAX_CHECKS', 'MAX_DECODE_MB',
+           'MAX_UPLOAD_MEGAPIXELS', 'PIL_BLOCK_MB', 'service_routes', 'SCHEMAS', 'job_routes', 'project_routes',
+           'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'DatabaseOutage', 'RequireKey', 'DataDirBusy',
+           'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'MemoryBudget', 'CheckSlots', 'create_job',
+           'Service', 'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job',
+           'get_logs', 'cancel', 'list_jobs', 'results', 'weights', 'metrics', 'images', 'image', 'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -64,6 +66,26 @@ async def _answer(send, status:int, detail:str, headers=()):
     await send({'type': 'http.response.start', 'status': status,
                 'headers': [(b'content-type', b'application/json'), (b'content-length', str(len(body)).encode()), *headers]})
     await send({'type': 'http.response.body', 'body': body})
+
+DB_RETRY_AFTER = 10 # seconds a client is asked to wait while the job database is unavailable
+
+class DatabaseOutage:
+    "ASGI middleware: a request that meets the job database unavailable (`store.database_unavailable`) answers 503 with Retry-After and a message, never a 500 with a traceback; `complain` logs the outage once a minute while it lasts"
+    def __init__(self, app, complain=None): self.app, self.complain = app, complain or Complaints(who='server')
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http': return await self.app(scope, receive, send)
+        started = False
+        async def watched(msg):
+            nonlocal started
+            started = started or msg['type'] == 'http.response.start'
+            await send(msg)
+        try: await self.app(scope, receive, watched)
+        except Exception as e:
+            cause = next((x for x in getattr(e, 'exceptions', [e]) if database_unavailable(x)), None)  # a task group's errors come grouped
+            if started or cause is None: raise
+            trouble(self.complain, cause)
+            await _answer(send, 503, "the job database is unavailable: try again in a minute (the server's log says why)",
+                          [(b'retry-after', str(DB_RETRY_AFTER).encode())])
 
 class RequireKey:
     "ASGI middleware: a /v1 request without a valid API key is refused with 401 before its body is read; the key's project goes to `request.state.project_id`"
@@ -128,9 +150,7 @@ def server_model(model:str, model_dirs=()) -> tuple[str, str|None]:
 
 # %% ../nbs/08_server.ipynb #9a09493a
 MAX_FILES = 64
-MAX_CHECKS = 2 # uploads whose images are checked at once; the rest wait, so that memory stays bounded
 UPLOAD_SUFFIXES = {'.jpg': '.jpg', '.jpeg': '.jpg', '.png': '.png', '.webp': '.webp'}
-_checks = threading.BoundedSemaphore(MAX_CHECKS)
 
 def _parse_spec(text:str) -> dict:
     "The submitted spec as a dict, or a 400 saying what is wrong with it"
@@ -181,30 +201,68 @@ def _save_uploads(files, folder:Path, prefix:str) -> list[Path]:
     return out
 
 # %% ../nbs/08_server.ipynb #bd7c0d87
-def _check_uploads(folder:Path, class_images:bool, resolution:int):
-    "Raise 413 for an image with too many pixels, 400 with the findings for a dataset with errors; at most MAX_CHECKS uploads are checked at once"
-    for sub in ['dataset'] + (['class_images'] if class_images else []):
-        with _checks: report = check_dataset(folder/sub, size=resolution)
+MAX_CHECKS = 2 # uploads whose images are checked at once, at most one of them a project's; the rest wait
+MAX_DECODE_MB = 384 # the decoded images the checks running at once may hold in memory; an image bigger than that is decoded alone
+MAX_UPLOAD_MEGAPIXELS = 400 # what one upload's images may take to decode: PNG and WEBP whole, a JPEG at the reduced scale the check reads it at
+
+class MemoryBudget:
+    "`limit` bytes shared by threads, handed out first come, first served; a request for more than the whole waits until nobody holds any"
+    def __init__(self, limit:int): self.limit, self.used, self.queue, self.cond = limit, 0, collections.deque(), threading.Condition()
+    @contextmanager
+    def hold(self, nbytes:int):
+        ticket = object()
+        with self.cond:
+            self.queue.append(ticket)
+            self.cond.wait_for(lambda: self.queue[0] is ticket and (self.used == 0 or self.used + nbytes <= self.limit))
+            self.queue.popleft(); self.used += nbytes; self.cond.notify_all()
+        try: yield
+        finally:
+            with self.cond: self.used -= nbytes; self.cond.notify_all()
+
+class CheckSlots:
+    "`n` uploads checked at once, at most one of each project, so that one project's uploads never hold every slot"
+    def __init__(self, n:int): self.n, self.holders, self.cond = n, set(), threading.Condition()
+    @contextmanager
+    def take(self, project:str):
+        with self.cond:
+            self.cond.wait_for(lambda: len(self.holders) < self.n and project not in self.holders)
+            self.holders.add(project)
+        try: yield
+        finally:
+            with self.cond: self.holders.discard(project); self.cond.notify_all()
+
+_slots, _memory = CheckSlots(MAX_CHECKS), MemoryBudget(MAX_DECODE_MB << 20)
+PIL_BLOCK_MB = 64 # Pillow holds a decoded image in blocks of this size: above glibc's largest mmap threshold (32 MB), so that each block is a mapping of its own,
+                  # given back to the system when the image is freed, not kept in the heap of the thread that decoded it (3 big uploads had left 700 MB behind)
+
+def _check_uploads(folder:Path, class_images:bool, resolution:int, project:str):
+    "Raise 413 for an image with too many pixels or an upload whose images take too many to decode, 400 with the findings for a dataset with errors; checked in one of `_slots`, the decoded images within `_memory`"
+    subs = ['dataset'] + (['class_images'] if class_images else [])
+    work = sum(decoded_pixels(p) for sub in subs for p in (folder/sub).iterdir() if p.suffix != '.txt')
+    if work > MAX_UPLOAD_MEGAPIXELS * 1e6:
+        raise HTTPException(413, f"the uploaded images take {work / 1e6:.0f} megapixels to check (PNG and WEBP are decoded whole): at most {MAX_UPLOAD_MEGAPIXELS} per upload; "
+                                 "send JPEGs, or downscale them: 2048 px on the long side is plenty")
+    for sub in subs:
+        with _slots.take(project): report = check_dataset(folder/sub, size=resolution, decoding=_memory.hold)
         if any(f.code == 'bomb' for f in report.findings):
             raise HTTPException(413, dict(message="an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
         if not report.ok and (sub == 'dataset' or any(f.severity == 'error' and f.file for f in report.findings)):
             raise HTTPException(400, dict(message=f"the uploaded {'dataset' if sub == 'dataset' else 'class images'} has errors; nothing was stored",
                                           findings=[f.to_dict() for f in report.findings if f.severity == 'error']))
 
-def _write_job_folder(tmp:Path, d:dict, class_images:bool, jd:Path, model_dirs, gpus:list|None=None) -> JobSpec:
-    "Check the spec (against this server's `gpus`, when it has some) and write the job's spec.json into `tmp`, with the paths it will have at `jd`"
+def _write_job_folder(tmp:Path, d:dict, class_images:bool, model_dirs, limit:tuple|None=None, project:str='') -> JobSpec:
+    "Check the spec (its gpus against `limit`, the executor's `job_limit`: the most and why) and project `project`'s upload, and write the job's spec.json into `tmp`, its photos' folders relative to the job's folder (where it runs), so that no path of the server's reaches what the job writes"
     try: js = JobSpec.from_dict({**d, 'dataset': 'dataset', 'prior_class_image_dir': 'class_images' if class_images else None})
     except SettingsError as e: raise HTTPException(400, str(e)) from None
-    if gpus is not None and js.training_args.gpus > len(gpus):
-        raise HTTPException(400, f"gpus {js.training_args.gpus}: this server has {len(gpus)} GPU{'s' * (len(gpus) != 1)} ({','.join(gpus)}): set gpus {len(gpus)} or fewer in --training-args")
+    if limit is not None and js.training_args.gpus > limit[0]:
+        raise HTTPException(400, f"gpus {js.training_args.gpus}: {limit[1]}: set gpus {limit[0]} or fewer in --training-args")
     model, problem = server_model(js.hf_model_path, model_dirs)
     if problem: raise HTTPException(400, f"on the server: {problem}")
-    try: native = model_family(model, js.revision).resolution  # an SD3 or a video pipeline is refused now, not after its download
+    try: native = model_family(model, js.revision, local=not is_hub_id(model)).resolution  # a video pipeline is refused now, not after its download; a Hub id is never a folder of the server's
     except HubUnreachable: native = 512  # the Hub is down or out of reach from here: the job checks again when it starts
     except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
-    _check_uploads(tmp, class_images, js.training_args.resolution or native)
-    server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model, 'dataset': str(jd/'dataset'),
-                                     'prior_class_image_dir': str(jd/'class_images') if class_images else None})
+    _check_uploads(tmp, class_images, js.training_args.resolution or native, project)
+    server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model})
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
     return js
 
@@ -222,7 +280,7 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
     try:
         _write_captions(_save_uploads(images, tmp/'dataset', 'image'), caps)
         if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
-        js = _write_job_folder(tmp, d, bool(class_images), jd, model_dirs, executor.gpus)
+        js = _write_job_folder(tmp, d, bool(class_images), model_dirs, executor.job_limit(), pid)
         tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
         try: return store.add_job(pid, js.name, js.to_dict(), job_id, idempotency_key, digest, js.training_args.gpus), True
         except IntegrityError:  # the same key, submitted twice at once: the other request made the job
@@ -230,7 +288,7 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
         except Exception: shutil.rmtree(jd, ignore_errors=True); raise
     except (OSError, SQLAlchemyError) as e:
         if is_out_of_space(e): raise HTTPException(507, "the server's disk is full: nothing was stored. Try again later; the server's operator must free space") from None
-        if isinstance(e, OperationalError): raise HTTPException(503, f"the job database is busy or unavailable ({str(e.orig)[:200]}); nothing was stored, try again") from None
+        if database_unavailable(e): raise HTTPException(503, "the job database is busy or unavailable; nothing was stored, try again in a minute", headers={'Retry-After': str(DB_RETRY_AFTER)}) from None
         raise
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
@@ -248,6 +306,20 @@ class Service:
     data_dir:Path
     model_dirs:tuple = ()
 
+    def private_paths(self, job_id:str) -> list:
+        "The server's folders no answer to a project shows: the job's own (its files named relative to it), the data folder's, the model folders'"
+        return [self.executor.job_dir(job_id), self.data_dir, *(Path(m).expanduser().resolve() for m in self.model_dirs)]
+
+    def shown(self, j:dict) -> dict:
+        "Job `j` as its project sees it: its error without the server's paths, and an end that the job database cannot record yet (a full disk) as it is, saying so"
+        j = dict(j)
+        if j['status'] == 'running' and (end := self.executor.unsettled.get(j['id'])):
+            status, fields = end
+            j.update({k: v for k, v in (fields or {}).items() if k in j}, status=status)
+            j['error'] = f"{j.get('error') or f'the job ended {status}'}; the job database cannot record this yet (the server tries again every second)"
+        if j.get('error'): j['error'] = without_paths(j['error'], self.private_paths(j['id']))
+        return j
+
 def service(request:Request) -> Service:
     "The `Service` of the app serving `request`"
     return request.app.state.service
@@ -260,7 +332,7 @@ def own_job(job_id:str, pid:str=Depends(project), svc:Service=Depends(service)) 
     "Job `job_id` of the request's project; 404, the same as for a job that does not exist, for another project's"
     j = svc.store.job(job_id, pid)
     if j is None: raise HTTPException(404, f"no job {job_id}")
-    return j
+    return svc.shown(j)
 
 def job_here(job:dict=Depends(own_job), svc:Service=Depends(service)) -> dict:
     "`own_job`, if this server holds its files; 409 for a job another server sharing the database runs, naming it"
@@ -297,7 +369,7 @@ def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(.
     "Queue a job (`captions`: a JSON list, one caption or null per image); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
     job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions)
     if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
-    return job
+    return svc.shown(job)
 
 @job_routes.get('/{job_id}')
 def get_job(job:dict=Depends(own_job)): return job
@@ -308,14 +380,14 @@ def get_logs(job:dict=Depends(job_here), offset:int=Query(0, ge=0, le=2**53), li
     f, text = svc.executor.job_dir(job['id'])/'job.log', b''
     if f.exists():
         with open(f, 'rb') as fh: fh.seek(offset); text = fh.read(limit)
-    return dict(job_id=job['id'], status=job['status'], offset=offset, next_offset=offset + len(text), text=text.decode('utf-8', 'replace'))
+    return dict(job_id=job['id'], status=job['status'], offset=offset, next_offset=offset + len(text), text=without_paths(text.decode('utf-8', 'replace'), svc.private_paths(job['id'])))
 
 @job_routes.post('/{job_id}/cancel')
 def cancel(job:dict=Depends(own_job), svc:Service=Depends(service)):
     "Cancel a queued job, or ask the executor to end a running one (another server's job: its server ends it within a second); a finished job is returned as it is"
     if job['status'] in FINAL: return job
-    if job['server'] in (None, svc.store.home): return svc.executor.cancel(job['id'])
-    svc.store.request_cancel(job['id']); return svc.store.job(job['id'])
+    if job['server'] in (None, svc.store.home): return svc.shown(svc.executor.cancel(job['id']))
+    svc.store.request_cancel(job['id']); return svc.shown(svc.store.job(job['id']))
 
 # %% ../nbs/08_server.ipynb #2956799e
 project_routes = APIRouter(prefix='/v1/projects', tags=['projects'])
@@ -323,7 +395,7 @@ project_routes = APIRouter(prefix='/v1/projects', tags=['projects'])
 @project_routes.get('/{project_id}/jobs')
 def list_jobs(project_id:str, limit:int=Query(10, ge=1, le=500), pid:str=Depends(project), svc:Service=Depends(service)):
     if project_id != pid: raise HTTPException(404, f"no project {project_id}")
-    return svc.store.jobs(pid, limit)
+    return [svc.shown(j) for j in svc.store.jobs(pid, limit)]
 
 result_routes = APIRouter(prefix='/v1/jobs/{job_id}', tags=['results'])
 
@@ -377,6 +449,7 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
                database_url:str|None=None, engine=None):
     "The job service's FastAPI app, its store and executor under `data_dir` (locked for this process; the job table in SQLite there, or in the database `database_url` names, which other servers may share); jobs may load local models only from `model_dirs`, and each runs on a GPU of its own from `gpus` when given, on `engine` (default: child processes of this server; `ray_jobs.RayJobs`: a Ray cluster)"
     data_dir = Path(data_dir).expanduser()
+    Image.core.set_block_size(PIL_BLOCK_MB << 20)
     lock = open_data_dir(data_dir)
     try: store = Store(database_url or data_dir/'cerebrium-ft.sqlite', home=server_id(data_dir))
     except BaseException: close_data_dir(lock); raise
@@ -390,7 +463,8 @@ def create_app(data_dir, workers:int=1, max_request_mb:int=200, start_executor:b
 
     app = FastAPI(title='cerebrium-ft job service', version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_request_mb * 2**20)
-    app.add_middleware(RequireKey, store=store, open_paths=OPEN_PATHS)  # the outer one: no key, no body read
+    app.add_middleware(RequireKey, store=store, open_paths=OPEN_PATHS)  # no key, no body read
+    app.add_middleware(DatabaseOutage)  # the outermost: the key check reads the database too
     app.state.service = svc
     app.add_exception_handler(RequestValidationError, _bad_request)
     for r in ROUTERS: app.include_router(r)

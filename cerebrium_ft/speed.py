@@ -11,7 +11,7 @@ import logging, os
 log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
-__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'cpu_share', 'resolve_precision', 'precision_dtype', 'DeviceError',
+__all__ = ['log', 'cpu_has_amx', 'cpu_has_bf16', 'cpu_cores', 'cpu_share', 'resolve_precision', 'precision_dtype', 'DeviceError',
            'resolve_device', 'fused_linear', 'FusedLoraAttnProcessor', 'use_fused_attention', 'training_attention']
 
 # %% ../nbs/02a_speed.ipynb #7778f9c2
@@ -25,11 +25,15 @@ def cpu_has_bf16() -> bool:
     import torch
     return cpu_has_amx() or bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)())
 
+def cpu_cores() -> int:
+    "The CPU cores this process may run on (its affinity, else the machine's)"
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 def cpu_share(parts:int) -> int:
     """The CPU threads each of `parts` (jobs side by side, processes of a data-parallel job) may use: this process's threads (OMP_NUM_THREADS
     when it sets a number, else the cores it may run on) shared out; PyTorch otherwise takes them all in each, and they slow each other down many times over"""
     given = os.environ.get('OMP_NUM_THREADS', '')
-    cores = int(given) if given.isdigit() and int(given) > 0 else len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    cores = int(given) if given.isdigit() and int(given) > 0 else cpu_cores()
     return max(1, cores // max(1, parts))
 
 def resolve_precision(setting:str, device) -> str:

@@ -14,7 +14,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .config import FINAL
 
 # %% auto #0
-__all__ = ['JOB_FIELDS', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'Store']
+__all__ = ['JOB_FIELDS', 'DATABASE_EXAMPLE', 'Base', 'Project', 'ApiKey', 'Job', 'new_job_id', 'database_unavailable',
+           'database_url', 'Store']
 
 # %% ../nbs/06_store.ipynb #a3957c60
 class Base(DeclarativeBase): pass
@@ -110,12 +111,40 @@ def _sqlite_engine(path:Path):
         c.close()
     return engine
 
+def database_unavailable(e:BaseException) -> bool:
+    "Whether `e` (or an exception it came from) is the job database out of reach or unable to write (a connection refused or lost, the pool exhausted, a lock held too long, a full disk), not a fault of the request that met it"
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, TimeoutError as PoolTimeout
+    while e is not None:
+        if isinstance(e, (OperationalError, InterfaceError, PoolTimeout)) or (isinstance(e, DBAPIError) and e.connection_invalidated): return True
+        e = e.__cause__ or e.__context__
+    return False
+
+DATABASE_EXAMPLE = "postgresql+psycopg://USER:PASSWORD@HOST/DATABASE, or sqlite:////absolute/path/jobs.sqlite"
+
+def database_url(url:str) -> str:
+    "Database URL `url` as the store opens it (postgresql:// and postgres:// with the psycopg driver that the [postgres] extra installs); `ValueError` saying what to give for anything that is not a URL of SQLite or PostgreSQL"
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+    text_ = (url or '').strip()
+    if '://' not in text_: raise ValueError(f"{text_!r} is not a database URL: give {DATABASE_EXAMPLE} (or nothing, for the SQLite file in the data folder)")
+    scheme = text_.split('://', 1)[0].lower()
+    if scheme in ('postgresql', 'postgres'): text_ = 'postgresql+psycopg://' + text_.split('://', 1)[1]
+    try: u = make_url(text_)
+    except ArgumentError as e: raise ValueError(f"{url.split('@')[-1]!r} is not a database URL ({e}): give {DATABASE_EXAMPLE}") from None
+    if u.drivername == 'sqlite':
+        if not u.database or u.database == ':memory:': raise ValueError("a sqlite:// URL needs a file, e.g. sqlite:////srv/cerebrium-ft/jobs.sqlite: an in-memory job table is lost when the server stops")
+        return text_
+    if u.drivername == 'postgresql+psycopg': return text_
+    if u.get_backend_name() == 'postgresql': raise ValueError(f"{u.drivername}:// is a PostgreSQL driver cerebrium-ft does not use: give postgresql+psycopg://... (pip install 'cerebrium-ft[postgres]')")
+    raise ValueError(f"{u.get_backend_name()} is not a database cerebrium-ft keeps jobs in: it keeps them in SQLite (the default) or PostgreSQL ({DATABASE_EXAMPLE})")
+
 class Store:
-    "The job service's state: in SQLite at a file path `location`, or in the database a SQLAlchemy URL names (`postgresql+psycopg://...`, which several servers may share); `home` is this server's id, which the jobs it stores carry and the only ones its executor runs"
+    "The job service's state: in SQLite at a file `location` (a `Path`), or in the database a URL names (a `str`: `postgresql+psycopg://...`, which several servers may share, or `sqlite:///...`); `home` is this server's id, which the jobs it stores carry and the only ones its executor runs"
     def __init__(self, location, home:str|None=None):
         self.home = home
-        if '://' in str(location): self.path, self.engine = None, create_engine(str(location), pool_pre_ping=True)
-        else: self.path = Path(location); self.engine = _sqlite_engine(self.path)
+        url = database_url(location) if isinstance(location, str) else None  # a text is a URL, checked; a Path, a SQLite file
+        if url and not url.startswith('sqlite'): self.path, self.engine = None, create_engine(url, pool_pre_ping=True)
+        else: self.path = Path(url.split(':///', 1)[1]) if url else Path(location); self.engine = _sqlite_engine(self.path)
         Base.metadata.create_all(self.engine)
         _add_missing_columns(self.engine)
 

@@ -5,8 +5,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
-def run_cli(*args, timeout=300, **kw) -> subprocess.CompletedProcess:
-    "Run the installed `cerebrium-ft` console script as a subprocess, capturing its output"
+def run_cli(*args, timeout=1200, **kw) -> subprocess.CompletedProcess:
+    "Run the installed `cerebrium-ft` console script as a subprocess, capturing its output; `timeout` is a generous bound for a slow, busy machine (a test that waits on a job's progress waits on it instead)"
     exe = BIN/'cerebrium-ft'
     assert exe.exists(), f"{exe} missing: install the package first (bash tools/setup.sh)"
     return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=timeout, **kw)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 def test_benchmark_prints_figures():
     script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
-    r = subprocess.run([sys.executable, script, '--models', 'tiny', '--steps', '8', '--prior', '2'], capture_output=True, text=True, timeout=900)
+    r = subprocess.run([sys.executable, script, '--models', 'tiny', '--steps', '8', '--prior', '2'], capture_output=True, text=True, timeout=3600)  # a bound for a busy machine: the figures take what they take
     assert r.returncode == 0, r.stderr
     line = next(l for l in r.stdout.splitlines() if l.startswith('tiny'))
     assert 'AdamW8bit' in line and len(line.split()) >= 8, r.stdout
@@ -21,7 +21,7 @@ def test_benchmark_runs_sdxl_and_flux_beside_their_reference():
     "SDXL's and FLUX.1's shapes (the tiny ones here; -cpu and the real architectures are the same code at other sizes) run in both trainers and print their ratios"
     script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
     r = subprocess.run([sys.executable, script, '--models', 'sdxl-tiny,flux-tiny', '--steps', '6', '--prior', '2', '--no-fp32-check', '--no-like-for-like'],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=3600)  # a bound for a busy machine: the figures take what they take
     assert r.returncode == 0, r.stderr
     for model in ('sdxl-tiny', 'flux-tiny'):
         lines = [l for l in r.stdout.splitlines() if l.startswith(model)]
@@ -34,7 +34,7 @@ def test_benchmark_quality_mode_prints_learning_beside_the_reference():
     script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
     r = subprocess.run([sys.executable, script, '--quality', '--models', 'tiny', '--steps', '20', '--every', '5', '--lr', '1e-3', '--prior', '4',
                         '--ours-args', '{"use_8bit_adam": false}'],
-                       capture_output=True, text=True, timeout=900)
+                       capture_output=True, text=True, timeout=3600)  # a bound for a busy machine: the figures take what they take
     assert r.returncode == 0, r.stderr
     labels = ('reference', 'ours snr 5', 'ours te', 'ours layers', 'ours lora+ 16', 'ours')
     rows = {next(k for k in labels if l.startswith(k + ' ')): l for l in r.stdout.splitlines() if l.startswith(('reference ', 'ours '))}

@@ -1,6 +1,6 @@
 """Jobs on a Ray cluster, for real: a head and a second node started with `ray start` (one CPU each), a job server with
 `--executor ray` over them, jobs submitted with the CLI as a user submits them"""
-import json, os, re, signal, subprocess
+import json, os, re, signal, subprocess, time
 from pathlib import Path
 import pytest
 from diffusers import StableDiffusionPipeline
@@ -13,25 +13,42 @@ from test_service import Server, free_port, job, submit, wait_for
 ENV = {**os.environ, 'RAY_USAGE_STATS_ENABLED': '0'}
 FP32 = dict(mixed_precision='no')  # the same arithmetic on every CPU: 'auto' would be bf16 on one with AMX, fp32 elsewhere
 
-def ray_cli(*args, timeout=180, env=None):
-    r = subprocess.run([str(BIN/'ray'), *map(str, args)], capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=timeout)
-    assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
 @pytest.fixture(scope='module')
 def second_tmp(tmp_path_factory): return tmp_path_factory.mktemp('second-node')
 
+class RayNode:
+    """A Ray node this test starts: `ray start --block` in a session of its own, with ports of its own, so that it shares nothing with another
+    Ray on the machine; stopped by its pid (SIGTERM: `ray start --block` ends every process it started), its session's processes alone"""
+    def __init__(self, log:Path, *args, env=None):
+        ports = [f'--{o}={free_port()}' for o in ('node-manager-port', 'object-manager-port', 'dashboard-agent-listen-port', 'dashboard-agent-grpc-port',
+                                                  'runtime-env-agent-port', 'metrics-export-port')]
+        self.log = log
+        with open(log, 'w') as out:
+            self.p = subprocess.Popen([str(BIN/'ray'), 'start', '--block', '--num-cpus=1', '--disable-usage-stats', *ports, *map(str, args)],
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**ENV, **(env or {})})
+        end = time.time() + 180
+        while 'block forever' not in log.read_text():  # up, and watching its processes
+            assert self.p.poll() is None and time.time() < end, log.read_text()[-3000:]
+            time.sleep(0.2)
+    def stop(self):
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+            try: os.killpg(self.p.pid, sig)
+            except ProcessLookupError: break
+            try: self.p.wait(wait); break
+            except subprocess.TimeoutExpired: continue
+
 @pytest.fixture(scope='module')
 def ray_cluster(tmp_path_factory, second_tmp):
-    "A head and a second node with a temporary folder of its own (where its jobs run), one CPU each, torn down after; the head's address"
-    port = free_port()
-    ray_cli('start', '--head', f'--port={port}', '--num-cpus=1', '--include-dashboard=false', '--disable-usage-stats',
-            f"--temp-dir={tmp_path_factory.mktemp('ray')}")
+    "A head and a second node with a temporary folder of its own (where its jobs run), one CPU each, on ports of their own, stopped after; the head's address"
+    port, logs = free_port(), tmp_path_factory.mktemp('ray-logs')
+    nodes = [RayNode(logs/'head.log', '--head', f'--port={port}', f'--ray-client-server-port={free_port()}', '--include-dashboard=false',
+                     f"--temp-dir={tmp_path_factory.mktemp('ray')}")]
     address = f"127.0.0.1:{port}"
     try:
-        ray_cli('start', f'--address={address}', '--num-cpus=1', env=dict(TMPDIR=str(second_tmp)))
+        nodes.append(RayNode(logs/'second.log', f'--address={address}', env=dict(TMPDIR=str(second_tmp))))
         yield address
-    finally: subprocess.run([str(BIN/'ray'), 'stop', '--force'], capture_output=True, env=ENV, timeout=120)
+    finally:
+        for n in reversed(nodes): n.stop()
 
 @pytest.fixture
 def data(tmp_path):
@@ -45,13 +62,15 @@ def ray_server(tmp_path, tiny_model, ray_cluster):
     yield s
     s.stop()
 
-def attempts_of(server, jid) -> list[tuple[str, Path]]:
-    "The Ray node, and the folder there, each attempt of the job started in, from its log as it came back to the server"
-    log = (server.data_dir/'jobs'/jid/'job.log').read_text()
-    return [(node, Path(folder)) for node, folder in re.findall(r'--- attempt \d+ started .* on Ray node (\w+) on \S+, in (\S+)\n', log)]
+def nodes_of(server, jid) -> list[str]:
+    "The Ray node each attempt of the job started on, from its log as it came back to the server"
+    return re.findall(r'--- attempt \d+ started .* on Ray node (\w+) on \S+\n', (server.data_dir/'jobs'/jid/'job.log').read_text())
 
-def nodes_of(server, jid) -> list[str]: return [node for node, _ in attempts_of(server, jid)]
-def folder_of(server, jid) -> Path: return attempts_of(server, jid)[-1][1]
+def folders_of(server, jid) -> list[Path]:
+    "The folder on its node each attempt of the job ran in, from the server's own log (the job's log, which its project reads, names no path of a node)"
+    return [Path(f) for f in re.findall(rf'cerebrium-ft executor: job {jid} runs on Ray node \w+ on \S+, in (\S+)\n', server.output())]
+
+def folder_of(server, jid) -> Path: return folders_of(server, jid)[-1]
 
 def test_jobs_run_on_both_nodes_and_their_results_load(ray_server, ray_cluster, second_tmp, tiny_model, data, tmp_path):
     "Two jobs at once on a cluster of two one-CPU nodes: Ray places one on each, both succeed, and their results come back to the server, download and load"
@@ -60,9 +79,12 @@ def test_jobs_run_on_both_nodes_and_their_results_load(ray_server, ray_cluster, 
     wait_for(ray_server, ids[1], lambda j: j['status'] == 'running' and job(ray_server, ids[0])['status'] == 'running', timeout=120)  # both at once
     done = [wait_for(ray_server, jid, lambda j: j['status'] not in ('queued', 'running'), timeout=300) for jid in ids]
     assert [j['status'] for j in done] == ['succeeded'] * 2, done
-    placed = [attempts_of(ray_server, jid) for jid in ids]
-    assert all(len(p) == 1 for p in placed) and placed[0][0][0] != placed[1][0][0], placed  # each on a node of its own
-    assert sum(second_tmp in f.parents for [(_, f)] in placed) == 1, placed  # one in the second node's own temporary folder
+    placed = [(nodes_of(ray_server, jid), folders_of(ray_server, jid)) for jid in ids]
+    assert all(len(n) == len(f) == 1 for n, f in placed) and placed[0][0] != placed[1][0], placed  # each on a node of its own
+    assert sum(second_tmp in f.parents for _, [f] in placed) == 1, placed  # one in the second node's own temporary folder
+    for jid in ids:
+        log = run_cli('check-job-status', jid, ray_server.key, '--include-logs', '--url', ray_server.url).stdout
+        assert 'plan: 8 steps' in log and not re.search(r'/\S*(cerebrium-ft-ray|/jobs/j_)', log), log  # no path of a node's or of the server's
     for jid in ids:
         r = run_cli('download-model', jid, ray_server.key, '--output', tmp_path/f'{jid}.zip', '--url', ray_server.url)
         assert r.returncode == 0, r.stderr

@@ -432,6 +432,11 @@ def test_transformer_layers_put_the_lora_on_every_linear_layer_of_the_blocks_in_
     trained = {k.split('.', 1)[1].rsplit('.lora', 1)[0] for k in keys if k.startswith('transformer.')}
     named = {k.split('.')[0] for k in load_file(out/'lora_kohya.safetensors') if k.startswith('lora_transformer_')}
     assert named == {'lora_transformer_' + m.replace('.', '_') for m in trained} and any('ff_context_net_2' in k for k in named)
+    with pytest.raises(KeyError):  # diffusers' converter of FLUX.1's kohya layout knows attention layers only: that file is ComfyUI's (as the README says)
+        diffusers.FluxPipeline.from_pretrained(model).load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
+    from conftest import run_cli  # while load_results, load_pipeline (above) and generate read the diffusers file
+    r = run_cli('generate', out, 'a photo of sks robot', '-n', 1, '--steps', 2, '--output', tmp_path/'g.png', '--device', 'cpu')
+    assert r.returncode == 0 and (tmp_path/'g.png').exists(), r.stderr
 
 def test_lora_layers_by_name(model, data, tmp_path, no_loading):
     "Module names put the LoRA on those layers alone; a name the denoiser has no layer for is refused from its config, before any model loads"
@@ -557,7 +562,7 @@ def test_captions_beside_the_images_are_what_the_text_encoder_encodes(model, dat
     assert 'captions: 1 of 6 images have their own; the others train on the training prompt' in (out/'logs.txt').read_text()
 
 def test_trigger_word_and_caption_dropout(model, data, tmp_path, monkeypatch):
-    "{trigger} in a caption becomes the trigger word and a caption without it gets it in front; caption_dropout_rate 1 trains every instance example on the empty prompt"
+    "{trigger} in a caption becomes the trigger word and a caption without it gets it in front; caption_dropout_rate 1 trains every instance example on the empty prompt, 0.3 about 30% of them"
     import shutil
     d = tmp_path/'captioned'; shutil.copytree(data, d)
     (d/'robot_00.txt').write_text('a photo of {trigger} robot on a sofa'); (d/'robot_01.txt').write_text('a robot in the snow')
@@ -573,6 +578,13 @@ def test_trigger_word_and_caption_dropout(model, data, tmp_path, monkeypatch):
     assert {'a photo of sks robot on a sofa', 'sks, a robot in the snow', 'a photo of sks robot', ''} <= set(prompts)
     empty = cond['embeds'][prompts.index('')]
     assert len(batches) == 3 and all(torch.equal(row, empty) for b in batches for row in b)  # every example on the empty prompt
+    encoded.clear(); batches.clear()
+    T.train(spec(model, d, training_args=dict(max_train_steps=30, num_validation_images=0, mixed_precision='no', trigger_word='sks', caption_dropout_rate=0.3)),
+            tmp_path/'run30', progress=False)
+    prompts, cond = encoded[0]
+    empty = cond['embeds'][prompts.index('')]
+    dropped = [torch.equal(row, empty) for b in batches for row in b]
+    assert len(dropped) == 60 and 0.15 <= sum(dropped) / 60 <= 0.45, sum(dropped)  # about that fraction of the 60 examples, not all, not none
 
 def test_the_best_checkpoint_is_the_lowest_held_out_score_and_generate_uses_it(model, tmp_path):
     "Two images held out of training score a LoRA kept at every epoch; checkpoints_total_limit keeps the newest two and the best; `generate --use best` draws with the best"

@@ -39,5 +39,5 @@ echo "== 4. check-job-status, get-most-recent-jobs, download-model"
 "$CFT" download-model "$JOB" "$KEY" --output "$WORK/$JOB.zip"
 
 echo "== 5. the LoRA loaded into its base pipeline"
-"$CFT" generate "$WORK/$JOB.zip" "a photo of sks robot" -n 4 --steps 20 --output "$WORK/samples.png"
+"$CFT" generate "$WORK/$JOB.zip" "a photo of sks robot" --model "$WORK/tiny-sd" -n 4 --steps 20 --output "$WORK/samples.png"  # the zip names the service's model folder by name: where it is here
 echo "Done: results in $WORK/$JOB.zip, images in $WORK/samples.png (the tiny model's weights are random, so they are noise)"
