@@ -8,21 +8,17 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/hub.html.md"""
 from __future__ import annotations
 import json, os, re, tempfile
 from pathlib import Path
-from .families import FAMILIES
+from .families import family_named
 from .results import RunDir, choose_checkpoint, hub_id_of, kohya_of, opened_results, public_manifest, verify_results
 
 # %% auto #0
-__all__ = ['LICENSES', 'FAMILY_TAGS', 'FLUX_DEV_LICENSE', 'model_card', 'HubError', 'push_to_hub']
+__all__ = ['LICENSES', 'model_card', 'HubError', 'push_to_hub']
 
 # %% ../nbs/11_hub.ipynb #cf2cac88
 LICENSES = {'stable-diffusion-v1-5/stable-diffusion-v1-5': 'creativeml-openrail-m', 'runwayml/stable-diffusion-v1-5': 'creativeml-openrail-m',
             'CompVis/stable-diffusion-v1-4': 'creativeml-openrail-m', 'stabilityai/stable-diffusion-2-1': 'openrail++',
             'stabilityai/stable-diffusion-2-1-base': 'openrail++', 'stabilityai/stable-diffusion-xl-base-1.0': 'openrail++',
             'black-forest-labs/FLUX.1-dev': 'other', 'black-forest-labs/FLUX.1-schnell': 'apache-2.0'} # the licenses of well-known bases; others get their family's
-FAMILY_TAGS = dict(sd1=['stable-diffusion'], sd2=['stable-diffusion'], sdxl=['stable-diffusion-xl'], flux=['flux']) # the tags the Hub lists each family's LoRAs under
-
-FLUX_DEV_LICENSE = dict(license_name='flux-1-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md')
-
 
 def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|None=None, base_model:str|None=None) -> str:
     "README.md for a LoRA repo through `huggingface_hub.ModelCard`: the metadata the Hub reads (the base model's Hub id, `base_model` or else `hub_id_of` its path, when there is one), then how to use it, the validation images (`images`: their paths in the repo), the settings and the limitations; `checkpoint` (a `choose_checkpoint` entry) when it is not the final one"
@@ -32,10 +28,10 @@ def model_card(manifest:dict, images:list[str], repo_id:str, checkpoint:dict|Non
     ta, prompt = job['training_args'], job['training_prompt']
     vp = ta.get('validation_prompt') or prompt
     prompts = [vp] if isinstance(vp, str) else vp  # a list of prompts now; a text in results made before
-    family = FAMILIES[manifest['base_model'].get('family', 'sd1')]  # results made before families were recorded are SD 1.x
+    family = family_named(manifest['base_model'].get('family'))
     lic = LICENSES.get(base, family.license)
-    data = ModelCardData(base_model=base, license=lic, **(FLUX_DEV_LICENSE if lic == 'other' and family.key == 'flux' else {}), library_name='diffusers',
-                         tags=['text-to-image', 'diffusers-training', 'diffusers', 'lora', 'dreambooth', *FAMILY_TAGS[family.key], 'template:sd-lora', 'cerebrium-ft'],
+    data = ModelCardData(base_model=base, license=lic, **(family.card_license if lic == 'other' else {}), library_name='diffusers',
+                         tags=['text-to-image', 'diffusers-training', 'diffusers', 'lora', 'dreambooth', *family.hub_tags, 'template:sd-lora', 'cerebrium-ft'],
                          instance_prompt=prompt, widget=[{'text': prompts[0], 'output': {'url': p}} for p in images[-4:]])
     settings = '\n'.join(f"| {k} | {v} |" for k, v in ta.items())
     shown = images[-len(prompts) * max(1, ta.get('num_validation_images') or 4):]  # the last validation's
@@ -55,7 +51,7 @@ LoRA rank {manifest['lora']['rank']} (alpha {manifest['lora']['alpha']}) on the 
 import torch
 from diffusers import DiffusionPipeline
 
-pipeline = DiffusionPipeline.from_pretrained({load}, torch_dtype=torch.{"bfloat16" if family.key == "flux" else "float16"}).to("cuda")
+pipeline = DiffusionPipeline.from_pretrained({load}, torch_dtype=torch.{family.card_dtype}).to("cuda")
 pipeline.load_lora_weights("{repo_id}")
 image = pipeline("{prompts[0]}", num_inference_steps=25).images[0]
 ```

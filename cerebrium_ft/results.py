@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, json, math, re, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import FAMILIES, Family, ModelInfo, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
+from .families import Family, ModelInfo, family_named, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
 from .speed import precision_dtype, resolve_device, resolve_precision
 
 # %% auto #0
@@ -209,7 +209,7 @@ def to_kohya(lora:dict, alpha:float, family:Family|None=None) -> dict:
     by none (the denoiser's); the prefix is `family`'s name of the part (`Family.kohya_prefix`: lora_unet, lora_te, lora_te1, ...), and a text
     encoder's modules are named as in CLIP's original layout (`text_model_encoder_layers_...`), whatever transformers calls them"""
     import torch
-    family, out = family or FAMILIES['sd1'], {}
+    family, out = family or family_named(None), {}
     for k, v in lora.items():
         part, mod, *kinds = re.match(r'^(?:(unet|transformer|text_encoder_2|text_encoder)\.)?(.*)\.lora(?:\.(down|up)|_linear_layer\.(down|up)|_([AB]))\.weight$', k).groups()
         kind = next(x for x in kinds if x); kind = {'A': 'down', 'B': 'up'}.get(kind, kind)
@@ -230,7 +230,7 @@ def kohya_of(folder, manifest:dict, checkpoint:dict, dest) -> Path:
     "Checkpoint `checkpoint` (a `choose_checkpoint` entry) of the results `folder` written to `dest` in the kohya layout"
     from safetensors.torch import load_file
     base = manifest['base_model']
-    model = ModelInfo(FAMILIES[base.get('family', 'sd1')], base.get('prediction', 'epsilon'), manifest.get('resolution') or 512)
+    model = ModelInfo(family_named(base.get('family')), base.get('prediction', 'epsilon'), manifest.get('resolution') or 512)
     return write_kohya(dest, load_file(Path(folder)/checkpoint['weights']), manifest['lora']['rank'], manifest['lora']['alpha'], model)
 
 # %% ../nbs/05_results.ipynb #ffb1de5d
@@ -262,7 +262,7 @@ def load_pipeline(results, model:str|None=None, device=None, use:str|int='final'
         base = verify_results(folder)['base_model']
         src = model or base['path']
         kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision') or 'main')  # a revision means something on the Hub only
-        family = FAMILIES[base.get('family', 'sd1')]  # results made before families were recorded are SD 1.x
+        family = family_named(base.get('family'))  # results made before families were recorded are SD 1.x
         try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=precision_dtype(resolve_precision('auto', dev)) if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
         pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)

@@ -17,7 +17,7 @@ from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
-from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, load_parts,
+from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
                                    lora_layers_problem, lora_targets, model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
                                    size_conditioning, snr_weights, text_encoders, text_lora_targets)
 from .prior import class_images
@@ -153,7 +153,7 @@ def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0,
                    snr_gamma:float|None=None, noise_offset:float=0.0, shard:tuple|None=None):
     "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples. `latents` and `cond` may be lists: parts of one batch whose images differ in size (instance images in a bucket, square class images), a denoiser call each. With `shard` (rank, processes), only the examples whose place in the batch is rank modulo processes go through the denoiser, and the losses are their share of the batch's: summed over the ranks, the whole batch's"
     import torch
-    family = family or FAMILIES['sd1']
+    family = family or family_named(None)
     parts = list(zip(latents, cond)) if isinstance(latents, list) else [(latents, cond)]
     per, ts, at, start = [], [], [], 0
     for lat, c in parts:

@@ -82,11 +82,15 @@ LAYERS = {  # what each module may import from the package at its top: only what
     'cli': {'config', 'dataset', 'families', 'results', 'client'}, 'hub': {'families', 'results'}, 'widget': {'config', 'dataset', 'families', 'results', 'client'}}
 
 def test_layers_import_only_what_is_on_their_left():
+    "Each module, or package (families: its modules together, their imports of each other inside it), imports from the package only what stands on its left"
     import ast
-    mods = {f.stem: f for f in (ROOT/'cerebrium_ft').glob('*.py') if not f.name.startswith('_')}
+    pkg = ROOT/'cerebrium_ft'
+    mods = {f.stem: [f] for f in pkg.glob('*.py') if not f.name.startswith('_')} | {d.name: sorted(d.glob('*.py')) for d in pkg.iterdir() if (d/'__init__.py').exists()}
     assert set(mods) == set(LAYERS), "a new module needs its place in LAYERS"
-    for name, f in mods.items():
-        top = {n.module.split('.')[0] for n in ast.parse(f.read_text()).body if isinstance(n, ast.ImportFrom) and n.level == 1 and n.module}
+    for name, files in mods.items():
+        inside = len(files) > 1 or files[0].name == '__init__.py'  # a package's modules: level 1 is the package itself, level 2 the library
+        top = {n.module.split('.')[0] for f in files for n in ast.parse(f.read_text()).body
+               if isinstance(n, ast.ImportFrom) and n.module and n.level == (2 if inside else 1)}
         assert top <= LAYERS[name], f"{name} imports {sorted(top - LAYERS[name])}, which stand to its right"
         if name in ('results', 'hub', 'server', 'executor', 'client', 'widget'): assert 'train' not in top, name
 
