@@ -13,10 +13,11 @@ from fastcore.basics import patch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # %% auto #0
-__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'ALIASES', 'LORA_LAYER_CHOICES',
-           'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS', 'SettingsError', 'coerce_value',
-           'Checked', 'SeedSettings', 'TrainingSettings', 'setting_names', 'json_depth', 'parse_json_object',
-           'parse_training_args', 'is_hub_id', 'is_folder', 'path_exists', 'model_problem', 'JobSpec', 'spec_from_args']
+__all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'WEIGHTING_CHOICES', 'ALIASES',
+           'LORA_LAYER_CHOICES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS',
+           'SettingsError', 'coerce_value', 'Checked', 'SeedSettings', 'TrainingSettings', 'setting_names',
+           'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id', 'is_folder', 'path_exists',
+           'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -153,6 +154,7 @@ LR_SCHEDULES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "const
 MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 BASE_QUANTIZATIONS = ("none", "nf4", "8bit") # how the frozen base denoiser may be loaded: as it is, or quantized by bitsandbytes (QLoRA)
 TRACKERS = ("none", "tensorboard", "wandb") # report_to: where a run's metrics also go, as the diffusers examples spell them
+WEIGHTING_CHOICES = ("auto", "none", "logit_normal", "mode") # weighting_scheme: how a flow-matching run draws its noise levels (auto: its family's)
 ALIASES = {'lr_scheduler': 'lr_schedule', 'lr_warmup_steps': 'warmup_steps', 'min_snr_gamma': 'snr_gamma'} # diffusers' and kohya's spellings -> ours
 _BIG = 10_000_000
 
@@ -177,11 +179,11 @@ class TrainingSettings(SeedSettings):
     "Training kwargs: the original fine-tuner's table with its defaults (`SeedSettings`), plus the trainer's own settings"
     model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
-    resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL and FLUX.1)")
+    resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL, FLUX.1 and SD 3.5)")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of each layer the LoRA is on (lora_layers: the denoiser's attention projections unless it says more)")
     lora_layers:str = Field("attention", min_length=1, max_length=2000, examples=list(LORA_LAYER_CHOICES), description='Which of the denoiser\'s layers get a LoRA: "attention" (its attention projections, as the original and the diffusers DreamBooth examples), "transformer" (every linear layer of its transformer blocks: attention, feed-forward, the blocks\' in and out projections, as kohya\'s LoRA; with train_text_encoder the text encoders\' MLPs too; learns more in a step), or module names, comma-separated (diffusers\' --lora_layers, e.g. "to_q,to_v,ff.net.2")')
     loraplus_lr_ratio:Optional[float] = Field(None, ge=1.0, le=1000.0, description="LoRA+ (kohya's loraplus_lr_ratio): each LoRA's up (B) matrix learns at this many times the learning rate of its down (A) matrix, which the LoRA+ paper finds learns faster (16 is its and kohya's suggestion; lower it if the loss jumps); None: one rate for both")
-    train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's, FLUX.1's CLIP and not its T5): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
+    train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's and of SD 3.5's, FLUX.1's CLIP; never a T5): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
     text_encoder_lr:Optional[float] = Field(None, ge=1e-8, le=1.0, description="Learning rate of the text encoders' LoRA, with train_text_encoder (kohya's and diffusers' text_encoder_lr); None means learning_rate")
     lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
@@ -197,6 +199,10 @@ class TrainingSettings(SeedSettings):
     prior_loss_weight:float = Field(1.0, ge=0.0, le=1e3, description="Weight of the prior-preservation loss against the instance loss")
     snr_gamma:Optional[float] = Field(None, ge=0.01, le=1e3, description="Min-SNR-gamma weighting of the instance loss (5.0 is the paper's and the diffusers examples' suggestion; kohya: min_snr_gamma); None: unweighted. Stable Diffusion families only")
     noise_offset:float = Field(0.0, ge=0.0, le=1.0, description="Add this much noise constant over each image and channel (0.05 to 0.1 lets a model learn very dark and very bright images); 0: none")
+    weighting_scheme:Literal[WEIGHTING_CHOICES] = Field("auto", description='How a flow-matching model\'s noise levels are drawn (diffusers\' --weighting_scheme): "none" (uniformly), "logit_normal" (more of them around the middle of the path, as the SD3 paper), "mode" (by mode_scale); "auto": the family\'s own diffusers example\'s (logit_normal for SD 3.5, none for the others). Flow-matching families only')
+    logit_mean:float = Field(0.0, ge=-10.0, le=10.0, description="With weighting_scheme logit_normal: the mean of its normal draw (diffusers' --logit_mean)")
+    logit_std:float = Field(1.0, ge=0.01, le=10.0, description="With weighting_scheme logit_normal: the standard deviation of its normal draw (diffusers' --logit_std)")
+    mode_scale:float = Field(1.29, ge=0.0, le=2.0, description="With weighting_scheme mode: its scale (diffusers' --mode_scale)")
     trigger_word:Optional[str] = Field(None, min_length=1, max_length=100, description="The token captions are built around (e.g. sks): {trigger} or [trigger] in a caption becomes it, and a caption without it gets it in front")
     shuffle_caption:bool = Field(False, description="Train each example on one of up to 8 orders of its caption's comma-separated tags (kohya's shuffle_caption), so no tag's place is learnt")
     keep_tokens:int = Field(0, ge=0, le=64, description="With shuffle_caption: keep the first this many tags in place (kohya's keep_tokens; 1 keeps a leading trigger word first)")
@@ -211,7 +217,7 @@ class TrainingSettings(SeedSettings):
     random_flip:bool = Field(False, description="Also train on horizontally flipped images")
     center_crop:bool = Field(True, description="Centre crop (True) or random crop (False) to the resolution")
     enable_bucket:bool = Field(False, description="Aspect-ratio bucketing (kohya's enable_bucket): each image trains at the bucket nearest its own aspect ratio, of about the resolution's pixel count, instead of cropped square")
-    bucket_reso_steps:int = Field(64, ge=8, le=512, description="With enable_bucket: bucket sides are multiples of this many pixels, a multiple of 8 (of 16 for FLUX.1)")
+    bucket_reso_steps:int = Field(64, ge=8, le=512, description="With enable_bucket: bucket sides are multiples of this many pixels, a multiple of 8 (of 16 for FLUX.1 and SD 3.5, whose latents go in 2x2 patches)")
     min_bucket_reso:Optional[int] = Field(None, ge=64, le=4096, description="With enable_bucket: the shortest bucket side in pixels; None: half the resolution")
     max_bucket_reso:Optional[int] = Field(None, ge=64, le=8192, description="With enable_bucket: the longest bucket side in pixels; None: twice the resolution")
     gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")

@@ -14,7 +14,8 @@ from PIL import Image, ImageDraw, ImageFilter
 # %% auto #0
 __all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED', 'SDXL_ARCHITECTURE',
            'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'write_t5_tokenizer',
-           'sd_models', 'sdxl_models', 'flux_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
+           'sd_models', 'sdxl_models', 'flux_models', 'sd3_models', 'build_tiny_pipeline', 'make_subject_images',
+           'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -109,8 +110,27 @@ def flux_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=1, ro
                                  feed_forward_proj='gated-gelu', relative_attention_num_buckets=t5_buckets, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     return dict(transformer=transformer, vae=vae, text_encoder=clip, text_encoder_2=t5)
 
+# %% ../nbs/02_testing.ipynb #sd3x
+def sd3_models(width:int=32, heads:int=2, layers:int=2, latent_channels:int=4, vae_channels=(8, 16, 32, 32), vae_layers_per_block:int=1,
+               text_widths=(32, 32), text_layers=(2, 2), text_heads=(4, 4), t5_width:int=64, t5_layers:int=2, t5_heads:int=4, t5_ff:int=128,
+               t5_buckets:int=8, image_size:int=64, vocab_size:int=514, special_ids=(512, 513, 513), t5_vocab_size:int=192, qk_norm:str|None='rms_norm',
+               dual_attention_layers=()) -> dict:
+    "A Stable-Diffusion-3.5-shaped MMDiT transformer (`width` = heads x head size; `qk_norm` and `dual_attention_layers` as 3.5's), VAE, two CLIP encoders with projections and a T5 encoder, random weights"
+    from diffusers import SD3Transformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    transformer = SD3Transformer2DModel(
+        sample_size=image_size // 8, patch_size=2, in_channels=latent_channels, out_channels=latent_channels, num_layers=layers, attention_head_dim=width // heads,
+        num_attention_heads=heads, joint_attention_dim=t5_width, caption_projection_dim=width, pooled_projection_dim=sum(text_widths),
+        pos_embed_max_size=max(32, image_size // 4), qk_norm=qk_norm, dual_attention_layers=tuple(dual_attention_layers))  # positions for latents up to twice the size
+    vae = _vae(vae_channels, vae_layers_per_block, image_size, latent_channels, scaling_factor=1.5305, shift_factor=0.0609,
+               use_quant_conv=False, use_post_quant_conv=False)  # SD3's VAE settings
+    clips = [_clip(w, n, h, vocab_size, special_ids, projection=True) for w, n, h in zip(text_widths, text_layers, text_heads)]
+    t5 = T5EncoderModel(T5Config(vocab_size=t5_vocab_size, d_model=t5_width, d_kv=t5_width // t5_heads, d_ff=t5_ff, num_layers=t5_layers, num_heads=t5_heads,
+                                 feed_forward_proj='gated-gelu', relative_attention_num_buckets=t5_buckets, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    return dict(transformer=transformer, vae=vae, text_encoder=clips[0], text_encoder_2=clips[1], text_encoder_3=t5)
+
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev]
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -124,6 +144,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     special = dict(vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
     if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, **special))
     if family == 'flux': return _save_tiny_flux(dst, tok, **kw, **special)
+    if family == 'sd3': return _save_tiny_sd3(dst, tok, **kw, **special)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, **special)
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
@@ -146,16 +167,26 @@ def _save_tiny_sdxl(dst:Path, tok, m:dict) -> Path:
                                        timestep_spacing="leading", steps_offset=1)  # SDXL's scheduler settings
     return _save_tiny(dst, StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok, scheduler=scheduler, **m))
 
-def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+def _t5_tokenizer(dst:Path):
+    "A T5 tokenizer (`write_t5_tokenizer`) loaded from a scratch folder under `dst`, which is removed"
     from transformers import AutoTokenizer
     t5 = AutoTokenizer.from_pretrained(write_t5_tokenizer(dst/'_tokenizer_src'/'t5'))
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1 [dev]'s scheduler settings
-    pipe = FluxPipeline(tokenizer=tok, tokenizer_2=t5, scheduler=scheduler, **flux_models(**kw, t5_vocab_size=len(t5)))
     for f in (dst/'_tokenizer_src'/'t5').iterdir(): f.unlink()
     (dst/'_tokenizer_src'/'t5').rmdir()
-    return _save_tiny(dst, pipe)
+    return t5
+
+def _save_tiny_sd3(dst:Path, tok, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    t5 = _t5_tokenizer(dst)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's scheduler settings
+    return _save_tiny(dst, StableDiffusion3Pipeline(tokenizer=tok, tokenizer_2=tok, tokenizer_3=t5, scheduler=scheduler, **sd3_models(**kw, t5_vocab_size=len(t5))))
+
+def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    t5 = _t5_tokenizer(dst)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1 [dev]'s scheduler settings
+    return _save_tiny(dst, FluxPipeline(tokenizer=tok, tokenizer_2=t5, scheduler=scheduler, **flux_models(**kw, t5_vocab_size=len(t5))))
 
 # %% ../nbs/02_testing.ipynb #0105343b
 SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),

@@ -83,6 +83,9 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
+    if s.weighting_scheme != 'auto' and model.prediction != 'flow_matching':
+        raise TrainingError(f"weighting_scheme draws the noise levels of the flow-matching families; {spec.hf_model_path} is {model.family.name}, "
+                            f"trained on DDPM's timesteps: leave weighting_scheme auto")
     if (problem := lora_layers_problem(spec.hf_model_path, spec.revision, model.family, s.lora_layers)): raise TrainingError(problem)  # from its config: before any weights
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
@@ -150,14 +153,14 @@ def sample_latents(mean, std, idx, flip:bool, gen, scaling:float, shift:float=0.
     return (m + s * torch.randn(m.shape, generator=gen, device=gen.device, dtype=m.dtype) - shift) * scaling, view
 
 def denoising_loss(denoiser, noise_scheduler, latents, cond, gen, n_prior:int=0, prior_loss_weight:float=1.0, family:Family|None=None,
-                   snr_gamma:float|None=None, noise_offset:float=0.0, shard:tuple|None=None):
+                   snr_gamma:float|None=None, noise_offset:float=0.0, shard:tuple|None=None, sampling=None):
     "(total loss, instance loss, prior loss or None) of one batch conditioned on `cond` (`encode_text`'s dict, or SD's embeddings); the last `n_prior` examples are class examples, whose loss stays unweighted as in the diffusers examples. `latents` and `cond` may be lists: parts of one batch whose images differ in size (instance images in a bucket, square class images), a denoiser call each. With `shard` (rank, processes), only the examples whose place in the batch is rank modulo processes go through the denoiser, and the losses are their share of the batch's: summed over the ranks, the whole batch's"
     import torch
     family = family or family_named(None)
     parts = list(zip(latents, cond)) if isinstance(latents, list) else [(latents, cond)]
     per, ts, at, start = [], [], [], 0
     for lat, c in parts:
-        noisy, t, target = noised(family, noise_scheduler, lat, gen, noise_offset)  # drawn for the whole batch, by every rank alike
+        noisy, t, target = noised(family, noise_scheduler, lat, gen, noise_offset, sampling)  # drawn for the whole batch, by every rank alike
         c = c if isinstance(c, dict) else dict(embeds=c)
         if shard is not None:
             keep = torch.arange((shard[0] - start) % shard[1], len(lat), shard[1], device=lat.device)
@@ -379,8 +382,8 @@ def heldout_split(images:list, n:int, seed:int) -> tuple[list, list]:
     out = set(np.random.default_rng([seed, 7]).choice(len(images), n, replace=False).tolist()) if n else set()
     return [im for i, im in enumerate(images) if i not in out], [im for i, im in enumerate(images) if i in out]
 
-def heldout_loss(denoiser, noise_scheduler, groups:list, cond:dict, family:Family, seed:int, batch_size:int) -> float:
-    "The mean denoising loss over `groups` of (latents, their `cond` prompt indices, their own conditioning; a group per image size), on fixed draws: the same noise and timesteps at every call with `seed`"
+def heldout_loss(denoiser, noise_scheduler, groups:list, cond:dict, family:Family, seed:int, batch_size:int, sampling=None) -> float:
+    "The mean denoising loss over `groups` of (latents, their `cond` prompt indices, their own conditioning; a group per image size), on fixed draws: the same noise and timesteps (drawn as `sampling` says) at every call with `seed`"
     import torch
     total, count = 0.0, 0
     with torch.no_grad():
@@ -388,7 +391,7 @@ def heldout_loss(denoiser, noise_scheduler, groups:list, cond:dict, family:Famil
             gen = torch.Generator(latents.device).manual_seed(seed + k)
             for part in torch.arange(len(latents), device=latents.device).split(batch_size):
                 c = {**{n: v[prompt[part]] for n, v in cond.items()}, **{n: v[part] for n, v in extra.items()}}
-                _, inst, _ = denoising_loss(denoiser, noise_scheduler, latents[part], c, gen, family=family)
+                _, inst, _ = denoising_loss(denoiser, noise_scheduler, latents[part], c, gen, family=family, sampling=sampling)
                 total, count = total + inst.float().item() * len(part), count + len(part)
     return total / count
 
@@ -625,6 +628,8 @@ class Training:
         self.weight_dtype = precision_dtype(self.precision)
         if device.type == 'cuda': torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
         self.model = model_family(spec.hf_model_path, spec.revision)
+        self.sampling = self.model.family.timestep_sampling(self.s)  # how a flow-matching model's noise levels are drawn; None for DDPM's
+        if self.sampling: log.info(f"flow matching: noise levels drawn by weighting_scheme {self.sampling.scheme}")
         for f in report.findings:
             if f.severity == 'warning': log.warning(f"dataset: {f.file + ': ' if f.file else ''}{f.message} ({f.fix})")
         if self.heldout: log.info(f"held out of training to score checkpoints on: {', '.join(i.name for i in self.heldout)} (holdout_images {len(self.heldout)})")
@@ -775,7 +780,7 @@ def encode_inputs(self:Training):
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
     if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
-    if s.validation_negative_prompt and self.model.prediction == 'flow_matching':
+    if s.validation_negative_prompt and not self.model.family.negative_prompt:
         log.warning(f"{self.model.family.name} has no negative prompt (its guidance is embedded): validation_negative_prompt is not used")
     self.prompts = prompts
     self.refresh_conditioning(first=True)
@@ -882,7 +887,7 @@ def checkpoint(self:Training):
 def score(self:Training, lora:bool=True) -> dict:
     "The score of the denoiser as it is now (of the base model alone, without `lora`): `heldout_loss`, `heldout_prior_loss` (None without prior preservation) and `score`"
     s, denoiser = self.s, self.denoiser
-    loss = lambda groups: heldout_loss(denoiser, self.m['noise_scheduler'], groups, self.cond, self.model.family, s.seed + 7919, s.train_batch_size * self.world)  # the whole batch: scores alike on any number of processes
+    loss = lambda groups: heldout_loss(denoiser, self.m['noise_scheduler'], groups, self.cond, self.model.family, s.seed + 7919, s.train_batch_size * self.world, self.sampling)  # the whole batch: scores alike on any number of processes
     denoiser.eval()
     if not lora: denoiser.disable_adapters()
     try:
@@ -917,7 +922,7 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
                 if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
                 else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
             losses = denoising_loss(self.denoiser, self.m['noise_scheduler'], latents, cond, self.gen, 0 if ci is None else len(ci), s.prior_loss_weight,
-                                    self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None)
+                                    self.model.family, s.snr_gamma, s.noise_offset, shard=(self.rank, self.world) if self.world > 1 else None, sampling=self.sampling)
         if losses[0].requires_grad: self.accelerator.backward(losses[0] / s.gradient_accumulation_steps)  # a rank with no example of this batch has no gradient to add
     return losses
 

@@ -315,16 +315,16 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
     finally: hub.stop()
 
 def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_path, data):
-    "SD 2.x (v-prediction), SDXL and FLUX.1 jobs run to success on the service and load in their own pipelines; an SD3 model is refused at submission"
-    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+    "SD 2.x (v-prediction), SDXL, FLUX.1 and SD 3.5 jobs run to success on the service and load in their own pipelines; a video model is refused at submission"
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     from cerebrium_ft.results import load_pipeline
     from cerebrium_ft.testing import build_tiny_pipeline
     models = tmp_path/'models'
-    sd3 = models/'sd3'; sd3.mkdir(parents=True); (sd3/'model_index.json').write_text('{"_class_name": "StableDiffusion3Pipeline"}')
+    wan = models/'wan'; wan.mkdir(parents=True); (wan/'model_index.json').write_text('{"_class_name": "WanPipeline"}')
     s = Server(tmp_path/'data', model_dir=models).start()
     try:
         s.key = next(w for w in s.output().split() if w.startswith('cft_'))
-        for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline), ('flux', FluxPipeline)]:
+        for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline), ('flux', FluxPipeline), ('sd3', StableDiffusion3Pipeline)]:
             model = build_tiny_pipeline(models/family, family=family)
             layers = dict(lora_layers='transformer', loraplus_lr_ratio=4) if family == 'flux' else {}  # FLUX.1's also on its feed-forwards, with LoRA+
             r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no', **layers))
@@ -334,8 +334,8 @@ def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_pa
             assert type(load_pipeline(tmp_path/f"{family}.zip", model=model, device='cpu')) is pipeline  # the zip names the server's model folder by name alone
             lora = json.loads(zipfile.ZipFile(tmp_path/f"{family}.zip").read('manifest.json'))['lora']
             assert ('ff_context.net.2' in lora['targets']) == bool(layers), lora['targets']
-        r = submit(s, sd3, data, steps=6)
-        assert r.returncode == 1 and 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train' in r.stderr, r.stderr
+        r = submit(s, wan, data, steps=6)
+        assert r.returncode == 1 and 'is a WanPipeline (a video model), which cerebrium-ft does not train' in r.stderr, r.stderr
     finally: s.stop()
 
 def test_serve_runs_each_job_on_a_gpu_of_its_own(tmp_path, tiny_model, data):

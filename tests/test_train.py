@@ -285,7 +285,7 @@ def test_unreadable_model_path(data, tmp_path, no_loading):
     with pytest.raises(T.TrainingError, match='no model_index.json'): T.train(spec(str(tmp_path/'junk'), data), tmp_path/'o')
 
 def test_a_family_that_does_not_train_is_refused_before_loading(data, tmp_path, no_loading):
-    for cls, said in [('StableDiffusion3Pipeline', 'is a StableDiffusion3Pipeline, which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL, FLUX.1'),
+    for cls, said in [('WanPipeline', 'is a WanPipeline (a video model), which cerebrium-ft does not train; it trains Stable Diffusion 1.x, Stable Diffusion 2.x, Stable Diffusion XL, FLUX.1, Stable Diffusion 3.5'),
                       ('PixArtAlphaPipeline', 'is a PixArtAlphaPipeline, which cerebrium-ft does not train')]:
         m = tmp_path/cls; m.mkdir(); (m/'model_index.json').write_text(json.dumps({'_class_name': cls}))
         with pytest.raises(T.TrainingError, match=re.escape(said)): T.train(spec(str(m), data), tmp_path/'o')

@@ -6,6 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/families.html.md"""
 
 # %% ../../nbs/00a_families.ipynb #20f72cfb
 from __future__ import annotations
+import re
 from .base import (Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo, TEXT_BLOCK_TARGETS, TEXT_TARGETS, UNET_BLOCK_TARGETS,
                                         UNET_TARGETS, assemble_pipeline, denoiser_inputs, denoiser_of, download_model, encode_prompts, encode_text, hub_resolves,
                                         kohya_base_model, load_parts, lora_layers_problem, lora_targets, model_files, model_parts, noised, pipeline_class,
@@ -14,12 +15,13 @@ from .base import (Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo,
 from .sd import SD1, SD2
 from .sdxl import SDXL
 from .flux import FLUX, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
+from .sd3 import SD3
 
 # %% auto #0
 __all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
-FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX)}
+FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3)}
 OLDEST_RESULTS = 'sd1' # the family of results made before the manifest named one
 
 def trained_families() -> str:
@@ -38,7 +40,8 @@ def model_family(model:str, revision:str='main', cached_only:bool=False, local:b
     if index is None: raise FamilyError(f"{model} has no model_index.json: it is not a diffusers pipeline")
     cls = index.get('_class_name', '(no pipeline class)')
     family = next((f for f in FAMILIES.values() if f.pipeline == cls), None)
-    if family is None: raise FamilyError(f"{model} is a {cls}, which cerebrium-ft does not train; it trains {trained_families()}")
+    video = ' (a video model)' if re.search(r'Video|^(Wan|LTX|Mochi|Allegro|Latte|SkyReels|Lucy)', cls) else ''
+    if family is None: raise FamilyError(f"{model} is a {cls}{video}, which cerebrium-ft does not train; it trains {trained_families()}")
     return family.info(read)
 
 # %% ../../nbs/00a_families.ipynb #5e8a8e85

@@ -15,19 +15,21 @@ from fastcore.basics import patch
 from ..config import LORA_LAYER_CHOICES, is_folder
 
 # %% auto #0
-__all__ = ['UNET_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS', 'lora_targets', 'text_lora_targets',
-           'unmatched_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'hub_errors', 'read_config',
-           'ModelInfo', 'Family', 'model_parts', 'model_files', 'download_model', 'text_encoders', 'denoiser_of',
-           'load_parts', 'lora_layers_problem', 'token_ids', 'encode_prompts', 'encode_text', 'size_conditioning',
-           'prompt_tokens', 'snr_weights', 'noised', 'denoiser_inputs', 'predict', 'pipeline_class',
-           'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs', 'kohya_base_model',
-           'FlowMatching']
+__all__ = ['UNET_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS', 'JOINT_TARGETS', 'JOINT_BLOCK_TARGETS',
+           'WEIGHTING_SCHEMES', 'lora_targets', 'text_lora_targets', 'unmatched_targets', 'FamilyError',
+           'HubUnreachable', 'hub_resolves', 'hub_errors', 'read_config', 'ModelInfo', 'Family', 'model_parts',
+           'model_files', 'download_model', 'text_encoders', 'denoiser_of', 'load_parts', 'lora_layers_problem',
+           'token_ids', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens', 'snr_weights', 'noised',
+           'denoiser_inputs', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
+           'assemble_pipeline', 'prompt_kwargs', 'kohya_base_model', 'TimestepSampling', 'FlowMatching']
 
 # %% ../../nbs/00b_family_base.ipynb #21af4ec5
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj") # a CLIP text encoder's attention projections, where train_text_encoder puts a LoRA (as diffusers' examples do)
 UNET_BLOCK_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out") # every linear layer of the UNet's transformer blocks, as kohya's LoRA: attention, feed-forward, the blocks' in and out projections
 TEXT_BLOCK_TARGETS = TEXT_TARGETS + ("fc1", "fc2") # and a CLIP text encoder's MLPs, as kohya's
+JOINT_TARGETS = UNET_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") # an MMDiT's joint attention: the image stream's projections, and the text stream's
+JOINT_BLOCK_TARGETS = JOINT_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2") # and both streams' feed-forwards, as diffusers' examples
 
 def lora_targets(family, lora_layers:str='attention') -> tuple:
     "The denoiser's modules `lora_layers` puts a LoRA on: `family`'s attention projections, every linear layer of its transformer blocks, or the module names given, comma-separated"
@@ -289,13 +291,18 @@ def _noise(latents, gen, noise_offset:float=0.0):
     return noise
 
 @patch
-def noised(self:Family, scheduler, latents, gen, noise_offset:float=0.0) -> tuple:
-    "`latents` with noise (plus `noise_offset` times a draw constant over each image and channel) at random timesteps: (noisy latents, timesteps, what the denoiser should predict)"
+def noised(self:Family, scheduler, latents, gen, noise_offset:float=0.0, sampling=None) -> tuple:
+    "`latents` with noise (plus `noise_offset` times a draw constant over each image and channel) at random timesteps: (noisy latents, timesteps, what the denoiser should predict); `sampling` is the flow-matching families' (`TimestepSampling`)"
     import torch
     noise, cfg = _noise(latents, gen, noise_offset), scheduler.config
     t = torch.randint(0, cfg.num_train_timesteps, (latents.shape[0],), generator=gen, device=gen.device)
     target = noise if cfg.prediction_type == 'epsilon' else scheduler.get_velocity(latents, noise, t)
     return scheduler.add_noise(latents, noise, t), t, target
+
+@patch
+def timestep_sampling(self:Family, s):
+    "How a run with `TrainingSettings` `s` draws its timesteps beyond the default: nothing for DDPM's uniform draw (`FlowMatching` has its schemes)"
+    return None
 
 @patch
 def denoiser_inputs(self:Family, cond:dict) -> tuple:
@@ -318,9 +325,9 @@ def snr_weights(scheduler, t, gamma:float):
     w = torch.clamp(snr, max=gamma)
     return w / (snr + 1) if scheduler.config.prediction_type == 'v_prediction' else w / snr
 
-def noised(family:Family, scheduler, latents, gen, noise_offset:float=0.0) -> tuple:
+def noised(family:Family, scheduler, latents, gen, noise_offset:float=0.0, sampling=None) -> tuple:
     "A batch of `latents` noised as `family` trains (`Family.noised`): (noisy latents, timesteps, target)"
-    return family.noised(scheduler, latents, gen, noise_offset)
+    return family.noised(scheduler, latents, gen, noise_offset, sampling)
 
 def denoiser_inputs(family:Family, cond:dict) -> tuple:
     "`family`'s UNet's encoder hidden states and extra keyword arguments for conditioning `cond` (`Family.denoiser_inputs`)"
@@ -372,22 +379,44 @@ def kohya_base_model(model:ModelInfo) -> dict:
     return model.family.kohya_metadata(model)
 
 # %% ../../nbs/00b_family_base.ipynb #52c06e2d
+WEIGHTING_SCHEMES = ('none', 'logit_normal', 'mode') # how a flow-matching run draws its noise levels (diffusers' --weighting_scheme)
+
+@dataclass(frozen=True)
+class TimestepSampling:
+    "How a flow-matching batch's noise levels are drawn (diffusers' weighting_scheme and its parameters)"
+    scheme:str = 'none'      # none (uniform), logit_normal or mode
+    logit_mean:float = 0.0   # logit_normal's mean
+    logit_std:float = 1.0    # logit_normal's standard deviation
+    mode_scale:float = 1.29  # mode's scale
+
+    def draw(self, n:int, gen):
+        "`n` points of (0, 1) by the scheme, from generator `gen` (diffusers' `compute_density_for_timestep_sampling`, with the run's generator)"
+        import math, torch
+        if self.scheme == 'logit_normal': return torch.sigmoid(self.logit_mean + self.logit_std * torch.randn(n, generator=gen, device=gen.device))
+        u = torch.rand(n, generator=gen, device=gen.device)
+        return 1 - u - self.mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u) if self.scheme == 'mode' else u
+
 class FlowMatching(Family):
     "The flow-matching families' parent: a transformer denoiser on flow-matching Euler's levels, predicting the velocity from noise to image"
     denoiser = 'transformer'
     scheduler_class = 'FlowMatchEulerDiscreteScheduler'
     resolution = 1024
+    weighting_scheme = 'none'  # how its noise levels are drawn unless the settings say otherwise: its diffusers example's default
+
+    def timestep_sampling(self, s) -> TimestepSampling:
+        "How a run with `TrainingSettings` `s` draws its noise levels: `s.weighting_scheme`, or this family's where it says auto"
+        return TimestepSampling(self.weighting_scheme if s.weighting_scheme == 'auto' else s.weighting_scheme, s.logit_mean, s.logit_std, s.mode_scale)
 
     def info(self, read) -> ModelInfo:
         "Flow matching has no prediction type to read; the VAE's sample size is the resolution"
         return ModelInfo(self, 'flow_matching', int((read('vae/config.json') or {}).get('sample_size', self.resolution)))
 
-    def noised(self, scheduler, latents, gen, noise_offset:float=0.0) -> tuple:
-        "`latents` mixed with noise at a level drawn from the scheduler's training levels: (noisy latents, timesteps σ·1000, the velocity noise - latents)"
-        import torch
+    def noised(self, scheduler, latents, gen, noise_offset:float=0.0, sampling:TimestepSampling|None=None) -> tuple:
+        "`latents` mixed with noise at a level drawn from the scheduler's training levels by `sampling` (default: the family's): (noisy latents, timesteps σ·1000, the velocity noise - latents)"
         noise, cfg, n = _noise(latents, gen, noise_offset), scheduler.config, latents.shape[0]
         steps = cfg.num_train_timesteps  # FlowMatchEulerDiscreteScheduler's training levels, read from its configuration (sampling changes its state)
-        sigma = 1 - (torch.rand(n, generator=gen, device=gen.device) * steps).long().to(latents.dtype) / steps
+        u = (sampling or TimestepSampling(self.weighting_scheme)).draw(n, gen)
+        sigma = 1 - (u * steps).long().clamp(0, steps - 1).to(latents.dtype) / steps  # the level of index u·steps, as diffusers' examples index the scheduler's
         if not cfg.use_dynamic_shifting: sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)
         s = sigma.view(-1, *[1] * (latents.ndim - 1))
         return (1 - s) * latents + s * noise, sigma * steps, noise - latents

@@ -6,14 +6,14 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/flux.html.md"""
 
 # %% ../../nbs/00e_flux.ipynb #a2bc287c
 from __future__ import annotations
-from .base import UNET_TARGETS, FlowMatching, token_ids
+from .base import JOINT_BLOCK_TARGETS, JOINT_TARGETS, FlowMatching, token_ids
 
 # %% auto #0
 __all__ = ['FLUX_TARGETS', 'FLUX_BLOCK_TARGETS', 'FLUX_GUIDANCE', 'FLUX_DEV_LICENSE', 'FLUX', 'latent_image_ids', 'Flux1']
 
 # %% ../../nbs/00e_flux.ipynb #cafd190f
-FLUX_TARGETS = UNET_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out") # the transformer's attention projections, and in its double-stream blocks the text stream's
-FLUX_BLOCK_TARGETS = FLUX_TARGETS + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2") # and both streams' feed-forwards, as diffusers' Flux example
+FLUX_TARGETS = JOINT_TARGETS # the transformer's attention projections, and in its double-stream blocks the text stream's
+FLUX_BLOCK_TARGETS = JOINT_BLOCK_TARGETS # and both streams' feed-forwards, as diffusers' Flux example
 FLUX_GUIDANCE = 3.5 # the guidance embedding's value while training FLUX.1 [dev] (diffusers' example's default)
 FLUX_DEV_LICENSE = dict(license_name='flux-1-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md')
 

@@ -1,0 +1,66 @@
+"""The families of 2025-26, each trained end to end on its tiny pipeline as a user trains it: class images from its own pipeline, its loss
+lowered, its results loaded in its own pipeline (changing what it draws) and its kohya file in the layout ComfyUI reads for it"""
+import json
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from cerebrium_ft import train as T
+from cerebrium_ft.families import FAMILIES
+from cerebrium_ft.results import load_pipeline
+from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
+from test_train import col, loss_before_and_after, manifest, rows, spec
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp('d')/'robot'
+    make_subject_images(d, n=6, size=64)
+    return d
+
+def render(pipe, seed=0):
+    return np.asarray(pipe('a photo of sks robot', num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed)).images[0], dtype=float)
+
+# key: (the tiny builder's name, the pipeline class, kohya's name, learning rate, noise draws to measure the loss on, its text encoders' kohya prefixes)
+FAMILY_RUNS = {'sd3': ('sd3', 'StableDiffusion3Pipeline', 'sd3', 1e-2, 8, ('lora_te1_', 'lora_te2_'))}
+
+@pytest.mark.parametrize('key', list(FAMILY_RUNS))
+def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp_path, key):
+    import diffusers
+    tiny, pipeline, kohya_name, lr, seeds, te = FAMILY_RUNS[key]
+    family, model = FAMILIES[key], str(build_tiny_pipeline(tmp_path/key, family=tiny))
+    out = T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=2,
+                       training_args=dict(max_train_steps=60, learning_rate=lr, num_validation_images=1, validation_epochs=10, mixed_precision='no',
+                                          train_text_encoder=bool(te))),
+                  tmp_path/'run', cache=tmp_path/'cache', progress=False)
+    m = manifest(out)
+    assert (m['base_model']['family'], m['base_model']['prediction'], m['class_images']) == (key, 'flow_matching', 2)
+    assert m['lora']['targets'] == list(family.lora_targets) and (out/'validation/epoch_0010/00.png').is_file()
+    assert all(float(r['prior_loss']) > 0 for r in rows(out)) and col(out, 'loss')[-1] == col(out, 'loss')[-1]  # finite to the end
+    with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f:
+        keys = list(f.keys())
+        assert f.metadata()['ss_base_model_version'] == kohya_name
+    assert {k.split('_')[1] for k in keys} == {'transformer', *(p.split('_')[1] for p in te)}, keys[:5]  # lora_transformer_..., and the text encoders'
+    assert all(any(k.startswith(p) for k in keys) for p in te)
+    base, tuned = loss_before_and_after(model, key, data, out, seeds)
+    assert tuned < base * 0.95, (base, tuned)
+    pipe = load_pipeline(out, device='cpu')
+    assert type(pipe) is getattr(diffusers, pipeline) and pipe.get_active_adapters()
+    plain = getattr(diffusers, pipeline).from_pretrained(model); plain.set_progress_bar_config(disable=True)
+    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    assert np.abs(render(pipe) - render(plain)).mean() > 1.0  # the LoRA changes what it draws
+
+def test_weighting_scheme_draws_a_flow_matching_models_noise_levels(data, tmp_path, monkeypatch):
+    "The family's own scheme by default (SD 3.5: logit_normal, as its diffusers example), the setting's when given, reaching every step's draw; refused for a DDPM family before anything is written"
+    from cerebrium_ft.families.base import FlowMatching
+    model, seen, noised = str(build_tiny_pipeline(tmp_path/'sd3', family='sd3')), [], FlowMatching.noised
+    monkeypatch.setattr(FlowMatching, 'noised', lambda self, *a, **k: seen.append((a[4] if len(a) > 4 else k.get('sampling')).scheme) or noised(self, *a, **k))
+    for scheme, want in [(None, 'logit_normal'), ('mode', 'mode')]:
+        seen.clear()
+        out = T.train(spec(model, data, training_args=dict(max_train_steps=2, mixed_precision='no', **({'weighting_scheme': scheme} if scheme else {}))),
+                      tmp_path/f"run-{want}", progress=False)
+        assert set(seen) == {want} and len(seen) >= 2, seen
+        assert f"flow matching: noise levels drawn by weighting_scheme {want}" in (out/'logs.txt').read_text()
+    sd1 = str(build_tiny_pipeline(tmp_path/'sd1'))
+    with pytest.raises(T.TrainingError, match="weighting_scheme draws the noise levels of the flow-matching families; .* is Stable Diffusion 1.x, trained on DDPM's timesteps: leave weighting_scheme auto"):
+        T.train(spec(sd1, data, training_args=dict(weighting_scheme='logit_normal')), tmp_path/'refused')
+    assert not (tmp_path/'refused').exists()
