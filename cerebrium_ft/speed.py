@@ -133,9 +133,10 @@ def _sdpa_processor():
     return AttnProcessor2_0
 
 def use_fused_attention(unet, device) -> int:
-    "Give each of `unet`'s attention layers that runs diffusers' SDPA processor a `FusedLoraAttnProcessor`; how many it changed"
+    "Give each of `unet`'s attention layers that runs diffusers' SDPA processor a `FusedLoraAttnProcessor`; how many it changed (none for a denoiser without attention processors, whose attention diffusers dispatches itself)"
     base = _sdpa_processor()
-    procs = unet.attn_processors
+    procs = getattr(unet, 'attn_processors', None)
+    if procs is None: return 0
     mine = FusedLoraAttnProcessor(fp32_scores=getattr(device, 'type', device) == 'cpu')
     new = {name: mine if type(p) is base else p for name, p in procs.items()}
     unet.set_attn_processor(new)

@@ -12,10 +12,10 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED', 'SDXL_ARCHITECTURE',
-           'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer', 'write_t5_tokenizer',
-           'sd_models', 'sdxl_models', 'flux_models', 'sd3_models', 'build_tiny_pipeline', 'make_subject_images',
-           'FakeHub']
+__all__ = ['QWEN_CHAT_TEMPLATE', 'TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED',
+           'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer',
+           'write_t5_tokenizer', 'write_qwen_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'sd3_models',
+           'z_image_models', 'qwen_image_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -44,6 +44,22 @@ def write_t5_tokenizer(dst, max_length:int=64) -> Path:
     chars = sorted(set(string.printable) - set(string.whitespace))
     vocab = [('<pad>', 0.0), ('</s>', 0.0), ('<unk>', 0.0), ('▁', -2.0)] + [('▁' + c, -4.0) for c in chars] + [(c, -5.0) for c in chars]
     T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=max_length).save_pretrained(dst)
+    return Path(dst)
+
+# %% ../nbs/02_testing.ipynb #qwentokx
+QWEN_CHAT_TEMPLATE = ("{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+                      ) # Qwen's chat layout: each message between <|im_start|>ROLE and <|im_end|>, then the assistant's turn (an empty thought when thinking is off)
+
+def write_qwen_tokenizer(dst, max_length:int=512) -> Path:
+    "Write a byte-level BPE tokenizer with Qwen's special tokens (<|endoftext|> pads, <|im_end|> ends, and the vision ones) and `QWEN_CHAT_TEMPLATE`, as a `Qwen2TokenizerFast`, to folder `dst`"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(_bytes_to_unicode().values())}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    Qwen2TokenizerFast(tokenizer_object=tok, eos_token='<|im_end|>', pad_token='<|endoftext|>', unk_token=None, bos_token=None, model_max_length=max_length,
+                       additional_special_tokens=['<|im_start|>', '<|im_end|>', '<|endoftext|>', '<|vision_start|>', '<|vision_end|>', '<|image_pad|>'],
+                       chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(dst)
     return Path(dst)
 
 # %% ../nbs/02_testing.ipynb #e71488dd
@@ -129,8 +145,51 @@ def sd3_models(width:int=32, heads:int=2, layers:int=2, latent_channels:int=4, v
                                  feed_forward_proj='gated-gelu', relative_attention_num_buckets=t5_buckets, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     return dict(transformer=transformer, vae=vae, text_encoder=clips[0], text_encoder_2=clips[1], text_encoder_3=t5)
 
+# %% ../nbs/02_testing.ipynb #zimagex
+def _qwen3(width:int, layers:int, heads:int, vocab_size:int, causal_lm:bool=False):
+    "A Qwen3 language model of `width` (with its LM head when `causal_lm`), random weights"
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+    config = Qwen3Config(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, head_dim=width // heads, max_position_embeddings=1024)
+    return (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
+
+def z_image_models(width:int=32, heads:int=2, layers:int=2, refiner_layers:int=1, rope_axes=(8, 4, 4), latent_channels:int=4, vae_channels=(8, 16, 32, 32),
+                   vae_layers_per_block:int=1, text_width:int=32, text_layers:int=2, text_heads:int=2, image_size:int=64, vocab_size:int=259) -> dict:
+    "A Z-Image-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size), VAE and Qwen3 text encoder, random weights"
+    import torch
+    from diffusers import ZImageTransformer2DModel
+    transformer = ZImageTransformer2DModel(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=width, n_layers=layers,
+                                           n_refiner_layers=refiner_layers, n_heads=heads, n_kv_heads=heads, cap_feat_dim=text_width, axes_dims=list(rope_axes),
+                                           axes_lens=[1024, max(64, image_size // 8), max(64, image_size // 8)])
+    with torch.no_grad():  # made with torch.empty: uninitialised memory, nan on some machines
+        transformer.x_pad_token.normal_(); transformer.cap_pad_token.normal_()
+    vae = _vae(vae_channels, vae_layers_per_block, image_size, latent_channels, scaling_factor=0.3611, shift_factor=0.1159,
+               use_quant_conv=False, use_post_quant_conv=False)  # FLUX's VAE settings, which Z-Image uses
+    return dict(transformer=transformer, vae=vae, text_encoder=_qwen3(text_width, text_layers, text_heads, vocab_size))
+
+# %% ../nbs/02_testing.ipynb #qwenimgx
+def qwen_image_models(width:int=48, heads:int=3, layers:int=2, rope_axes=(8, 4, 4), latent_channels:int=4, vae_base:int=16, text_width:int=32, text_layers:int=2,
+                      text_heads:int=2, vision_width:int=16, image_size:int=64, vocab_size:int=262, vision_ids=(259, 260, 261)) -> dict:
+    "A Qwen-Image-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size), VAE (8x down, per-channel latent statistics) and Qwen2.5-VL text encoder, random weights"
+    import torch
+    from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=layers,
+                                              attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=text_width, axes_dims_rope=tuple(rope_axes))
+    rng = np.random.default_rng(1)  # numpy, not torch: the statistics are config values, drawn alike when the models are made on the meta device
+    vae = AutoencoderKLQwenImage(base_dim=vae_base, z_dim=latent_channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+                                 latents_mean=(rng.standard_normal(latent_channels) * 0.5).round(4).tolist(), latents_std=(1 + rng.random(latent_channels)).round(4).tolist())
+    start, end, pad = vision_ids
+    half = text_width // text_heads // 2  # multimodal rope splits each head's frequencies among time, height and width as Qwen2.5-VL does (16, 24, 24 of 64)
+    config = Qwen2_5_VLConfig(text_config=dict(hidden_size=text_width, intermediate_size=text_width * 2, num_hidden_layers=text_layers, num_attention_heads=text_heads,
+                                               num_key_value_heads=text_heads, vocab_size=vocab_size, rope_theta=1e6,
+                                               rope_scaling=dict(mrope_section=[half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8], rope_type='default', type='default')),
+                              vision_config=dict(depth=1, hidden_size=vision_width, intermediate_size=vision_width * 2, num_heads=2, out_hidden_size=text_width),
+                              hidden_size=text_width, vocab_size=vocab_size, vision_start_token_id=start, vision_end_token_id=end, vision_token_id=pad, image_token_id=pad)
+    return dict(transformer=transformer, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval())
+
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -145,6 +204,8 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, **special))
     if family == 'flux': return _save_tiny_flux(dst, tok, **kw, **special)
     if family == 'sd3': return _save_tiny_sd3(dst, tok, **kw, **special)
+    if family == 'z-image': return _save_tiny_z_image(dst, **kw)
+    if family == 'qwen-image': return _save_tiny_qwen_image(dst, **kw)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, **special)
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
@@ -180,6 +241,28 @@ def _save_tiny_sd3(dst:Path, tok, **kw) -> Path:
     t5 = _t5_tokenizer(dst)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's scheduler settings
     return _save_tiny(dst, StableDiffusion3Pipeline(tokenizer=tok, tokenizer_2=tok, tokenizer_3=t5, scheduler=scheduler, **sd3_models(**kw, t5_vocab_size=len(t5))))
+
+def _qwen_tokenizer(dst:Path):
+    "A Qwen tokenizer (`write_qwen_tokenizer`) loaded from a scratch folder under `dst`, which is removed"
+    from transformers import AutoTokenizer
+    qwen = AutoTokenizer.from_pretrained(write_qwen_tokenizer(dst/'_tokenizer_src'/'qwen'))
+    for f in (dst/'_tokenizer_src'/'qwen').iterdir(): f.unlink()
+    (dst/'_tokenizer_src'/'qwen').rmdir()
+    return qwen
+
+def _save_tiny_z_image(dst:Path, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    qwen = _qwen_tokenizer(dst)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Z-Image's scheduler settings
+    return _save_tiny(dst, ZImagePipeline(tokenizer=qwen, scheduler=scheduler, **z_image_models(**kw, vocab_size=len(qwen))))
+
+def _save_tiny_qwen_image(dst:Path, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+    qwen = _qwen_tokenizer(dst)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+                                                max_image_seq_len=8192, shift_terminal=0.02, time_shift_type='exponential')  # Qwen-Image's scheduler settings
+    ids = qwen.convert_tokens_to_ids(['<|vision_start|>', '<|vision_end|>', '<|image_pad|>'])
+    return _save_tiny(dst, QwenImagePipeline(tokenizer=qwen, scheduler=scheduler, **qwen_image_models(**kw, vocab_size=len(qwen), vision_ids=ids)))
 
 def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

@@ -83,6 +83,9 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.snr_gamma and model.prediction == 'flow_matching':
         raise TrainingError(f"snr_gamma weights the loss of the DDPM families by their timesteps' signal-to-noise ratio; {spec.hf_model_path} is {model.family.name}, "
                             f"trained by flow matching: leave snr_gamma unset")
+    if s.train_text_encoder and not model.family.text_lora:
+        raise TrainingError(f"train_text_encoder: {model.family.name}'s text encoder does not train here (its diffusers example trains the {model.family.denoiser} alone): "
+                            f"leave train_text_encoder off")
     if s.weighting_scheme != 'auto' and model.prediction != 'flow_matching':
         raise TrainingError(f"weighting_scheme draws the noise levels of the flow-matching families; {spec.hf_model_path} is {model.family.name}, "
                             f"trained on DDPM's timesteps: leave weighting_scheme auto")
@@ -133,15 +136,15 @@ def load_pixels(paths:list, resolution:int, center_crop:bool=True, seed:int=0, b
         sizes.append(((up.height, up.width), corner, size[::-1]))
     return out, sizes
 
-def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype):
-    "Latent mean and std of each image ([N, 1 or 2, 4, h, w]: the second is the flipped image), computed once"
+def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype, family:Family|None=None):
+    "Latent mean and std of each image ([N, 1 or 2, C, h, w]: the second is the flipped image), computed once, as `family` encodes (`Family.latent_dist`)"
     import torch
-    means, stds = [], []
+    family, means, stds = family or family_named(None), [], []
     with torch.no_grad():
         for chunk in pixels.split(batch_size):
             views = [chunk, chunk.flip(-1)] if flip else [chunk]
-            dists = [vae.encode(v.to(device, dtype)).latent_dist for v in views]
-            means.append(torch.stack([d.mean for d in dists], 1)); stds.append(torch.stack([d.std for d in dists], 1))
+            dists = [family.latent_dist(vae, v.to(device, dtype)) for v in views]
+            means.append(torch.stack([m for m, _ in dists], 1)); stds.append(torch.stack([s for _, s in dists], 1))
     return torch.cat(means).float(), torch.cat(stds).float()
 
 # %% ../nbs/04_train.ipynb #2c036b8f
@@ -225,7 +228,7 @@ def encode_latents(vae, paths:list, s:TrainingSettings, buckets:list|None, famil
     mean, std = [], []
     for b in range(len(shapes)):
         ids = np.flatnonzero(bucket == b); row[ids] = np.arange(len(ids))
-        m, sd = encode_images(vae, torch.stack([pixels[i] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype)
+        m, sd = encode_images(vae, torch.stack([pixels[i] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)
         mean.append(m); std.append(sd)
     def views(original, corner, size):  # the mirror image's crop starts as far from the scaled image's right edge as this one's from its left
         scaled_w = round(original[1] * max(size[0] / original[0], size[1] / original[1]))
@@ -412,12 +415,12 @@ def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:d
     vae.to(device); denoiser.eval()
     pipe = assemble_pipeline(family, m, sampling_scheduler(family, m['noise_scheduler'].config))
     pipe.set_progress_bar_config(disable=True)
-    guidance = s.validation_guidance_scale if s.validation_guidance_scale is not None else inspect.signature(pipe.__call__).parameters['guidance_scale'].default
+    guidance = s.validation_guidance_scale if s.validation_guidance_scale is not None else inspect.signature(pipe.__call__).parameters[family.guidance_arg].default
     out, paths, rows = run.validation(epoch), [], []
     out.mkdir(parents=True, exist_ok=True)
     for k, (prompt, cond) in enumerate(zip(s.validation_prompt, conds)):
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images = pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, guidance_scale=guidance,
+            images = pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, **{family.guidance_arg: guidance},
                           height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)]).images
         for i, im in enumerate(images):
             meta = dict(prompt=prompt, negative_prompt=s.validation_negative_prompt or '', seed=s.seed + i, step=step, epoch=epoch,
@@ -788,7 +791,7 @@ def encode_inputs(self:Training):
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
     self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed)  # the pixels in the VAE's own dtype (fp32 under fp16)
-    n, self.scaling, self.shift = len(self.inst), vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
+    n, (self.scaling, self.shift) = len(self.inst), family.latent_scaling(vae, device)
     self.inst_prompt = prompt_of[:n]
     if buckets: log.info("aspect-ratio buckets (enable_bucket), with the training images in each: " + ', '.join(f"{w}x{h} ({(self.latents.bucket[:n] == b).sum()})" for b, (w, h) in enumerate(self.latents.sizes)))
     scored = range(n, len(images)) if self.heldout else range(n)

@@ -119,7 +119,8 @@ def test_ctrl_c_ends_a_command_with_status_130(tmp_path):
     with socket.socket() as mute:  # takes the connection, never answers
         mute.bind(('127.0.0.1', 0)); mute.listen(1); mute.settimeout(120)
         p = subprocess.Popen([str(BIN/'cerebrium-ft'), 'get-most-recent-jobs', 'p_x', 'cft_a_b', '--url', f"http://127.0.0.1:{mute.getsockname()[1]}"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C as a terminal delivers it: a test run started in the background (`&`) has SIGINT ignored, and Python keeps what it inherits
         conn, _ = mute.accept()  # the request is on its way: the command waits for the answer
         time.sleep(0.5)
         p.send_signal(signal.SIGINT)

@@ -20,13 +20,16 @@ def data(tmp_path_factory):
 def render(pipe, seed=0):
     return np.asarray(pipe('a photo of sks robot', num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed)).images[0], dtype=float)
 
-# key: (the tiny builder's name, the pipeline class, kohya's name, learning rate, noise draws to measure the loss on, its text encoders' kohya prefixes)
-FAMILY_RUNS = {'sd3': ('sd3', 'StableDiffusion3Pipeline', 'sd3', 1e-2, 8, ('lora_te1_', 'lora_te2_'))}
+# key: (the tiny builder's name, the pipeline class, kohya's name, learning rate, noise draws to measure the loss on, its text encoders' kohya prefixes,
+#       whether diffusers' loader reads its kohya file: it reads the diffusion_model. layout of Z-Image and Qwen-Image, and nothing of OneTrainer's SD3 one)
+FAMILY_RUNS = {'sd3': ('sd3', 'StableDiffusion3Pipeline', 'sd3', 1e-2, 8, ('lora_te1_', 'lora_te2_'), False),
+               'z-image': ('z-image', 'ZImagePipeline', 'z_image', 1e-2, 8, (), True),
+               'qwen-image': ('qwen-image', 'QwenImagePipeline', 'qwen_image', 1e-2, 8, (), True)}
 
 @pytest.mark.parametrize('key', list(FAMILY_RUNS))
 def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp_path, key):
     import diffusers
-    tiny, pipeline, kohya_name, lr, seeds, te = FAMILY_RUNS[key]
+    tiny, pipeline, kohya_name, lr, seeds, te, diffusers_reads_kohya = FAMILY_RUNS[key]
     family, model = FAMILIES[key], str(build_tiny_pipeline(tmp_path/key, family=tiny))
     out = T.train(spec(model, data, prior_class_prompt='a photo of a robot', num_prior_class_images=2,
                        training_args=dict(max_train_steps=60, learning_rate=lr, num_validation_images=1, validation_epochs=10, mixed_precision='no',
@@ -39,7 +42,8 @@ def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipelin
     with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f:
         keys = list(f.keys())
         assert f.metadata()['ss_base_model_version'] == kohya_name
-    assert {k.split('_')[1] for k in keys} == {'transformer', *(p.split('_')[1] for p in te)}, keys[:5]  # lora_transformer_..., and the text encoders'
+    denoiser = family.kohya_key(family.denoiser, 'X')[:-1]  # lora_transformer_, or diffusion_model. where ComfyUI reads diffusers' names
+    assert all(k.startswith((denoiser, *te)) for k in keys) and any(k.startswith(denoiser) for k in keys), keys[:5]  # the transformer's, and the text encoders'
     assert all(any(k.startswith(p) for k in keys) for p in te)
     base, tuned = loss_before_and_after(model, key, data, out, seeds)
     assert tuned < base * 0.95, (base, tuned)
@@ -47,7 +51,11 @@ def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipelin
     assert type(pipe) is getattr(diffusers, pipeline) and pipe.get_active_adapters()
     plain = getattr(diffusers, pipeline).from_pretrained(model); plain.set_progress_bar_config(disable=True)
     plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    assert np.abs(render(pipe) - render(plain)).mean() > 1.0  # the LoRA changes what it draws
+    tuned_image = render(pipe)
+    assert np.abs(tuned_image - render(plain)).mean() > 1.0  # the LoRA changes what it draws
+    if diffusers_reads_kohya:  # the kohya file, through diffusers' converter, draws the same
+        plain.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
+        assert np.abs(tuned_image - render(plain)).max() <= 1.0
 
 def test_weighting_scheme_draws_a_flow_matching_models_noise_levels(data, tmp_path, monkeypatch):
     "The family's own scheme by default (SD 3.5: logit_normal, as its diffusers example), the setting's when given, reaching every step's draw; refused for a DDPM family before anything is written"
@@ -63,4 +71,11 @@ def test_weighting_scheme_draws_a_flow_matching_models_noise_levels(data, tmp_pa
     sd1 = str(build_tiny_pipeline(tmp_path/'sd1'))
     with pytest.raises(T.TrainingError, match="weighting_scheme draws the noise levels of the flow-matching families; .* is Stable Diffusion 1.x, trained on DDPM's timesteps: leave weighting_scheme auto"):
         T.train(spec(sd1, data, training_args=dict(weighting_scheme='logit_normal')), tmp_path/'refused')
+    assert not (tmp_path/'refused').exists()
+
+def test_a_text_encoder_that_does_not_train_is_refused(data, tmp_path):
+    "Z-Image's language model trains with no LoRA here (diffusers' example trains the transformer alone): train_text_encoder is refused before anything is written"
+    model = str(build_tiny_pipeline(tmp_path/'zi', family='z-image'))
+    with pytest.raises(T.TrainingError, match="train_text_encoder: Z-Image's text encoder does not train here .*: leave train_text_encoder off"):
+        T.train(spec(model, data, training_args=dict(train_text_encoder=True)), tmp_path/'refused')
     assert not (tmp_path/'refused').exists()

@@ -335,7 +335,8 @@ def loss_before_and_after(model, key, data, out, seeds):
     family = FAMILIES[key]; parts = load_parts(model, 'main', family); net = denoiser_of(family, parts)
     pix, vae = torch.stack(T.load_pixels(sorted(data.glob("*.jpg")), 64)[0]), parts['vae']
     with torch.no_grad():
-        latents = (vae.encode(pix).latent_dist.mean - (getattr(vae.config, 'shift_factor', None) or 0)) * vae.config.scaling_factor
+        scaling, shift = family.latent_scaling(vae, 'cpu')
+        latents = (family.latent_dist(vae, pix)[0] - shift) * scaling  # as the family encodes: Qwen-Image's VAE takes a one-frame video, its channels normalised apart
         cond = {k: v.expand(len(pix), *v.shape[1:]) for k, v in encode_text(family, parts, ['a photo of sks robot'], 'cpu', torch.float32, resolution=64).items()}
         loss = lambda: np.mean([T.denoising_loss(net, parts['noise_scheduler'], latents, cond, torch.Generator().manual_seed(k), family=family)[0].item()
                                 for k in range(seeds)])

@@ -16,12 +16,14 @@ from .sd import SD1, SD2
 from .sdxl import SDXL
 from .flux import FLUX, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
 from .sd3 import SD3
+from .z_image import Z_IMAGE
+from .qwen_image import QWEN_IMAGE
 
 # %% auto #0
 __all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
-FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3)}
+FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE)}
 OLDEST_RESULTS = 'sd1' # the family of results made before the manifest named one
 
 def trained_families() -> str:

@@ -118,6 +118,7 @@ class Family:
     card_license = {}                   # ModelCardData's fields for a license the Hub has no id for
     pretrained_extra = {}               # what `from_pretrained` of its pipeline takes besides the model
     assembly_extra = {}                 # what its pipeline's constructor takes besides the parts training loads
+    guidance_arg = 'guidance_scale'     # its pipeline's argument for the guidance scale validation samples with
 
     def __repr__(self): return f"{type(self).__name__}()"
     encoders = property(lambda self: len(self.text_parts), doc="how many text encoders condition it")
@@ -126,6 +127,10 @@ class Family:
         "kohya's key prefix of pipeline part `part`: lora_unet (lora_transformer), lora_te, or, where there are two text encoders or more, lora_te1, lora_te2, ..."
         if not part.startswith('text_encoder'): return f'lora_{part}'
         return 'lora_te' + (str(int(part[13:] or 1)) if self.encoders > 1 else '')
+
+    def kohya_key(self, part:str, module:str) -> str:
+        "The name the kohya/ComfyUI file gives module `module` (dotted, diffusers' name) of pipeline part `part`: kohya's prefix, then the module's name with underscores"
+        return f"{self.kohya_prefix(part)}_{module.replace('.', '_')}"
 
     def model_parts(self) -> list[str]:
         "The folders of its pipeline that training loads: its tokenizers and text encoders, VAE, denoiser and scheduler"
@@ -229,6 +234,26 @@ def load_parts(self:Family, model:str, revision:str, quantize:str='none', dtype=
 def load_parts(model:str, revision:str, family:Family, quantize:str='none', dtype=None) -> dict:
     "`family`'s parts of pipeline `model` for training (`Family.load_parts`)"
     return family.load_parts(model, revision, quantize, dtype)
+
+# %% ../../nbs/00b_family_base.ipynb #latentx
+@patch
+def latent_dist(self:Family, vae, pixels) -> tuple:
+    "The mean and standard deviation of `vae`'s latent distribution of `pixels` ([B, 3, H, W] in -1..1), each [B, C, h, w]"
+    d = vae.encode(pixels).latent_dist
+    return d.mean, d.std
+
+@patch
+def latent_scaling(self:Family, vae, device) -> tuple:
+    "(scaling, shift) of the VAE's latents: the denoiser sees `(latent - shift) * scaling`; floats, or tensors [C, 1, 1] on `device`"
+    return vae.config.scaling_factor, getattr(vae.config, 'shift_factor', None) or 0.0
+
+@patch
+def text_pipeline(self:Family, m:dict):
+    "Its pipeline holding the text encoders and tokenizers of parts `m` alone: what its own `encode_prompt` needs"
+    import inspect
+    parts = [name for name in inspect.signature(self.pipeline_class().__init__).parameters if name != 'self']
+    return self.pipeline_class()(**{name: m.get(name) for name in parts if name.startswith(('tokenizer', 'text_encoder'))},
+                                 **{name: None for name in parts if not name.startswith(('tokenizer', 'text_encoder'))})
 
 # %% ../../nbs/00b_family_base.ipynb #16ec5fae
 def lora_layers_problem(model:str, revision:str, family:Family, lora_layers:str) -> str|None:
