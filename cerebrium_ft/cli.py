@@ -230,7 +230,7 @@ def generate(
     N:int=4, # Number of images
     seed:int=42, # Seed of the first image; image i uses seed+i
     steps:int=25, # Denoising steps
-    guidance:float=7.5, # Classifier-free guidance scale
+    guidance:float=None, # Guidance scale (default: the pipeline's own: 7.5 for Stable Diffusion, 3.5 for FLUX.1, 4 for Qwen-Image and FLUX.2)
     output:str='grid.png', # Where to write the grid of images
     model:str=None, # Base model (default: the one the results were trained on)
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
@@ -249,7 +249,9 @@ def generate(
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
     progress = StepProgress(f"generating {N} image{'s' * (N > 1)}", steps)
     def on_step(pipe, i, t, kwargs): progress(i + 1); return kwargs  # the pipeline's denoising loop calls it after each step
-    try: images = pipe([prompt] * N, num_inference_steps=steps, guidance_scale=guidance, generator=gens, callback_on_step_end=on_step).images
+    from cerebrium_ft.families import FAMILIES
+    scale = next((f.guidance_arg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__), 'guidance_scale')  # Qwen-Image's true_cfg_scale
+    try: images = pipe(prompt=[prompt] * N, num_inference_steps=steps, **({scale: guidance} if guidance is not None else {}), generator=gens, callback_on_step_end=on_step).images
     finally: progress.close()
     _grid(images).save(out)
     if json: return _print_json(dict(grid=str(out), prompt=prompt, seeds=[seed + i for i in range(N)], use=use))
@@ -260,7 +262,7 @@ def generate(
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
-    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image or qwen-image
+    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image or flux2-klein
     json:bool=False, # Print one JSON object: the pipeline's folder and family
 ):
     "Build a tiny pipeline of a family with random weights (64 px, a few MB), offline"

@@ -179,11 +179,11 @@ class TrainingSettings(SeedSettings):
     "Training kwargs: the original fine-tuner's table with its defaults (`SeedSettings`), plus the trainer's own settings"
     model_config = ConfigDict(title="Training settings")
     seed:int = Field(42, ge=0, le=2**32 - 1, description="Random seed for noise, timesteps, dropout and validation images")
-    resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL, FLUX.1, SD 3.5, Z-Image and Qwen-Image)")
+    resolution:Optional[int] = Field(None, ge=64, le=4096, description="Training resolution in pixels (square), a multiple of 8; None means the base model's own (512 for SD 1.x, 768 for SD 2.x 768-v, 1024 for SDXL, FLUX.1, SD 3.5, Z-Image, Qwen-Image and FLUX.2)")
     rank:int = Field(4, ge=1, le=1024, description="LoRA rank of each layer the LoRA is on (lora_layers: the denoiser's attention projections unless it says more)")
-    lora_layers:str = Field("attention", min_length=1, max_length=2000, examples=list(LORA_LAYER_CHOICES), description='Which of the denoiser\'s layers get a LoRA: "attention" (its attention projections, as the original and the diffusers DreamBooth examples), "transformer" (every linear layer of its transformer blocks: attention, feed-forward, the blocks\' in and out projections, as kohya\'s LoRA; with train_text_encoder the text encoders\' MLPs too; learns more in a step), or module names, comma-separated (diffusers\' --lora_layers, e.g. "to_q,to_v,ff.net.2")')
+    lora_layers:str = Field("attention", min_length=1, max_length=2000, examples=list(LORA_LAYER_CHOICES), description='Which of the denoiser\'s layers get a LoRA: "attention" (its attention projections, as the original and the diffusers DreamBooth examples), "transformer" (every linear layer of its transformer blocks: attention, feed-forward, the blocks\' in and out projections, as kohya\'s LoRA; with train_text_encoder the text encoders\' MLPs too; learns more in a step), or module names, comma-separated, a * standing for any part of a name (diffusers\' --lora_layers, e.g. "to_q,to_v,ff.net.2" or "single_transformer_blocks.*.attn.to_out")')
     loraplus_lr_ratio:Optional[float] = Field(None, ge=1.0, le=1000.0, description="LoRA+ (kohya's loraplus_lr_ratio): each LoRA's up (B) matrix learns at this many times the learning rate of its down (A) matrix, which the LoRA+ paper finds learns faster (16 is its and kohya's suggestion; lower it if the loss jumps); None: one rate for both")
-    train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's and of SD 3.5's, FLUX.1's CLIP; never a T5 or the language model of Z-Image and Qwen-Image): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
+    train_text_encoder:bool = Field(False, description="Also train a LoRA on the CLIP text encoders' attention projections (q, k, v and out; both of SDXL's and of SD 3.5's, FLUX.1's CLIP; never a T5 or the language model of Z-Image, Qwen-Image and FLUX.2): better likeness of the subject, slower steps (the prompts are encoded in each step, not once)")
     text_encoder_lr:Optional[float] = Field(None, ge=1e-8, le=1.0, description="Learning rate of the text encoders' LoRA, with train_text_encoder (kohya's and diffusers' text_encoder_lr); None means learning_rate")
     lora_alpha:Optional[float] = Field(None, ge=1e-6, le=1e6, description="LoRA alpha; None means equal to `rank` (scale 1.0)")
     mixed_precision:Literal[MIXED_PRECISIONS] = Field("auto", description='"auto" (bf16 or fp16 on CUDA, bf16 on CPUs with AMX, else fp32), "no", "fp16" or "bf16"')
@@ -217,7 +217,7 @@ class TrainingSettings(SeedSettings):
     random_flip:bool = Field(False, description="Also train on horizontally flipped images")
     center_crop:bool = Field(True, description="Centre crop (True) or random crop (False) to the resolution")
     enable_bucket:bool = Field(False, description="Aspect-ratio bucketing (kohya's enable_bucket): each image trains at the bucket nearest its own aspect ratio, of about the resolution's pixel count, instead of cropped square")
-    bucket_reso_steps:int = Field(64, ge=8, le=512, description="With enable_bucket: bucket sides are multiples of this many pixels, a multiple of 8 (of 16 for FLUX.1, SD 3.5, Z-Image and Qwen-Image, whose latents go in 2x2 patches)")
+    bucket_reso_steps:int = Field(64, ge=8, le=512, description="With enable_bucket: bucket sides are multiples of this many pixels, a multiple of 8 (of 16 for FLUX.1, SD 3.5, Z-Image, Qwen-Image and FLUX.2, whose latents go in 2x2 patches)")
     min_bucket_reso:Optional[int] = Field(None, ge=64, le=4096, description="With enable_bucket: the shortest bucket side in pixels; None: half the resolution")
     max_bucket_reso:Optional[int] = Field(None, ge=64, le=8192, description="With enable_bucket: the longest bucket side in pixels; None: twice the resolution")
     gradient_checkpointing:bool = Field(False, description="Trade compute for memory in the denoiser: recompute its activations in the backward pass")
@@ -254,8 +254,8 @@ class TrainingSettings(SeedSettings):
         v = v.strip()
         if v in LORA_LAYER_CHOICES: return v
         names = [n.strip() for n in v.split(',') if n.strip()]
-        if not names or (bad := next((n for n in names if not re.fullmatch(r'[A-Za-z_]\w*(\.\w+)*', n)), None)) is not None:
-            raise ValueError(f'lora_layers must be "attention", "transformer" or module names separated by commas (e.g. "to_q,to_v,ff.net.2"); got {_short(v if not names else bad)}')
+        if not names or (bad := next((n for n in names if not re.fullmatch(r'[A-Za-z_*][\w*]*(\.[\w*]+)*', n)), None)) is not None:
+            raise ValueError(f'lora_layers must be "attention", "transformer" or module names separated by commas, a * for any part of a name (e.g. "to_q,to_v,ff.net.2"); got {_short(v if not names else bad)}')
         return ','.join(names)
 
     @field_validator('resolution', 'bucket_reso_steps')

@@ -53,7 +53,7 @@ from diffusers import DiffusionPipeline
 
 pipeline = DiffusionPipeline.from_pretrained({load}, torch_dtype=torch.{family.card_dtype}).to("cuda")
 pipeline.load_lora_weights("{repo_id}")
-image = pipeline("{prompts[0]}", num_inference_steps=25).images[0]
+image = pipeline(prompt="{prompts[0]}", num_inference_steps=25).images[0]
 ```
 
 For ComfyUI or AUTOMATIC1111, use `lora_kohya.safetensors`.

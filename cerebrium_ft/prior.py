@@ -68,7 +68,7 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
             chunk = todo[:batch_size]
             try:
                 gens = [torch.Generator(device).manual_seed(int(i)) for i in chunk]
-                images = pipe([prompt] * len(chunk), num_inference_steps=steps, height=resolution, width=resolution, generator=gens).images
+                images = pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, height=resolution, width=resolution, generator=gens).images
             except torch.cuda.OutOfMemoryError:
                 if batch_size == 1: raise
                 batch_size //= 2; _free(device)

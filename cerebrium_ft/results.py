@@ -206,18 +206,15 @@ def to_kohya(lora:dict, alpha:float, family:Family|None=None) -> dict:
     """A pipeline's LoRA state dict in kohya's layout (`<prefix>_<module>.lora_down.weight`, `.lora_up.weight` and `.alpha`), from any of the
     layouts a LoRA file holds: diffusers' `<module>.lora.down.weight`, PEFT's `<module>.lora_A.weight`, a text encoder's
     `<module>.lora_linear_layer.down.weight`, each key led by its part (`unet.`, `transformer.`, `text_encoder.`, `text_encoder_2.`) or
-    by none (the denoiser's); each module named as `family` names it (`Family.kohya_key`: its prefix, lora_unet, lora_te, lora_te1, ..., and its name; or the family's own layout, `diffusion_model.<module>` for the families ComfyUI maps by diffusers' names), and a text
+    by none (the denoiser's); each module named as `family` names it (`Family.kohya_tensors`: kohya's prefix, lora_unet, lora_te, lora_te1, ..., and its name; or the family's own layout, `diffusion_model.<module>` for the families ComfyUI maps by diffusers' names, FLUX.2's original names with its attention projections joined), and a text
     encoder's modules are named as in CLIP's original layout (`text_model_encoder_layers_...`), whatever transformers calls them"""
-    import torch
-    family, out = family or family_named(None), {}
+    family, modules = family or family_named(None), {}
     for k, v in lora.items():
         part, mod, *kinds = re.match(r'^(?:(unet|transformer|text_encoder_2|text_encoder)\.)?(.*)\.lora(?:\.(down|up)|_linear_layer\.(down|up)|_([AB]))\.weight$', k).groups()
         kind = next(x for x in kinds if x); kind = {'A': 'down', 'B': 'up'}.get(kind, kind)
         if (part or '').startswith('text_encoder') and not mod.startswith('text_model.'): mod = f"text_model.{mod}"  # CLIP's module names as kohya, ComfyUI and diffusers' converters know them (transformers 5 dropped the text_model level)
-        name = family.kohya_key(part or family.denoiser, mod)
-        out[f"{name}.lora_{kind}.weight"] = v.detach().float().contiguous().cpu()
-        out[f"{name}.alpha"] = torch.tensor(float(alpha))
-    return out
+        modules.setdefault((part or family.denoiser, mod), {})[kind] = v.detach().float().contiguous().cpu()
+    return family.kohya_tensors(modules, alpha)
 
 def write_kohya(dest, lora:dict, rank:int, alpha:float, model:ModelInfo) -> Path:
     "Write `lora` (a pipeline's LoRA state dict, in any layout `to_kohya` reads) to `dest` as a kohya/ComfyUI file whose metadata names `model`'s family"

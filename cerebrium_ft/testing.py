@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw, ImageFilter
 __all__ = ['QWEN_CHAT_TEMPLATE', 'TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED',
            'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer',
            'write_t5_tokenizer', 'write_qwen_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'sd3_models',
-           'z_image_models', 'qwen_image_models', 'build_tiny_pipeline', 'make_subject_images', 'FakeHub']
+           'z_image_models', 'qwen_image_models', 'flux2_models', 'build_tiny_pipeline', 'make_subject_images',
+           'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -188,8 +189,29 @@ def qwen_image_models(width:int=48, heads:int=3, layers:int=2, rope_axes=(8, 4, 
                               hidden_size=text_width, vocab_size=vocab_size, vision_start_token_id=start, vision_end_token_id=end, vision_token_id=pad, image_token_id=pad)
     return dict(transformer=transformer, vae=vae, text_encoder=Qwen2_5_VLForConditionalGeneration(config).eval())
 
+# %% ../nbs/02_testing.ipynb #flux2x
+def flux2_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=2, rope_axes=(4, 4, 4, 4), latent_channels:int=4, vae_channels=(8, 16, 32, 32),
+                 text_width:int=16, text_layers:int=28, text_heads:int=2, out_layers=(9, 18, 27), image_size:int=64, vocab_size:int=262, guidance:bool=False) -> dict:
+    """A FLUX.2-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size; a guidance embedding with `guidance`, as [dev]), VAE
+    (8x down, its latents in 2x2 patches normalised by a batch norm's statistics) and Qwen3 language model whose hidden states `out_layers` condition it, random weights"""
+    import torch
+    from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
+    if max(out_layers) > text_layers: raise ValueError(f"the text encoder's {text_layers} layers have no hidden state {max(out_layers)}")
+    transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4 * latent_channels, num_layers=layers, num_single_layers=single_layers,
+                                          attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=len(out_layers) * text_width,
+                                          timestep_guidance_channels=32, axes_dims_rope=tuple(rope_axes), guidance_embeds=guidance)
+    n = len(vae_channels)
+    vae = AutoencoderKLFlux2(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                             block_out_channels=tuple(vae_channels), layers_per_block=1, latent_channels=latent_channels, norm_num_groups=min(32, vae_channels[0]),
+                             sample_size=image_size)
+    rng = np.random.default_rng(2)  # the batch norm's running statistics: random, so that normalising the latents shows
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.tensor(rng.standard_normal(4 * latent_channels) * 0.5, dtype=torch.float32))
+        vae.bn.running_var.copy_(torch.tensor(0.5 + rng.random(4 * latent_channels), dtype=torch.float32))
+    return dict(transformer=transformer, vae=vae, text_encoder=_qwen3(text_width, text_layers, text_heads, vocab_size, causal_lm=True))
+
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein]
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -206,6 +228,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     if family == 'sd3': return _save_tiny_sd3(dst, tok, **kw, **special)
     if family == 'z-image': return _save_tiny_z_image(dst, **kw)
     if family == 'qwen-image': return _save_tiny_qwen_image(dst, **kw)
+    if family == 'flux2-klein': return _save_tiny_flux2_klein(dst, **kw)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, **special)
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
@@ -263,6 +286,13 @@ def _save_tiny_qwen_image(dst:Path, **kw) -> Path:
                                                 max_image_seq_len=8192, shift_terminal=0.02, time_shift_type='exponential')  # Qwen-Image's scheduler settings
     ids = qwen.convert_tokens_to_ids(['<|vision_start|>', '<|vision_end|>', '<|image_pad|>'])
     return _save_tiny(dst, QwenImagePipeline(tokenizer=qwen, scheduler=scheduler, **qwen_image_models(**kw, vocab_size=len(qwen), vision_ids=ids)))
+
+def _save_tiny_flux2_klein(dst:Path, **kw) -> Path:
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    qwen = _qwen_tokenizer(dst)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096, time_shift_type='exponential')  # FLUX.2's scheduler settings
+    return _save_tiny(dst, Flux2KleinPipeline(tokenizer=qwen, scheduler=scheduler, **flux2_models(**kw, vocab_size=len(qwen))))
 
 def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

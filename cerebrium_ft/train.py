@@ -18,7 +18,7 @@ from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
 from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
 from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
-                                   lora_layers_problem, lora_targets, model_family, noised, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
+                                   lora_layers_problem, lora_targets, model_family, noised, peft_targets, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
                                    size_conditioning, snr_weights, text_encoders, text_lora_targets)
 from .prior import class_images
 from .results import RESUMABLE_STATE, RunDir, atomic_path, file_sha256, smoothed, write_atomic, write_kohya, write_progress
@@ -749,7 +749,7 @@ def setup_models(self:Training):
         net = self.denoiser = prepare_model_for_kbit_training(net, use_gradient_checkpointing=False)
     else: net.to(device, *([self.weight_dtype] if self.precision != 'no' else []))
     set_seed(s.seed)  # the LoRA's random init: the same seed gives the same run
-    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=list(lora_targets(self.model.family, s.lora_layers))))
+    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.lora_alpha or s.rank, init_lora_weights='gaussian', target_modules=peft_targets(net, lora_targets(self.model.family, s.lora_layers))))
     if self.precision != 'no': cast_training_params(net, dtype=torch.float32)
     use_fused_attention(net, device)  # same sums, fewer products (cerebrium_ft.speed)
     if s.gradient_checkpointing: net.enable_gradient_checkpointing()

@@ -18,13 +18,14 @@ def data(tmp_path_factory):
     return d
 
 def render(pipe, seed=0):
-    return np.asarray(pipe('a photo of sks robot', num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed)).images[0], dtype=float)
+    return np.asarray(pipe(prompt='a photo of sks robot', num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(seed)).images[0], dtype=float)
 
 # key: (the tiny builder's name, the pipeline class, kohya's name, learning rate, noise draws to measure the loss on, its text encoders' kohya prefixes,
-#       whether diffusers' loader reads its kohya file: it reads the diffusion_model. layout of Z-Image and Qwen-Image, and nothing of OneTrainer's SD3 one)
+#       whether diffusers' loader reads its kohya file: it reads the diffusion_model. layout of Z-Image and Qwen-Image and kohya's FLUX.2 one, and nothing of OneTrainer's SD3 one)
 FAMILY_RUNS = {'sd3': ('sd3', 'StableDiffusion3Pipeline', 'sd3', 1e-2, 8, ('lora_te1_', 'lora_te2_'), False),
                'z-image': ('z-image', 'ZImagePipeline', 'z_image', 1e-2, 8, (), True),
-               'qwen-image': ('qwen-image', 'QwenImagePipeline', 'qwen_image', 1e-2, 8, (), True)}
+               'qwen-image': ('qwen-image', 'QwenImagePipeline', 'qwen_image', 1e-2, 8, (), True),
+               'flux2-klein': ('flux2-klein', 'Flux2KleinPipeline', 'flux2_klein', 1e-2, 8, (), True)}
 
 @pytest.mark.parametrize('key', list(FAMILY_RUNS))
 def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp_path, key):
@@ -42,7 +43,7 @@ def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipelin
     with safe_open(str(out/'lora_kohya.safetensors'), 'pt') as f:
         keys = list(f.keys())
         assert f.metadata()['ss_base_model_version'] == kohya_name
-    denoiser = family.kohya_key(family.denoiser, 'X')[:-1]  # lora_transformer_, or diffusion_model. where ComfyUI reads diffusers' names
+    denoiser = family.kohya_key(family.denoiser, 'X')[:-1]  # lora_transformer_, diffusion_model. where ComfyUI reads diffusers' names, lora_unet_ for FLUX.2's original ones
     assert all(k.startswith((denoiser, *te)) for k in keys) and any(k.startswith(denoiser) for k in keys), keys[:5]  # the transformer's, and the text encoders'
     assert all(any(k.startswith(p) for k in keys) for p in te)
     base, tuned = loss_before_and_after(model, key, data, out, seeds)

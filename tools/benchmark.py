@@ -203,7 +203,7 @@ def reference_sdxl_flux(args, family, model, res, root, device):
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
-    from cerebrium_ft.families import denoiser_of, encode_text, load_parts, noised, pipeline_class, predict, sampling_scheduler, text_encoders
+    from cerebrium_ft.families import denoiser_of, encode_text, load_parts, noised, peft_targets, pipeline_class, predict, sampling_scheduler, text_encoders
     from cerebrium_ft.speed import precision_dtype
     t0 = time.perf_counter()
     dtype = precision_dtype(args.reference_precision)
@@ -224,7 +224,7 @@ def reference_sdxl_flux(args, family, model, res, root, device):
     for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None
     vae = m['vae'].to(device, torch.float32 if dtype == torch.float16 else dtype).requires_grad_(False)  # the examples keep an fp16 VAE in fp32
     net = denoiser_of(family, m).to(device, dtype).requires_grad_(False)
-    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=list(family.lora_targets)))
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=peft_targets(net, family.lora_targets)))
     cast_training_params(net, dtype=torch.float32)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -235,13 +235,15 @@ def reference_sdxl_flux(args, family, model, res, root, device):
         im = Image.open(path).convert('RGB'); w, h = im.size; s = min(w, h)
         im = im.resize((res, res), Image.Resampling.BILINEAR, box=((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2))
         return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
-    stamps, shift = [], getattr(vae.config, 'shift_factor', None) or 0.0
+    stamps, (scaling, shift) = [], family.latent_scaling(vae, device)
     for step in range(args.steps):
         files = random.sample(inst, args.batch) + (random.sample(class_files, args.batch) if class_files else [])
         which = torch.tensor([0] * args.batch + [1] * (len(files) - args.batch), device=device)
         px = torch.stack([pixels(f) for f in files]).to(device, vae.dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            with torch.no_grad(): latents = ((vae.encode(px).latent_dist.sample() - shift) * vae.config.scaling_factor).float()
+            with torch.no_grad():
+                mean, std = family.latent_dist(vae, px)  # as the family encodes (FLUX.2's 2x2 patches, Qwen-Image's one-frame video)
+                latents = ((mean + std * torch.randn_like(std) - shift) * scaling).float()
             noisy, t, target = noised(family, sched, latents, gen)
             pred = predict(family, net, noisy, t, {k: v[which] for k, v in cond.items()})
         if class_files:
@@ -257,13 +259,13 @@ def breakdown(T, spec, device, args, n=None):
     import torch
     from peft import LoraConfig
     from diffusers.training_utils import cast_training_params
-    from cerebrium_ft.families import denoiser_of, encode_text, model_family, noised, predict, text_encoders
+    from cerebrium_ft.families import denoiser_of, encode_text, model_family, noised, peft_targets, predict, text_encoders
     from cerebrium_ft.speed import precision_dtype, resolve_precision, use_fused_attention
     s, family = spec.training_args, model_family(spec.hf_model_path).family
     dtype = precision_dtype(resolve_precision(s.mixed_precision, device))
     m = T.load_models(spec.hf_model_path, family=family)
     net = denoiser_of(family, m).to(device, dtype); net.requires_grad_(False)
-    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=list(family.lora_targets)))
+    net.add_adapter(LoraConfig(r=s.rank, lora_alpha=s.rank, init_lora_weights='gaussian', target_modules=peft_targets(net, family.lora_targets)))
     cast_training_params(net, dtype=torch.float32); use_fused_attention(net, device)
     vae = m['vae'].to(device)
     for _, enc in text_encoders(m): enc.to(device)

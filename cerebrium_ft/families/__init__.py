@@ -9,21 +9,22 @@ from __future__ import annotations
 import re
 from .base import (Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo, TEXT_BLOCK_TARGETS, TEXT_TARGETS, UNET_BLOCK_TARGETS,
                                         UNET_TARGETS, assemble_pipeline, denoiser_inputs, denoiser_of, download_model, encode_prompts, encode_text, hub_resolves,
-                                        kohya_base_model, load_parts, lora_layers_problem, lora_targets, model_files, model_parts, noised, pipeline_class,
+                                        kohya_base_model, load_parts, lora_layers_problem, lora_targets, model_files, model_parts, noised, peft_targets, pipeline_class,
                                         predict, pretrained_kwargs, prompt_kwargs, prompt_tokens, read_config, sampling_scheduler, size_conditioning,
-                                        snr_weights, text_encoders, text_lora_targets, unmatched_targets)
+                                        snr_weights, target_matches, text_encoders, text_lora_targets, unmatched_targets)
 from .sd import SD1, SD2
 from .sdxl import SDXL
 from .flux import FLUX, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
 from .sd3 import SD3
 from .z_image import Z_IMAGE
 from .qwen_image import QWEN_IMAGE
+from .flux2 import FLUX2_BLOCK_TARGETS, FLUX2_KLEIN, FLUX2_TARGETS, bfl_name
 
 # %% auto #0
 __all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
-FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE)}
+FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN)}
 OLDEST_RESULTS = 'sd1' # the family of results made before the manifest named one
 
 def trained_families() -> str:

@@ -6,7 +6,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/family_base.html.md"""
 
 # %% ../../nbs/00b_family_base.ipynb #9deda8c3
 from __future__ import annotations
-import json, os, re, socket
+import fnmatch, json, os, re, socket
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +16,13 @@ from ..config import LORA_LAYER_CHOICES, is_folder
 
 # %% auto #0
 __all__ = ['UNET_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS', 'JOINT_TARGETS', 'JOINT_BLOCK_TARGETS',
-           'WEIGHTING_SCHEMES', 'lora_targets', 'text_lora_targets', 'unmatched_targets', 'FamilyError',
-           'HubUnreachable', 'hub_resolves', 'hub_errors', 'read_config', 'ModelInfo', 'Family', 'model_parts',
-           'model_files', 'download_model', 'text_encoders', 'denoiser_of', 'load_parts', 'lora_layers_problem',
-           'token_ids', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens', 'snr_weights', 'noised',
-           'denoiser_inputs', 'predict', 'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler',
-           'assemble_pipeline', 'prompt_kwargs', 'kohya_base_model', 'TimestepSampling', 'FlowMatching']
+           'WEIGHTING_SCHEMES', 'lora_targets', 'text_lora_targets', 'target_matches', 'unmatched_targets',
+           'peft_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'hub_errors', 'read_config', 'ModelInfo',
+           'Family', 'model_parts', 'model_files', 'download_model', 'text_encoders', 'denoiser_of', 'load_parts',
+           'lora_layers_problem', 'token_ids', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens',
+           'snr_weights', 'noised', 'denoiser_inputs', 'predict', 'pipeline_class', 'pretrained_kwargs',
+           'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs', 'kohya_base_model', 'TimestepSampling',
+           'FlowMatching']
 
 # %% ../../nbs/00b_family_base.ipynb #21af4ec5
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
@@ -41,11 +42,29 @@ def text_lora_targets(lora_layers:str='attention') -> tuple:
     "The CLIP text encoders' modules train_text_encoder puts a LoRA on: their attention projections, and with lora_layers 'transformer' their MLPs too (a list of the denoiser's module names leaves them at attention)"
     return TEXT_BLOCK_TARGETS if lora_layers == 'transformer' else TEXT_TARGETS
 
-def unmatched_targets(module, targets) -> list[str]:
-    "The names of `targets` that match no linear or convolution layer of `module` (PEFT matches a name to a module whose dotted name is it or ends with it)"
+def target_matches(name:str, target:str) -> bool:
+    "Whether module `name` is one `target` names: as PEFT matches, the name itself or its ending after a dot; a `*` in `target` stands for any run of characters (`single_transformer_blocks.*.attn.to_out`)"
+    if '*' not in target: return name == target or name.endswith('.' + target)
+    return fnmatch.fnmatchcase(name, target) or fnmatch.fnmatchcase(name, '*.' + target)
+
+def _lora_layers(module) -> list[str]:
+    "The names of `module`'s linear and convolution layers: what a LoRA can go on"
     import torch.nn as nn
-    layers = [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # bitsandbytes' quantized linears are nn.Linear too
-    return [t for t in targets if not any(n == t or n.endswith('.' + t) for n in layers)]
+    return [n for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]  # bitsandbytes' quantized linears are nn.Linear too
+
+def unmatched_targets(module, targets) -> list[str]:
+    "The names of `targets` that match no linear or convolution layer of `module` (`target_matches`)"
+    layers = _lora_layers(module)
+    return [t for t in targets if not any(target_matches(n, t) for n in layers)]
+
+def peft_targets(module, targets) -> list[str]:
+    """`targets` as PEFT's `target_modules` takes them: a name with a `*`, or one that also matches a module no LoRA goes on (FLUX.2's `attn.to_out`
+    is a linear layer in its single blocks and a list in its double blocks, which PEFT refuses), becomes the full names of the layers of `module` it matches"""
+    layers, out = set(_lora_layers(module)), []
+    for t in targets:
+        hits = [n for n, _ in module.named_modules() if target_matches(n, t)]
+        out += [n for n in hits if n in layers] if '*' in t or any(n not in layers for n in hits) else [t]
+    return out
 
 # %% ../../nbs/00b_family_base.ipynb #edeba0f8
 class FamilyError(ValueError):
@@ -131,6 +150,19 @@ class Family:
     def kohya_key(self, part:str, module:str) -> str:
         "The name the kohya/ComfyUI file gives module `module` (dotted, diffusers' name) of pipeline part `part`: kohya's prefix, then the module's name with underscores"
         return f"{self.kohya_prefix(part)}_{module.replace('.', '_')}"
+
+    def kohya_unnamed(self, modules:list[str]) -> list[str]:
+        "Those of the denoiser's `modules` (full names) its kohya file has no name for: none, where every module is named after diffusers' name"
+        return []
+
+    def kohya_tensors(self, modules:dict, alpha:float) -> dict:
+        "The kohya file's tensors of a LoRA's `modules`, {(part, module): {'down': A, 'up': B}}: each module under its `kohya_key`, its down and up matrices and its alpha"
+        import torch
+        out = {}
+        for (part, module), w in modules.items():
+            name = self.kohya_key(part, module)
+            out.update({f"{name}.lora_{kind}.weight": t for kind, t in w.items()}, **{f"{name}.alpha": torch.tensor(float(alpha))})
+        return out
 
     def model_parts(self) -> list[str]:
         "The folders of its pipeline that training loads: its tokenizers and text encoders, VAE, denoiser and scheduler"
@@ -264,9 +296,14 @@ def lora_layers_problem(model:str, revision:str, family:Family, lora_layers:str)
     except FamilyError: return None  # loading the model says what is wrong with it
     if cfg is None: return None
     with torch.device('meta'): net = getattr(diffusers, family.denoiser_class).from_config(cfg)  # its layers' names, no memory
-    if not (missing := unmatched_targets(net, lora_targets(family, lora_layers))): return None
-    return (f"lora_layers names {', '.join(repr(m) for m in missing)}: no linear or convolution layer of {model}'s {family.denoiser} is called so; "
-            f"name some of {', '.join(family.block_targets)}, or give \"attention\" or \"transformer\"")
+    targets = lora_targets(family, lora_layers)
+    if missing := unmatched_targets(net, targets):
+        return (f"lora_layers names {', '.join(repr(m) for m in missing)}: no linear or convolution layer of {model}'s {family.denoiser} is called so; "
+                f"name some of {', '.join(family.block_targets)}, or give \"attention\" or \"transformer\"")
+    if unnamed := family.kohya_unnamed([n for n in _lora_layers(net) if any(target_matches(n, t) for t in targets)]):
+        return (f"lora_layers reaches {', '.join(unnamed[:3])}{' and more' if len(unnamed) > 3 else ''}, which {family.name}'s kohya file (the layout ComfyUI and diffusers read) "
+                f"has no name for; name some of {', '.join(family.block_targets)}, or give \"attention\" or \"transformer\"")
+    return None
 
 # %% ../../nbs/00b_family_base.ipynb #00dfe091
 def token_ids(tokenizer, prompts:list, limit:int=512):
