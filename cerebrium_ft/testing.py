@@ -13,7 +13,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
 __all__ = ['QWEN_CHAT_TEMPLATE', 'TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED',
-           'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'LFS_SUFFIXES', 'write_byte_tokenizer',
+           'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'SD3_PROPORTIONED', 'Z_IMAGE_PROPORTIONED',
+           'QWEN_IMAGE_PROPORTIONED', 'FLUX2_KLEIN_PROPORTIONED', 'LFS_SUFFIXES', 'write_byte_tokenizer',
            'write_t5_tokenizer', 'write_qwen_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'sd3_models',
            'z_image_models', 'qwen_image_models', 'flux2_models', 'build_tiny_pipeline', 'make_subject_images',
            'FakeHub']
@@ -315,6 +316,14 @@ FLUX_PROPORTIONED = dict(width=256, heads=4, layers=2, single_layers=4, rope_axe
 FLUX_ARCHITECTURE = dict(width=3072, heads=24, layers=19, single_layers=38, rope_axes=(16, 56, 56), latent_channels=16, vae_channels=(128, 256, 512, 512),
                          vae_layers_per_block=2, text_width=768, text_layers=12, text_heads=12, t5_width=4096, t5_layers=24, t5_heads=64, t5_ff=10240, t5_buckets=32,
                          image_size=1024)
+SD3_PROPORTIONED = dict(width=256, heads=4, layers=4, latent_channels=16, vae_channels=(32, 64, 128, 128), text_widths=(192, 256), text_layers=(6, 8),
+                        text_heads=(3, 4), t5_width=256, t5_layers=4, t5_heads=4, t5_ff=640, image_size=256)
+Z_IMAGE_PROPORTIONED = dict(width=256, heads=4, layers=4, refiner_layers=1, rope_axes=(16, 24, 24), latent_channels=16, vae_channels=(32, 64, 128, 128),
+                            text_width=192, text_layers=6, text_heads=3, image_size=256)
+QWEN_IMAGE_PROPORTIONED = dict(width=256, heads=4, layers=4, rope_axes=(16, 24, 24), latent_channels=16, vae_base=32, text_width=192, text_layers=6,
+                               text_heads=3, vision_width=32, image_size=256)
+FLUX2_KLEIN_PROPORTIONED = dict(width=256, heads=4, layers=2, single_layers=6, rope_axes=(16, 16, 16, 16), latent_channels=32, vae_channels=(32, 64, 128, 128),
+                                text_width=64, text_layers=28, text_heads=4, image_size=256) # the newer families at CPU sizes: their shapes scaled down, for tools/benchmark.py
 
 # %% ../nbs/02_testing.ipynb #fdc18e97
 def _robot(scale:float, rng) -> Image.Image:

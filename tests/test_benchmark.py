@@ -29,6 +29,19 @@ def test_benchmark_runs_sdxl_and_flux_beside_their_reference():
         assert 'denoiser' in lines[0] and 'GFLOP a step' in lines[0]
     assert r.stdout.count('ours/ref') == 2
 
+def test_benchmark_runs_the_newer_families_beside_their_reference():
+    "SD 3.5's, Z-Image's, Qwen-Image's and FLUX.2 [klein]'s shapes (the tiny ones; -cpu is the same code at CPU sizes) run in both trainers, each encoding as its family does, and print their ratios"
+    script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
+    models = ('sd3-tiny', 'z-image-tiny', 'qwen-image-tiny', 'flux2-klein-tiny')
+    r = subprocess.run([sys.executable, script, '--models', ','.join(models), '--steps', '4', '--warmup', '1', '--prior', '2', '--no-fp32-check', '--no-like-for-like'],
+                       capture_output=True, text=True, timeout=3600)  # a bound for a busy machine: the figures take what they take
+    assert r.returncode == 0, r.stderr
+    for model in models:
+        lines = [l for l in r.stdout.splitlines() if l.startswith(model + ' ')]
+        assert [l.split()[1] for l in lines] == ['ours', 'reference'], r.stdout
+        assert 'denoiser' in lines[0] and 'GFLOP a step' in lines[0]
+    assert r.stdout.count('ours/ref') == len(models)
+
 def test_benchmark_quality_mode_prints_learning_beside_the_reference():
     "--quality: both trainers on the same data, steps and learning rate; one evaluator measures each kept LoRA; the figures are printed, never asserted"
     script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'

@@ -4,13 +4,15 @@
     .venv/bin/python tools/benchmark.py --models tiny --steps 30
     .venv/bin/python tools/benchmark.py --models sd15-cpu --prior 20     # with prior preservation: 20 class images generated
     .venv/bin/python tools/benchmark.py --models sdxl-cpu,flux-cpu --steps 10  # SDXL's and FLUX.1's shapes at CPU sizes
+    .venv/bin/python tools/benchmark.py --models sd3-cpu,z-image-cpu,qwen-image-cpu,flux2-klein-cpu --steps 10 --no-like-for-like  # the newer families'
 
 Each configuration runs in a fresh process, so that its peak memory (RSS; on CUDA also peak allocated) is its own.
 The models are built offline by cerebrium_ft.testing: 'tiny' (64 px), 'sd15-cpu' (SD1.5's proportions scaled down:
 UNet 96-192-384-384, 12-layer text encoder of width 192, VAE 32-64-128-128, 256 px) and, for a GPU, 'sd15' (SD1.5's own
 architecture with random weights, 512 px); the same for SDXL ('sdxl-tiny', 'sdxl-cpu', and 'sdxl': its 2.57 B-parameter UNet at 1024 px)
-and FLUX.1 ('flux-tiny', 'flux-cpu', and 'flux': its 11.9 B-parameter transformer at 1024 px, which wants an 80 GB card in bf16). A path to a
-diffusers folder works too.
+and FLUX.1 ('flux-tiny', 'flux-cpu', and 'flux': its 11.9 B-parameter transformer at 1024 px, which wants an 80 GB card in bf16); the newer
+families at the tiny and CPU sizes ('sd3-tiny', 'sd3-cpu', 'z-image-tiny', 'z-image-cpu', 'qwen-image-tiny', 'qwen-image-cpu', 'flux2-klein-tiny',
+'flux2-klein-cpu'), each beside the reference loop with that family's encoding. A path to a diffusers folder works too.
 
     .venv/bin/python tools/benchmark.py --models sd15 --batch 1 && .venv/bin/python tools/benchmark.py --models sd15 --batch 2   # on a GPU
     .venv/bin/python tools/benchmark.py --models sdxl,flux --batch 1 --steps 20 --no-fp32-check                               # on a large GPU"""
@@ -22,7 +24,10 @@ def presets() -> dict:
     from cerebrium_ft import testing as t
     return {'tiny': ('sd1', {}, 64), 'sdxl-tiny': ('sdxl', {}, 64), 'flux-tiny': ('flux', {}, 64),
             'sd15-cpu': ('sd1', t.SD15_PROPORTIONED, 256), 'sdxl-cpu': ('sdxl', t.SDXL_PROPORTIONED, 256), 'flux-cpu': ('flux', t.FLUX_PROPORTIONED, 256),
-            'sd15': ('sd1', t.SD15_ARCHITECTURE, 512), 'sdxl': ('sdxl', t.SDXL_ARCHITECTURE, 1024), 'flux': ('flux', t.FLUX_ARCHITECTURE, 1024)}
+            'sd15': ('sd1', t.SD15_ARCHITECTURE, 512), 'sdxl': ('sdxl', t.SDXL_ARCHITECTURE, 1024), 'flux': ('flux', t.FLUX_ARCHITECTURE, 1024),
+            **{f"{f}-tiny": (f, {}, 64) for f in ('sd3', 'z-image', 'qwen-image', 'flux2-klein')},
+            'sd3-cpu': ('sd3', t.SD3_PROPORTIONED, 256), 'z-image-cpu': ('z-image', t.Z_IMAGE_PROPORTIONED, 256),
+            'qwen-image-cpu': ('qwen-image', t.QWEN_IMAGE_PROPORTIONED, 256), 'flux2-klein-cpu': ('flux2-klein', t.FLUX2_KLEIN_PROPORTIONED, 256)}
 
 def _build(name, root):
     from cerebrium_ft.testing import build_tiny_pipeline
@@ -111,7 +116,7 @@ def reference(args):
     if not args.data: make_subject_images(data, n=12, size=max(res, 512))
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     torch.manual_seed(0); random.seed(0)
-    if family.key in ('sdxl', 'flux'): return reference_sdxl_flux(args, family, model, res, root, device)
+    if family.key not in ('sd1', 'sd2'): return reference_sdxl_flux(args, family, model, res, root, device)  # the transformer families and SDXL: the family's own encoding
     t0 = time.perf_counter()
     class_files = sorted(Path(args.class_dir).glob('*.png')) if args.class_dir else []
     if args.prior and not class_files:
@@ -190,10 +195,10 @@ def _print_reference(args, res, t0, stamps, class_images, device, **extra):
     print(json.dumps(out))
 
 def reference_sdxl_flux(args, family, model, res, root, device):
-    """The per-step work of diffusers' `train_dreambooth_lora_sdxl.py` and `train_dreambooth_lora_flux.py` at their defaults, as a baseline loop:
+    """The per-step work of diffusers' `train_dreambooth_lora_{sdxl,flux,sd3,z_image,qwen_image,flux2_klein}.py` at their defaults, as a baseline loop:
     the prompts' embeddings computed once (the examples do when the text encoders are not trained), then each step loads and resizes its
-    images from disk, encodes them with the VAE (no --cache_latents), noises them (DDPM timesteps for SDXL; flow matching with uniform
-    levels for FLUX.1), runs the denoiser forward and backward with PEFT LoRA on the same modules as ours (so that the loop is compared,
+    images from disk, encodes them with the VAE as the family does (no --cache_latents), noises them (DDPM timesteps for SDXL; flow matching
+    with the example's weighting scheme for the others: uniform, logit-normal for SD3), runs the denoiser forward and backward with PEFT LoRA on the same modules as ours (so that the loop is compared,
     not the LoRA's size), AdamW with gradient clipping at 1.0 and a scheduler step, and reads the loss back for its progress bar. Prior
     preservation first generates the class images with the pipeline's own scheduler at its default step count, batch 4."""
     import random
@@ -215,7 +220,7 @@ def reference_sdxl_flux(args, family, model, res, root, device):
             pipe.scheduler, sampler_kw = sampling_scheduler(family, pipe.scheduler.config), dict(num_inference_steps=25)
         (root/'class').mkdir()
         for i in range(0, args.prior, 4):
-            for k, im in enumerate(pipe(['a photo of a robot'] * min(4, args.prior - i), height=res, width=res, **sampler_kw).images):
+            for k, im in enumerate(pipe(prompt=['a photo of a robot'] * min(4, args.prior - i), height=res, width=res, **sampler_kw).images):
                 im.save(root/'class'/f"{i + k:04d}.png"); class_files.append(root/'class'/f"{i + k:04d}.png")
         del pipe
     m = load_parts(str(model), 'main', family)
@@ -270,7 +275,7 @@ def breakdown(T, spec, device, args, n=None):
     vae = m['vae'].to(device)
     for _, enc in text_encoders(m): enc.to(device)
     paths = sorted(Path(spec.dataset).glob('*.jpg'))
-    mean, std = T.encode_images(vae, torch.stack(T.load_pixels(paths, s.resolution)[0]), False, 4, device, torch.float32)
+    mean, std = T.encode_images(vae, torch.stack(T.load_pixels(paths, s.resolution)[0]), False, 4, device, torch.float32, family)
     batch = args.batch * (2 if args.prior else 1)  # prior preservation: each step also takes as many class images
     cond = {k: v.expand(batch, *v.shape[1:]) for k, v in encode_text(family, m, [spec.training_prompt], device, dtype, s.resolution).items()}
     params = [p for p in net.parameters() if p.requires_grad]
@@ -278,11 +283,11 @@ def breakdown(T, spec, device, args, n=None):
     gen = torch.Generator(device).manual_seed(0)
     sync = _sync(device)
     times = dict(sample=[], forward=[], backward=[], optimizer=[])
-    sched, shift = m['noise_scheduler'], getattr(vae.config, 'shift_factor', None) or 0.0
+    sched, (scaling, shift) = m['noise_scheduler'], family.latent_scaling(vae, device)
     for i in range(args.warmup + (n or min(args.steps, 10))):
         t = [time.perf_counter()]
         idx = torch.randint(0, len(paths), (batch,), generator=gen, device=device)
-        latents, _ = T.sample_latents(mean, std, idx, False, gen, vae.config.scaling_factor, shift)
+        latents, _ = T.sample_latents(mean, std, idx, False, gen, scaling, shift)
         noisy, ts, target = noised(family, sched, latents, gen); sync(); t.append(time.perf_counter())
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             pred = predict(family, net, noisy, ts, cond)
