@@ -57,3 +57,15 @@ def test_benchmark_quality_mode_prints_learning_beside_the_reference():
     assert {f[1] for k, f in figures.items() if k != 'reference'} == {'AdamW'}  # --ours-args reached each of our runs (8-bit AdamW otherwise)
     assert all(float(f[4]) >= float(f[6]) and (k == 'reference' or float(f[4]) > float(f[6]) and float(f[5]) > 0) for k, f in figures.items()), r.stdout  # the snapshots' time (our scoring) is off the training clock
     assert "target: ours reaches the reference's final held-out loss" in r.stdout
+
+def test_memory_table_weighs_the_released_denoisers_on_the_meta_device():
+    "tools/memory_table.py builds each released denoiser from its configuration on the meta device: its parameter count is the size its makers state, and its weights shrink as base_quantization says"
+    script = Path(__file__).resolve().parent.parent/'tools'/'memory_table.py'
+    r = subprocess.run([sys.executable, script, '--json'], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    import json
+    rows = [json.loads(l) for l in r.stdout.splitlines()]
+    assert {row['family'] for row in rows} == {'sd3', 'z-image', 'qwen-image', 'flux2-klein'}
+    for row in rows:
+        assert abs(row['params_b'] / row['stated_b'] - 1) < 0.12, row  # the released configuration, not a guess (SD 3.5 Medium's 2.24 B counts as its stated 2.5)
+        assert row['bf16_gb'] > row['int8_gb'] > row['nf4_gb'] > row['lora_gb'] > 0, row
