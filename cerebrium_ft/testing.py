@@ -252,13 +252,16 @@ def _save_tiny_sdxl(dst:Path, tok, m:dict) -> Path:
                                        timestep_spacing="leading", steps_offset=1)  # SDXL's scheduler settings
     return _save_tiny(dst, StableDiffusionXLPipeline(tokenizer=tok, tokenizer_2=tok, scheduler=scheduler, **m))
 
-def _t5_tokenizer(dst:Path):
-    "A T5 tokenizer (`write_t5_tokenizer`) loaded from a scratch folder under `dst`, which is removed"
+def _scratch_tokenizer(dst:Path, write, name:str):
+    "The tokenizer `write` (`write_t5_tokenizer`, `write_qwen_tokenizer`) writes, loaded from a scratch folder under `dst`, which is removed"
     from transformers import AutoTokenizer
-    t5 = AutoTokenizer.from_pretrained(write_t5_tokenizer(dst/'_tokenizer_src'/'t5'))
-    for f in (dst/'_tokenizer_src'/'t5').iterdir(): f.unlink()
-    (dst/'_tokenizer_src'/'t5').rmdir()
-    return t5
+    folder = dst/'_tokenizer_src'/name
+    tok = AutoTokenizer.from_pretrained(write(folder))
+    for f in folder.iterdir(): f.unlink()
+    folder.rmdir()
+    return tok
+
+def _t5_tokenizer(dst:Path): return _scratch_tokenizer(dst, write_t5_tokenizer, 't5')
 
 def _save_tiny_sd3(dst:Path, tok, **kw) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
@@ -266,13 +269,7 @@ def _save_tiny_sd3(dst:Path, tok, **kw) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # SD3's scheduler settings
     return _save_tiny(dst, StableDiffusion3Pipeline(tokenizer=tok, tokenizer_2=tok, tokenizer_3=t5, scheduler=scheduler, **sd3_models(**kw, t5_vocab_size=len(t5))))
 
-def _qwen_tokenizer(dst:Path):
-    "A Qwen tokenizer (`write_qwen_tokenizer`) loaded from a scratch folder under `dst`, which is removed"
-    from transformers import AutoTokenizer
-    qwen = AutoTokenizer.from_pretrained(write_qwen_tokenizer(dst/'_tokenizer_src'/'qwen'))
-    for f in (dst/'_tokenizer_src'/'qwen').iterdir(): f.unlink()
-    (dst/'_tokenizer_src'/'qwen').rmdir()
-    return qwen
+def _qwen_tokenizer(dst:Path): return _scratch_tokenizer(dst, write_qwen_tokenizer, 'qwen')
 
 def _save_tiny_z_image(dst:Path, **kw) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
