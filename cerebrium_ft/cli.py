@@ -262,7 +262,7 @@ def generate(
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
-    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image or flux2-klein
+    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image, flux2-klein or flux2 (FLUX.2 [dev])
     json:bool=False, # Print one JSON object: the pipeline's folder and family
 ):
     "Build a tiny pipeline of a family with random weights (64 px, a few MB), offline"

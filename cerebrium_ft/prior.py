@@ -10,7 +10,7 @@ import gc, hashlib, json, logging, os, re
 from pathlib import Path
 from fastcore.xdg import xdg_cache_home
 from .dataset import read_dataset, inspect_image
-from .families import denoiser_of, model_family, pipeline_class, pretrained_kwargs, sampling_scheduler
+from .families import denoiser_of, model_family, sampling_scheduler
 from .results import atomic_path
 from .speed import precision_dtype, resolve_precision, use_fused_attention
 
@@ -53,9 +53,8 @@ def generate_class_images(model:str, prompt:str, indices:list, out_dir, revision
     if not indices: return []
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     dtype = precision_dtype(resolve_precision('auto', device))
-    kw = dict(revision=revision) if not Path(model).expanduser().is_dir() else {}
     family = model_family(model, revision).family
-    pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype, **pretrained_kwargs(family), **kw).to(device)
+    pipe = family.pretrained_pipeline(model, revision, torch_dtype=dtype).to(device)
     pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     use_fused_attention(denoiser_of(family, pipe), device)

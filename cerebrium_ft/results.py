@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib, json, math, re, shutil, tempfile, time, zipfile
 from contextlib import contextmanager
 from pathlib import Path
-from .families import Family, ModelInfo, family_named, kohya_base_model, pipeline_class, pretrained_kwargs, sampling_scheduler
+from .families import Family, ModelInfo, family_named, kohya_base_model, sampling_scheduler
 from .speed import precision_dtype, resolve_device, resolve_precision
 
 # %% auto #0
@@ -258,9 +258,8 @@ def load_pipeline(results, model:str|None=None, device=None, use:str|int='final'
     with opened_results(results) as folder:
         base = verify_results(folder)['base_model']
         src = model or base['path']
-        kw = {} if Path(src).expanduser().is_dir() else dict(revision=base.get('revision') or 'main')  # a revision means something on the Hub only
         family = family_named(base.get('family'))  # results made before families were recorded are SD 1.x
-        try: pipe = pipeline_class(family).from_pretrained(src, torch_dtype=precision_dtype(resolve_precision('auto', dev)) if dev.type == 'cuda' else torch.float32, **pretrained_kwargs(family), **kw)
+        try: pipe = family.pretrained_pipeline(src, base.get('revision') or 'main', torch_dtype=precision_dtype(resolve_precision('auto', dev)) if dev.type == 'cuda' else torch.float32)
         except (OSError, ValueError) as e: raise ResultsError(f"could not load the base model {src}: {e}; give the model (--model PATH) if it moved") from None
         pipe.scheduler = sampling_scheduler(family, pipe.scheduler.config)
         pipe = pipe.to(dev); pipe.set_progress_bar_config(disable=True)

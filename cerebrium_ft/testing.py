@@ -12,12 +12,13 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['QWEN_CHAT_TEMPLATE', 'TINY_FAMILIES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED',
-           'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'SD3_PROPORTIONED', 'Z_IMAGE_PROPORTIONED',
+__all__ = ['QWEN_CHAT_TEMPLATE', 'MISTRAL_CHAT_TEMPLATE', 'MISTRAL_SPECIAL', 'TINY_FAMILIES', 'PIXTRAL_PROCESSOR',
+           'PIXTRAL_IMAGES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED', 'SDXL_ARCHITECTURE',
+           'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'SD3_PROPORTIONED', 'Z_IMAGE_PROPORTIONED',
            'QWEN_IMAGE_PROPORTIONED', 'FLUX2_KLEIN_PROPORTIONED', 'LFS_SUFFIXES', 'write_byte_tokenizer',
-           'write_t5_tokenizer', 'write_qwen_tokenizer', 'sd_models', 'sdxl_models', 'flux_models', 'sd3_models',
-           'z_image_models', 'qwen_image_models', 'flux2_models', 'build_tiny_pipeline', 'make_subject_images',
-           'FakeHub']
+           'write_t5_tokenizer', 'write_qwen_tokenizer', 'write_mistral_tokenizer', 'sd_models', 'sdxl_models',
+           'flux_models', 'sd3_models', 'z_image_models', 'qwen_image_models', 'flux2_models', 'build_tiny_pipeline',
+           'make_subject_images', 'FakeHub']
 
 # %% ../nbs/02_testing.ipynb #e8c8da5c
 def _bytes_to_unicode() -> dict:
@@ -62,6 +63,24 @@ def write_qwen_tokenizer(dst, max_length:int=512) -> Path:
     Qwen2TokenizerFast(tokenizer_object=tok, eos_token='<|im_end|>', pad_token='<|endoftext|>', unk_token=None, bos_token=None, model_max_length=max_length,
                        additional_special_tokens=['<|im_start|>', '<|im_end|>', '<|endoftext|>', '<|vision_start|>', '<|vision_end|>', '<|image_pad|>'],
                        chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(dst)
+    return Path(dst)
+
+# %% ../nbs/02_testing.ipynb #3e2f73e9
+MISTRAL_CHAT_TEMPLATE = ("{%- macro text(content) -%}{%- if content is string -%}{{ content }}{%- else -%}{%- for part in content -%}{%- if part['type'] == 'text' -%}"
+                         "{{ part['text'] }}{%- elif part['type'] == 'image' -%}[IMG]{%- endif -%}{%- endfor -%}{%- endif -%}{%- endmacro -%}"
+                         "{{ bos_token }}{%- for message in messages -%}{%- if message['role'] == 'system' -%}[SYSTEM_PROMPT]{{ text(message['content']) }}[/SYSTEM_PROMPT]"
+                         "{%- elif message['role'] == 'user' -%}[INST]{{ text(message['content']) }}[/INST]{%- else -%}{{ text(message['content']) }}{{ eos_token }}{%- endif -%}{%- endfor -%}"
+                         ) # Mistral Small 3.1's chat layout: <s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]...[/INST], an image part as [IMG]
+MISTRAL_SPECIAL = ('<unk>', '<s>', '</s>', '[INST]', '[/INST]', '[IMG]', '<pad>', '[SYSTEM_PROMPT]', '[/SYSTEM_PROMPT]') # its first special tokens, in its order
+
+def write_mistral_tokenizer(dst, max_length:int=512) -> Path:
+    "Write a byte-level BPE tokenizer with Mistral's special tokens (`<pad>` pads) and `MISTRAL_CHAT_TEMPLATE` to folder `dst`"
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE(vocab={s: i for i, s in enumerate(MISTRAL_SPECIAL + tuple(_bytes_to_unicode().values()))}, merges=[]))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token='<s>', eos_token='</s>', unk_token='<unk>', pad_token='<pad>', model_max_length=max_length,
+                            additional_special_tokens=[s for s in MISTRAL_SPECIAL[3:] if s != '<pad>'], chat_template=MISTRAL_CHAT_TEMPLATE).save_pretrained(dst)
     return Path(dst)
 
 # %% ../nbs/02_testing.ipynb #e71488dd
@@ -192,9 +211,11 @@ def qwen_image_models(width:int=48, heads:int=3, layers:int=2, rope_axes=(8, 4, 
 
 # %% ../nbs/02_testing.ipynb #flux2x
 def flux2_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=2, rope_axes=(4, 4, 4, 4), latent_channels:int=4, vae_channels=(8, 16, 32, 32),
-                 text_width:int=16, text_layers:int=28, text_heads:int=2, out_layers=(9, 18, 27), image_size:int=64, vocab_size:int=262, guidance:bool=False) -> dict:
+                 text_width:int=16, text_layers:int=28, text_heads:int=2, out_layers=(9, 18, 27), image_size:int=64, vocab_size:int=262, guidance:bool=False,
+                 mistral_ids:dict|None=None) -> dict:
     """A FLUX.2-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size; a guidance embedding with `guidance`, as [dev]), VAE
-    (8x down, its latents in 2x2 patches normalised by a batch norm's statistics) and Qwen3 language model whose hidden states `out_layers` condition it, random weights"""
+    (8x down, its latents in 2x2 patches normalised by a batch norm's statistics) and language model whose hidden states `out_layers` condition it, random weights:
+    Qwen3, as [klein]'s, or with `mistral_ids` (its special tokens' ids: `<s>`, `</s>`, `<pad>`, `[IMG]`) Mistral 3 with a Pixtral vision tower, as [dev]'s"""
     import torch
     from diffusers import AutoencoderKLFlux2, Flux2Transformer2DModel
     if max(out_layers) > text_layers: raise ValueError(f"the text encoder's {text_layers} layers have no hidden state {max(out_layers)}")
@@ -209,10 +230,23 @@ def flux2_models(width:int=32, heads:int=2, layers:int=1, single_layers:int=2, r
     with torch.no_grad():
         vae.bn.running_mean.copy_(torch.tensor(rng.standard_normal(4 * latent_channels) * 0.5, dtype=torch.float32))
         vae.bn.running_var.copy_(torch.tensor(0.5 + rng.random(4 * latent_channels), dtype=torch.float32))
-    return dict(transformer=transformer, vae=vae, text_encoder=_qwen3(text_width, text_layers, text_heads, vocab_size, causal_lm=True))
+    return dict(transformer=transformer, vae=vae, text_encoder=_mistral3(text_width, text_layers, text_heads, vocab_size, **mistral_ids) if mistral_ids else\
+                                                               _qwen3(text_width, text_layers, text_heads, vocab_size, causal_lm=True))
+
+def _mistral3(width:int, layers:int, heads:int, vocab_size:int, bos:int, eos:int, pad:int, image:int):
+    "A Mistral 3 language model of `width` with a one-layer Pixtral vision tower, as FLUX.2 [dev]'s text encoder is, random weights"
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+    ids = dict(bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    config = Mistral3Config(text_config=dict(model_type='mistral', vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 2, num_hidden_layers=layers,
+                                             num_attention_heads=heads, num_key_value_heads=1, head_dim=width // heads, max_position_embeddings=1024, rope_theta=1e9,
+                                             sliding_window=None, **ids),
+                            vision_config=dict(model_type='pixtral', hidden_size=width, num_hidden_layers=1, num_attention_heads=heads, head_dim=width // heads,
+                                               intermediate_size=width * 2, image_size=32, patch_size=8),
+                            image_token_index=image, vision_feature_layer=-1, spatial_merge_size=2, **ids)
+    return Mistral3ForConditionalGeneration(config).eval()
 
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein]
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev]
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -230,6 +264,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     if family == 'z-image': return _save_tiny_z_image(dst, **kw)
     if family == 'qwen-image': return _save_tiny_qwen_image(dst, **kw)
     if family == 'flux2-klein': return _save_tiny_flux2_klein(dst, **kw)
+    if family == 'flux2': return _save_tiny_flux2_dev(dst, **kw)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
     m = sd_models(**kw, **special)
     unet, vae, text_encoder = m['unet'], m['vae'], m['text_encoder']
@@ -285,12 +320,35 @@ def _save_tiny_qwen_image(dst:Path, **kw) -> Path:
     ids = qwen.convert_tokens_to_ids(['<|vision_start|>', '<|vision_end|>', '<|image_pad|>'])
     return _save_tiny(dst, QwenImagePipeline(tokenizer=qwen, scheduler=scheduler, **qwen_image_models(**kw, vocab_size=len(qwen), vision_ids=ids)))
 
+def _flux2_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                           max_image_seq_len=4096, time_shift_type='exponential')  # FLUX.2's scheduler settings
+
 def _save_tiny_flux2_klein(dst:Path, **kw) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+    from diffusers import Flux2KleinPipeline
     qwen = _qwen_tokenizer(dst)
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
-                                                max_image_seq_len=4096, time_shift_type='exponential')  # FLUX.2's scheduler settings
-    return _save_tiny(dst, Flux2KleinPipeline(tokenizer=qwen, scheduler=scheduler, **flux2_models(**kw, vocab_size=len(qwen))))
+    return _save_tiny(dst, Flux2KleinPipeline(tokenizer=qwen, scheduler=_flux2_scheduler(), **flux2_models(**kw, vocab_size=len(qwen))))
+
+PIXTRAL_PROCESSOR = dict(image_break_token='[IMG_BREAK]', image_end_token='[IMG_END]', image_token='[IMG]', patch_size=16, spatial_merge_size=2, processor_class='PixtralProcessor')
+PIXTRAL_IMAGES = dict(image_processor_type='PixtralImageProcessor', processor_class='PixtralProcessor', patch_size=16, size=dict(longest_edge=1540), do_resize=True, resample=3,
+                      do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+                      do_convert_rgb=True) # the image half of Mistral Small 3.1's processor, as its release configures it
+
+def _save_tiny_flux2_dev(dst:Path, **kw) -> Path:
+    "FLUX.2 [dev]: a guidance-embedding transformer over Mistral 3's hidden layers 10, 20 and 30, its tokenizer folder laid out as the release's Pixtral processor (`model_index.json` names `PixtralProcessor`, the chat template in the processor's `chat_template.json`)"
+    from diffusers import Flux2Pipeline
+    mistral = _scratch_tokenizer(dst, write_mistral_tokenizer, 'mistral')
+    ids = dict(zip(('bos', 'eos', 'pad', 'image'), mistral.convert_tokens_to_ids(['<s>', '</s>', '<pad>', '[IMG]'])))
+    m = flux2_models(**dict(dict(text_layers=30, out_layers=(10, 20, 30), guidance=True), **kw), vocab_size=len(mistral), mistral_ids=ids)
+    _save_tiny(dst, Flux2Pipeline(tokenizer=mistral, scheduler=_flux2_scheduler(), **m))
+    index, tok = json.loads((dst/'model_index.json').read_text()), dst/'tokenizer'
+    (dst/'model_index.json').write_text(json.dumps(dict(index, tokenizer=['transformers', 'PixtralProcessor']), indent=2))
+    (tok/'chat_template.json').write_text(json.dumps(dict(chat_template=(tok/'chat_template.jinja').read_text())))
+    (tok/'chat_template.jinja').unlink()
+    (tok/'processor_config.json').write_text(json.dumps(PIXTRAL_PROCESSOR, indent=2))
+    (tok/'preprocessor_config.json').write_text(json.dumps(PIXTRAL_IMAGES, indent=2))
+    return dst
 
 def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline

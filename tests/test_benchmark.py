@@ -65,7 +65,7 @@ def test_memory_table_weighs_the_released_denoisers_on_the_meta_device():
     assert r.returncode == 0, r.stderr
     import json
     rows = [json.loads(l) for l in r.stdout.splitlines()]
-    assert {row['family'] for row in rows} == {'sd3', 'z-image', 'qwen-image', 'flux2-klein'}
+    assert {row['family'] for row in rows} == {'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2'}
     for row in rows:
         assert abs(row['params_b'] / row['stated_b'] - 1) < 0.12, row  # the released configuration, not a guess (SD 3.5 Medium's 2.24 B counts as its stated 2.5)
         assert row['bf16_gb'] > row['int8_gb'] > row['nf4_gb'] > row['lora_gb'] > 0, row

@@ -25,7 +25,8 @@ def render(pipe, seed=0):
 FAMILY_RUNS = {'sd3': ('sd3', 'StableDiffusion3Pipeline', 'sd3', 1e-2, 8, ('lora_te1_', 'lora_te2_'), False),
                'z-image': ('z-image', 'ZImagePipeline', 'z_image', 1e-2, 8, (), True),
                'qwen-image': ('qwen-image', 'QwenImagePipeline', 'qwen_image', 1e-2, 8, (), True),
-               'flux2-klein': ('flux2-klein', 'Flux2KleinPipeline', 'flux2_klein', 1e-2, 8, (), True)}
+               'flux2-klein': ('flux2-klein', 'Flux2KleinPipeline', 'flux2_klein', 1e-2, 8, (), True),
+               'flux2': ('flux2', 'Flux2Pipeline', 'flux2', 1e-2, 8, (), True)}  # its tokenizer folder a Pixtral processor's, as released: all of it runs without torchvision
 
 @pytest.mark.parametrize('key', list(FAMILY_RUNS))
 def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipeline(data, tmp_path, key):
@@ -50,7 +51,8 @@ def test_each_new_family_trains_with_prior_preservation_and_loads_in_its_pipelin
     assert tuned < base * 0.95, (base, tuned)
     pipe = load_pipeline(out, device='cpu')
     assert type(pipe) is getattr(diffusers, pipeline) and pipe.get_active_adapters()
-    plain = getattr(diffusers, pipeline).from_pretrained(model); plain.set_progress_bar_config(disable=True)
+    plain = family.pretrained_pipeline(model); plain.set_progress_bar_config(disable=True)
+    assert type(plain) is type(pipe)
     plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     tuned_image = render(pipe)
     assert np.abs(tuned_image - render(plain)).mean() > 1.0  # the LoRA changes what it draws
@@ -80,3 +82,24 @@ def test_a_text_encoder_that_does_not_train_is_refused(data, tmp_path):
     with pytest.raises(T.TrainingError, match="train_text_encoder: Z-Image's text encoder does not train here .*: leave train_text_encoder off"):
         T.train(spec(model, data, training_args=dict(train_text_encoder=True)), tmp_path/'refused')
     assert not (tmp_path/'refused').exists()
+
+@pytest.mark.parametrize('key', list(FAMILY_RUNS))
+def test_each_new_family_stopped_after_a_checkpoint_resumes_as_if_never_stopped(data, tmp_path, monkeypatch, key):
+    "Random crops, mirror images and the family's own noise levels: a run stopped after its checkpoint at step 3 ends with the losses and weights of one never stopped"
+    from safetensors.torch import load_file
+    model = str(build_tiny_pipeline(tmp_path/key, family=FAMILY_RUNS[key][0]))
+    s = spec(model, data, training_args=dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, center_crop=False, mixed_precision='no', validation_epochs=1000))
+    whole = T.train(s, tmp_path/'whole', progress=False)
+    save = T.Training.checkpoint
+    def stop(self):
+        save(self)
+        raise KeyboardInterrupt('stopped after its first checkpoint')
+    with monkeypatch.context() as m:
+        m.setattr(T.Training, 'checkpoint', stop)
+        with pytest.raises(KeyboardInterrupt): T.train(s, tmp_path/'stopped', progress=False)
+    assert len(rows(tmp_path/'stopped')) == 3
+    out = T.train(s, tmp_path/'stopped', progress=False)
+    assert 'resuming from step_000003' in (out/'logs.txt').read_text()
+    assert [(r['step'], r['loss']) for r in rows(out)] == [(r['step'], r['loss']) for r in rows(whole)]
+    a, b = (load_file(d/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors') for d in (out, whole))
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

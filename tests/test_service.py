@@ -315,8 +315,8 @@ def test_push_to_hub_from_a_job_id(server, tiny_model, data, tmp_path):
     finally: hub.stop()
 
 def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_path, data):
-    "SD 2.x (v-prediction), SDXL, FLUX.1, SD 3.5, Z-Image, Qwen-Image and FLUX.2 [klein] jobs run to success on the service and load in their own pipelines; a video model is refused at submission"
-    from diffusers import Flux2KleinPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
+    "SD 2.x (v-prediction), SDXL, FLUX.1, SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev] jobs run to success on the service and load in their own pipelines; a video model is refused at submission"
+    from diffusers import Flux2KleinPipeline, Flux2Pipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, ZImagePipeline
     from cerebrium_ft.results import load_pipeline
     from cerebrium_ft.testing import build_tiny_pipeline
     models = tmp_path/'models'
@@ -325,7 +325,8 @@ def test_each_family_trains_through_the_service_and_loads_in_its_pipeline(tmp_pa
     try:
         s.key = next(w for w in s.output().split() if w.startswith('cft_'))
         for family, pipeline in [('sd2-v', StableDiffusionPipeline), ('sdxl', StableDiffusionXLPipeline), ('flux', FluxPipeline), ('sd3', StableDiffusion3Pipeline),
-                                 ('z-image', ZImagePipeline), ('qwen-image', QwenImagePipeline), ('flux2-klein', Flux2KleinPipeline)]:
+                                 ('z-image', ZImagePipeline), ('qwen-image', QwenImagePipeline), ('flux2-klein', Flux2KleinPipeline),
+                                 ('flux2', Flux2Pipeline)]:
             model = build_tiny_pipeline(models/family, family=family)
             layers = dict(lora_layers='transformer', loraplus_lr_ratio=4) if family == 'flux' else {}  # FLUX.1's also on its feed-forwards, with LoRA+
             r = submit(s, model, data, steps=6, follow=True, extra=dict(mixed_precision='no', **layers))

@@ -24,6 +24,8 @@ RELEASED = {
                                                                           joint_attention_dim=7680, guidance_embeds=False), 4.0),
     'FLUX.2 [klein] 9B': ('flux2-klein', 'Flux2Transformer2DModel', dict(_FLUX2, num_layers=8, num_single_layers=24, attention_head_dim=128, num_attention_heads=32,
                                                                           joint_attention_dim=12288, guidance_embeds=False), 9.0),
+    'FLUX.2 [dev]': ('flux2', 'Flux2Transformer2DModel', dict(_FLUX2, num_layers=8, num_single_layers=48, attention_head_dim=128, num_attention_heads=48,
+                                                             joint_attention_dim=15360), 32.0),
 }
 GB = 1024 ** 3
 

@@ -136,6 +136,7 @@ class Family:
     card_dtype = 'float16'              # the dtype the model card's example loads it in on a GPU
     card_license = {}                   # ModelCardData's fields for a license the Hub has no id for
     pretrained_extra = {}               # what `from_pretrained` of its pipeline takes besides the model
+    processor_tokenizers = ()           # tokenizer folders its release saves as a processor (FLUX.2 [dev]'s Pixtral one, which transformers loads only with torchvision): loaded as the tokenizer they hold
     assembly_extra = {}                 # what its pipeline's constructor takes besides the parts training loads
     guidance_arg = 'guidance_scale'     # its pipeline's argument for the guidance scale validation samples with
 
@@ -249,14 +250,22 @@ def _source(model:str, revision:str) -> dict:
     return {} if Path(model).expanduser().is_dir() else dict(revision=revision)
 
 @patch
+def load_tokenizer(self:Family, model:str, revision:str, subfolder:str):
+    "The tokenizer in folder `subfolder` of pipeline `model`; for a folder its release saves as a processor (`processor_tokenizers`), with the processor's chat template where the tokenizer's own files carry none"
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model, subfolder=subfolder, **_source(model, revision))
+    if subfolder in self.processor_tokenizers and not tok.chat_template:
+        tok.chat_template = (read_config(model, f'{subfolder}/chat_template.json', revision) or {}).get('chat_template')  # the processor's older file
+    return tok
+
+@patch
 def load_parts(self:Family, model:str, revision:str, quantize:str='none', dtype=None) -> dict:
     "The tokenizers, text encoders, VAE, denoiser (`quantize`d nf4 or 8bit on CUDA, computing in `dtype`) and noise scheduler of pipeline `model` (a local folder or a Hub id)"
     import diffusers, transformers
-    from transformers import AutoTokenizer
     kw = _source(model, revision)
     m = {}
     for tok, enc, cls in self.text_parts:
-        m[tok] = AutoTokenizer.from_pretrained(model, subfolder=tok, **kw)
+        m[tok] = self.load_tokenizer(model, revision, tok)
         m[enc] = getattr(transformers, cls).from_pretrained(model, subfolder=enc, **kw)
     q = _quantization(quantize, dtype) if quantize != 'none' else {}
     return dict(m, vae=getattr(diffusers, self.vae_class).from_pretrained(model, subfolder='vae', **kw),
@@ -410,6 +419,13 @@ def pipeline_class(self:Family):
 def pretrained_kwargs(self:Family) -> dict:
     "What `from_pretrained` of its pipeline needs besides the model (Stable Diffusion's leaves its safety checker out)"
     return dict(self.pretrained_extra)
+
+@patch
+def pretrained_pipeline(self:Family, model:str, revision:str='main', **kw):
+    "Its pipeline loaded whole from `model` (a local folder, or a Hub id at `revision`; `from_pretrained` with `kw`), the tokenizers its release saves as processors (`processor_tokenizers`) loaded as the tokenizers they hold"
+    pipe = self.pipeline_class().from_pretrained(model, **self.pretrained_kwargs(), **{t: None for t in self.processor_tokenizers}, **_source(model, revision), **kw)
+    if self.processor_tokenizers: pipe.register_modules(**{t: self.load_tokenizer(model, revision, t) for t in self.processor_tokenizers})
+    return pipe
 
 @patch
 def sampling_scheduler(self:Family, config):

@@ -1,4 +1,4 @@
-"""Double-stream then single-stream transformer blocks over the VAE's latents in 2x2 patches, conditioned on three hidden layers of a language model side by side; FLUX.2 [klein] reads Qwen3.
+"""Double-stream then single-stream transformer blocks over the VAE's latents in 2x2 patches, conditioned on three hidden layers of a language model side by side: Qwen3 for FLUX.2 [klein], Mistral Small 3.1 for FLUX.2 [dev].
 
 Docs: https://cerebrium-ft.github.io/cerebrium-ft/flux2.html.md"""
 
@@ -11,10 +11,13 @@ from .base import UNET_TARGETS, FlowMatching, read_config
 from .flux import FLUX_GUIDANCE
 
 # %% auto #0
-__all__ = ['FLUX2_TARGETS', 'FLUX2_BLOCK_TARGETS', 'FLUX2_KLEIN', 'bfl_name', 'Flux2', 'Flux2Klein']
+__all__ = ['FLUX2_TARGETS', 'FLUX2_DEV_OUT_LAYERS', 'FLUX2_DEV_LICENSE', 'FLUX2_BLOCK_TARGETS', 'FLUX2_KLEIN', 'FLUX2',
+           'bfl_name', 'Flux2', 'Flux2Klein', 'Flux2Dev']
 
 # %% ../../nbs/00i_flux2.ipynb #111d3745
 FLUX2_TARGETS = UNET_TARGETS + ("to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out") # diffusers' FLUX.2 examples': the double blocks' image attention, both projections of the single blocks
+FLUX2_DEV_OUT_LAYERS = (10, 20, 30) # the hidden layers of Mistral Small 3.1 that condition FLUX.2 [dev], as its pipeline reads them
+FLUX2_DEV_LICENSE = dict(license_name='flux-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.2-dev') # its model card links its license
 FLUX2_BLOCK_TARGETS = FLUX2_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                                        "ff_context.linear_out") # and the text stream's attention, and both streams' feed-forwards
 
@@ -111,4 +114,20 @@ class Flux2Klein(Flux2):
         pipe.register_to_config(is_distilled=m.get('is_distilled', False))
         return pipe
 
-FLUX2_KLEIN = Flux2Klein()
+class Flux2Dev(Flux2):
+    "FLUX.2 [dev]: FLUX.2's transformer conditioned on three of Mistral Small 3.1's hidden layers, its guidance embedded (no negative prompt)"
+    key, name, pipeline, kohya = 'flux2', 'FLUX.2 [dev]', 'Flux2Pipeline', 'flux2'
+    text_parts = (('tokenizer', 'text_encoder', 'Mistral3ForConditionalGeneration'),)
+    prompt_encoder, negative_prompt, hub_tags = ('tokenizer', 'Mistral'), False, ('flux2', 'flux2-dev')
+    processor_tokenizers, card_license = ('tokenizer',), FLUX2_DEV_LICENSE
+
+    def encode_text(self, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
+        "'embeds': the pipeline's own encoding of each prompt under its system message, Mistral's layers 10, 20 and 30 side by side over its 512 tokens"
+        import torch
+        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
+        with torch.no_grad():
+            embeds = self.pipeline_class()._get_mistral_3_small_prompt_embeds(m['text_encoder'], m['tokenizer'], list(prompts), device=device, system_message=SYSTEM_MESSAGE,
+                                                                              hidden_states_layers=FLUX2_DEV_OUT_LAYERS)
+        return dict(embeds=embeds.to(dtype))
+
+FLUX2_KLEIN, FLUX2 = Flux2Klein(), Flux2Dev()
