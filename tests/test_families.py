@@ -9,7 +9,7 @@ from cerebrium_ft import train as T
 from cerebrium_ft.families import FAMILIES
 from cerebrium_ft.results import load_pipeline
 from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
-from test_train import col, loss_before_and_after, manifest, rows, spec
+from test_train import col, loss_before_and_after, manifest, resumes_as_if_never_stopped, rows, spec
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
@@ -86,20 +86,6 @@ def test_a_text_encoder_that_does_not_train_is_refused(data, tmp_path):
 @pytest.mark.parametrize('key', list(FAMILY_RUNS))
 def test_each_new_family_stopped_after_a_checkpoint_resumes_as_if_never_stopped(data, tmp_path, monkeypatch, key):
     "Random crops, mirror images and the family's own noise levels: a run stopped after its checkpoint at step 3 ends with the losses and weights of one never stopped"
-    from safetensors.torch import load_file
     model = str(build_tiny_pipeline(tmp_path/key, family=FAMILY_RUNS[key][0]))
     s = spec(model, data, training_args=dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, center_crop=False, mixed_precision='no', validation_epochs=1000))
-    whole = T.train(s, tmp_path/'whole', progress=False)
-    save = T.Training.checkpoint
-    def stop(self):
-        save(self)
-        raise KeyboardInterrupt('stopped after its first checkpoint')
-    with monkeypatch.context() as m:
-        m.setattr(T.Training, 'checkpoint', stop)
-        with pytest.raises(KeyboardInterrupt): T.train(s, tmp_path/'stopped', progress=False)
-    assert len(rows(tmp_path/'stopped')) == 3
-    out = T.train(s, tmp_path/'stopped', progress=False)
-    assert 'resuming from step_000003' in (out/'logs.txt').read_text()
-    assert [(r['step'], r['loss']) for r in rows(out)] == [(r['step'], r['loss']) for r in rows(whole)]
-    a, b = (load_file(d/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors') for d in (out, whole))
-    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    resumes_as_if_never_stopped(s, tmp_path, monkeypatch)

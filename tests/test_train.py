@@ -501,9 +501,13 @@ def test_aspect_ratio_buckets_train_each_image_at_its_own_shape(shapes, tmp_path
 
 def test_a_bucketed_run_stopped_after_a_checkpoint_resumes_as_if_never_stopped(model, shapes, tmp_path, monkeypatch):
     "Buckets, mirror images, random crops and prior preservation: a run stopped after its checkpoint at step 3 ends with the losses and weights of one never stopped"
-    from safetensors.torch import load_file
     s = spec(model, shapes, prior_class_prompt='a photo of a robot', prior_class_image_dir=str(shapes/'class'),
              training_args=dict(max_train_steps=8, checkpointing_steps=3, enable_bucket=True, bucket_reso_steps=16, random_flip=True, center_crop=False, mixed_precision='no'))
+    resumes_as_if_never_stopped(s, tmp_path, monkeypatch)
+
+def resumes_as_if_never_stopped(s, tmp_path, monkeypatch):
+    "Run `s` whole, and again stopped after its first checkpoint (at step 3) then started again: the same losses, step by step, and the same LoRA weights"
+    from safetensors.torch import load_file
     whole = T.train(s, tmp_path/'whole', progress=False)
     save = T.Training.checkpoint
     def stop(self):
@@ -517,7 +521,7 @@ def test_a_bucketed_run_stopped_after_a_checkpoint_resumes_as_if_never_stopped(m
     assert 'resuming from step_000003' in (out/'logs.txt').read_text()
     assert [(r['step'], r['loss']) for r in rows(out)] == [(r['step'], r['loss']) for r in rows(whole)]
     a, b = (load_file(d/'checkpoints/final/attn_procs/pytorch_lora_weights.safetensors') for d in (out, whole))
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
 
 def test_a_quantized_base_is_refused_off_cuda_before_anything_is_written(model, data, tmp_path):
     "QLoRA (bitsandbytes' nf4 or 8-bit denoiser) trains on CUDA only: elsewhere the run stops at once, saying what to set"
