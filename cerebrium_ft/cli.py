@@ -7,9 +7,9 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/cli.html.md"""
 # %% auto #0
 __all__ = ['COMMANDS', 'EXTRAS', 'DEMO_PROMPT', 'DATABASE_ENV', 'FOLLOW_LINE_EVERY', 'command', 'missing_extra', 'Unavailable',
            'command_parser', 'main', 'quiet_libraries', 'check_dataset_cmd', 'job_options', 'train_cmd', 'StepProgress',
-           'generate', 'tiny_model_cmd', 'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve', 'projects', 'keys',
-           'run_job_cmd', 'train_rank', 'login', 'Follower', 'train_diffuser', 'download_model', 'get_most_recent_jobs',
-           'check_job_status', 'cancel_job', 'push_to_hub_cmd']
+           'edit_inputs', 'generate', 'tiny_model_cmd', 'sample_dataset_cmd', 'demo', 'data_dir_default', 'serve',
+           'projects', 'keys', 'run_job_cmd', 'train_rank', 'login', 'Follower', 'train_diffuser', 'download_model',
+           'get_most_recent_jobs', 'check_job_status', 'cancel_job', 'push_to_hub_cmd']
 
 # %% ../nbs/10_cli.ipynb #609131c6
 import argparse, difflib, functools, inspect, json as jsonlib, os, sys, time
@@ -18,7 +18,8 @@ from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
 from .config import JobSpec, SettingsError, spec_from_args
-from .dataset import bucket_sizes, check_dataset, prepare_dataset, training_buckets
+from .dataset import bucket_sizes, check_dataset, fit_bucket, prepare_dataset, to_upright_rgb, training_buckets
+from PIL import Image
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
 from .client import ApiError, Client, InvalidInput, path_id, JobPace, best_summary, duration, save_login
 from .results import ResultsError
@@ -60,6 +61,7 @@ def command_parser(name:str):
     parser.formatter_class, parser.epilog = argparse.RawDescriptionHelpFormatter, f"example:\n  {f.__cli_example__}" if f.__cli_example__ else None
     for a in parser._actions:  # a True/False option is also a flag: --include-logs alone means True (--include-logs True, as the seed wrote it, still works)
         if a.type is bool_arg and a.option_strings: a.nargs, a.const = '?', True
+        if a.type is list: a.type, a.nargs = str, '+'  # a list option takes one or more values: --image a.png b.png
     return parser
 
 def main(argv:list|None=None) -> int:
@@ -130,28 +132,31 @@ def check_dataset_cmd(
     path:str, # A folder of images, or a JSON manifest listing them (optionally with captions)
     mode:str='object', # 'object' for a subject, 'style' to also check that the colouring is consistent
     size:int=None, # The training resolution to check against (default: MODEL's own, else 512)
-    model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1, and captions against its text encoder's length
+    model:str=None, # The base model (a folder or Hub id) it is for: checks at its own resolution, 1024 for SDXL and FLUX.1, captions against its text encoder's length, and an edit model's (input, edited) pairs (control/)
     trigger_word:str=None, # The trigger word the captions are built around: says which captions lack it
     fix:str=None, # Write the usable images, upright and cropped to SIZE x SIZE (or with --enable-bucket to their buckets), to this new folder, then check it
     enable_bucket:bool=False, # Check against aspect-ratio buckets (training with enable_bucket) instead of square crops
     json:bool=False, # Print one JSON object instead of tables
 ) -> int:
     "Check a training dataset: exit status 0 when no finding is an error, 1 when one is (or the Hub is out of reach for --model)"
-    if size is None and model:
-        try: size = model_family(model).resolution
-        except HubUnreachable as e: raise Unavailable(f"{e}; give --size to check without it") from None
+    controls = 0
+    if model:
+        try: info = model_family(model)
+        except HubUnreachable as e: raise Unavailable(f"{e}" + ("; give --size to check without it" if size is None else '')) from None
         except FamilyError as e: raise CliError(f"--model {model}: {e}") from None
-        if not json: print(f"checking at {size}x{size}, the resolution {model} was made for", file=sys.stderr)
+        controls = info.family.controls
+        if size is None and not json: print(f"checking at {info.resolution}x{info.resolution}, the resolution {model} was made for", file=sys.stderr)
+        size = size or info.resolution
     size = size or 512
     tokens, buckets = prompt_tokens(model) if model else None, bucket_sizes(size) if enable_bucket else None
-    try: report = check_dataset(path, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets)
+    try: report = check_dataset(path, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets, controls=controls)
     except ValueError as e: raise CliError(f"--{e}") from None
     if fix is None:
         _print_json(report.to_dict()) if json else print(report)
         return 0 if report.ok else 1
-    try: prepared = prepare_dataset(path, fix, size=size, mode=mode, buckets=buckets)
+    try: prepared = prepare_dataset(path, fix, size=size, mode=mode, buckets=buckets, controls=controls)
     except ValueError as e: raise CliError(str(e)) from None
-    fixed = check_dataset(fix, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets)
+    fixed = check_dataset(fix, mode=mode, size=size, trigger=trigger_word, tokens=tokens, buckets=buckets, controls=controls)
     if json:
         _print_json(dict(report=report.to_dict(), fixed=dict(output=str(prepared.output), written=[p.name for p in prepared.written],
                                                             skipped=[dict(file=n, reason=r) for n, r in prepared.skipped], report=fixed.to_dict())))
@@ -223,6 +228,23 @@ class StepProgress:
     def close(self):
         if self.bar is not None: self.bar.close()
 
+def edit_inputs(family, image:list|None, resolution:int) -> tuple[list, tuple[int, int]|None]:
+    "`generate`'s --image for `family`: the input images fitted to the first one's shape at `resolution` px on its longer side (a multiple of the family's pixel multiple), and that (width, height); refused with a message where the family takes none, or that many"
+    n, image = family.controls, image or []
+    if image and not n: raise CliError(f"--image: {family.name} draws from the prompt alone; --image is for an edit model's LoRA (FLUX.1 Kontext)")
+    if n and not image: raise CliError(f"{family.name} edits an image: give the image to edit with --image PATH")
+    if len(image) > n: raise CliError(f"--image: {family.name} takes {n} input image{'s' * (n > 1)}, got {len(image)}")
+    if not image: return [], None
+    ims = []
+    for p in image:
+        try:
+            with Image.open(Path(p).expanduser()) as im: ims.append(to_upright_rgb(im))
+        except (OSError, ValueError) as e: raise CliError(f"--image {p}: not an image that can be read ({type(e).__name__}: {e}); give a JPEG, PNG or WEBP file") from None
+    (w, h), step = ims[0].size, family.pixel_multiple
+    scale = resolution / max(w, h)
+    size = (max(step, round(w * scale / step) * step), max(step, round(h * scale / step) * step))
+    return [fit_bucket(im, size)[0] for im in ims], size
+
 @command(example='cerebrium-ft generate sks-dog "a photo of sks dog on a beach" -n 4 --use best --output beach.png')
 def generate(
     results:str, # A results folder or zip
@@ -235,34 +257,40 @@ def generate(
     model:str=None, # Base model (default: the one the results were trained on)
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
     use:str='final', # Which checkpoint's LoRA: final, best (the lowest held-out score), or a kept step (e.g. 40 or step_000040)
+    image:list=None, # An edit LoRA's input image to edit (FLUX.1 Kontext takes one), drawn at the resolution it trained at in that image's shape
     json:bool=False, # Print one JSON object: the grid's path, the prompt and each image's seed
 ):
-    "Render images with a trained LoRA loaded into its base model"
+    "Render images with a trained LoRA loaded into its base model (an edit LoRA: edits of --image)"
     if N < 1 or steps < 1: raise CliError(f"-n and --steps must be 1 or more (got -n {N}, --steps {steps})")
     out = _output_file(output)
     dev = _device(device)
     quiet_libraries()
     import torch
-    from cerebrium_ft.results import ResultsError, load_pipeline
-    try: pipe = load_pipeline(results, model, dev, use=use)
+    from cerebrium_ft.results import ResultsError, load_pipeline, opened_results, verify_results
+    from cerebrium_ft.families import family_named
+    try:
+        with opened_results(results) as folder: manifest = verify_results(folder)
+        family = family_named(manifest['base_model'].get('family'))
+        edit, size = edit_inputs(family, image, manifest.get('resolution') or 512)  # before the model loads: a wrong --image costs nothing
+        pipe = load_pipeline(results, model, dev, use=use)
     except ResultsError as e: raise CliError(str(e)) from None
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]
     progress = StepProgress(f"generating {N} image{'s' * (N > 1)}", steps)
     def on_step(pipe, i, t, kwargs): progress(i + 1); return kwargs  # the pipeline's denoising loop calls it after each step
-    from cerebrium_ft.families import FAMILIES
-    scale = next((f.guidance_arg for f in FAMILIES.values() if f.pipeline == type(pipe).__name__), 'guidance_scale')  # Qwen-Image's true_cfg_scale
-    try: images = pipe(prompt=[prompt] * N, num_inference_steps=steps, **({scale: guidance} if guidance is not None else {}), generator=gens, callback_on_step_end=on_step).images
+    sized = dict(width=size[0], height=size[1], **family.edit_kwargs(edit, *size)) if edit else {}
+    try: images = pipe(prompt=[prompt] * N, num_inference_steps=steps, **({family.guidance_arg: guidance} if guidance is not None else {}), generator=gens,
+                       callback_on_step_end=on_step, **sized).images
     finally: progress.close()
     _grid(images).save(out)
-    if json: return _print_json(dict(grid=str(out), prompt=prompt, seeds=[seed + i for i in range(N)], use=use))
-    print(f"Wrote {N} images of {prompt!r} to {output}")
+    if json: return _print_json(dict(grid=str(out), prompt=prompt, seeds=[seed + i for i in range(N)], use=use, **(dict(image=image) if edit else {})))
+    print(f"Wrote {N} edits of {image[0]} by {prompt!r} to {output}" if edit else f"Wrote {N} images of {prompt!r} to {output}")
 
 # %% ../nbs/10_cli.ipynb #94a8a9d0
 @command('tiny-model', example='cerebrium-ft tiny-model tiny-sdxl --family sdxl')
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
-    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image, flux2-klein or flux2 (FLUX.2 [dev])
+    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image, flux2-klein, flux2 (FLUX.2 [dev]) or kontext (FLUX.1 Kontext)
     json:bool=False, # Print one JSON object: the pipeline's folder and family
 ):
     "Build a tiny pipeline of a family with random weights (64 px, a few MB), offline"

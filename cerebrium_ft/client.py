@@ -207,6 +207,8 @@ def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=No
     images = _entries(spec.dataset)
     fields += [('images', (e.path.name, e.path.read_bytes())) for e in images]
     if any(e.caption is not None for e in images): fields += [('captions', json.dumps([e.caption for e in images]))]  # the server writes them beside the images
+    inputs = [(i, k, c) for i, e in enumerate(images) for k, c in enumerate(e.controls) if c is not None]  # an edit pair's inputs: the server puts each beside its image
+    if inputs: fields += [('controls', (c.name, c.read_bytes())) for _, _, c in inputs] + [('control_index', json.dumps([[i, k] for i, k, _ in inputs]))]
     if spec.prior_class_image_dir: fields += [('class_images', (e.path.name, e.path.read_bytes())) for e in _entries(spec.prior_class_image_dir)]
     body, ctype = encode_multipart_formdata(fields)
     key = idempotency_key or uuid.uuid4().hex  # every retry of this upload carries it: the server makes one job

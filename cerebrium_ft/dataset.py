@@ -8,7 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/dataset.html.md"""
 from __future__ import annotations
 import base64, html, io, json, math, re, shutil, textwrap, warnings, zlib
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
@@ -16,11 +16,11 @@ from .results import file_sha256
 
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
-           'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'DECODED_BYTES', 'BLUR_THRESHOLD', 'DUPLICATE_BITS', 'COLOUR_LIMITS',
-           'Finding', 'Entry', 'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions', 'perceptual_hash',
-           'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets', 'bucket_for',
-           'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image', 'to_upright_rgb', 'DatasetReport',
-           'check_dataset', 'Prepared', 'prepare_dataset']
+           'CONTROL_FOLDERS', 'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'DECODED_BYTES', 'BLUR_THRESHOLD', 'DUPLICATE_BITS',
+           'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions',
+           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets',
+           'bucket_for', 'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image', 'to_upright_rgb',
+           'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -48,6 +48,7 @@ class Entry:
     path:Path
     name:str # how the user knows it: relative to the folder or as written in the manifest
     caption:str|None=None
+    controls:list = field(default_factory=list) # an edit pair's input images (`control/`, `control_2/`, ... or the manifest's `control`), in order; None where one is missing
 
 def _manifest_entries(path:Path):
     "Entries and findings of a JSON manifest"
@@ -58,12 +59,15 @@ def _manifest_entries(path:Path):
     if not isinstance(items, list): return bad(f"holds a {type(items).__name__}, not a list of images")
     entries, findings = [], []
     for i, it in enumerate(items):
-        p, cap = (it, None) if isinstance(it, str) else (it.get('path'), it.get('caption')) if isinstance(it, dict) else (None, None)
-        if not isinstance(p, str) or not p.strip() or (cap is not None and not isinstance(cap, str)):
-            findings.append(Finding('error', 'manifest', path.name, f"item {i} ({json.dumps(it)[:60]}) is not a path or a {{path, caption}} object",
-                                    'give each image as "file.jpg" or {"path": "file.jpg", "caption": "a photo of sks dog"}'))
+        p, cap, ctl = (it, None, None) if isinstance(it, str) else (it.get('path'), it.get('caption'), it.get('control')) if isinstance(it, dict) else (None, None, None)
+        ctl = [ctl] if isinstance(ctl, str) else ctl if ctl is not None else []
+        if (not isinstance(p, str) or not p.strip() or (cap is not None and not isinstance(cap, str))
+            or not isinstance(ctl, list) or not all(isinstance(c, str) and c.strip() for c in ctl)):
+            findings.append(Finding('error', 'manifest', path.name, f"item {i} ({json.dumps(it)[:60]}) is not a path or a {{path, caption, control}} object",
+                                    'give each image as "file.jpg" or {"path": "file.jpg", "caption": "a photo of sks dog"}, and an edit pair\'s input as "control": "in/file.jpg" (or a list)'))
             continue
-        entries.append(Entry((path.parent/p).resolve() if not Path(p).is_absolute() else Path(p), p, cap))
+        at = lambda q: (path.parent/q).resolve() if not Path(q).is_absolute() else Path(q)
+        entries.append(Entry(at(p), p, cap, [at(c) for c in ctl]))
     return entries, findings
 
 def read_dataset(path) -> tuple[list[Entry], list[Finding]]:
@@ -78,10 +82,29 @@ def read_dataset(path) -> tuple[list[Entry], list[Finding]]:
     files = [p for p in sorted(path.iterdir()) if not p.name.startswith('.')]
     images = {p.stem for p in files if p.is_file() and p.suffix.lower() not in SIDECAR_SUFFIXES}
     for p in files:
+        if p.is_dir() and p.name in CONTROL_FOLDERS: continue  # an edit pair's inputs, read with their images
         if p.is_dir(): findings.append(Finding('info', 'ignored', p.name + '/', 'is a subfolder: only the top level is read', 'move its images up if they belong to the dataset'))
         elif p.suffix.lower() == '.txt' and p.stem in images: continue  # a caption, read with its image
         elif p.suffix.lower() in SIDECAR_SUFFIXES: findings.append(Finding('info', 'ignored', p.name, 'is not an image file and is ignored', 'nothing, if it is meant to be there'))
         else: entries.append(Entry(p, p.name, caption_beside(p)))
+    return _paired(path, entries, findings)
+
+CONTROL_FOLDERS = ('control', 'control_2', 'control_3') # beside an edit dataset's target images: each target's input images under its own file name
+
+def _paired(path:Path, entries:list, findings:list) -> tuple[list, list]:
+    "`entries` of folder `path` with their control images (the same file name, or the same name with another image suffix, in each control folder there is), and a finding for each control image no target has"
+    folders = [path/f for f in CONTROL_FOLDERS if (path/f).is_dir()]
+    for folder in folders:
+        files = {p.name: p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith('.') and p.suffix.lower() not in SIDECAR_SUFFIXES}
+        stems = {}
+        for p in files.values(): stems.setdefault(p.stem, p)
+        used = set()
+        for e in entries:
+            c = files.get(e.path.name) or stems.get(e.path.stem)
+            e.controls.append(c)
+            if c: used.add(c.name)
+        findings += [Finding('warning', 'control-extra', f"{folder.name}/{n}", 'is an input image with no target image of its name beside the control folder, so it is not used',
+                             f"add the edited image as {n} beside {folder.name}/, or delete this one") for n in files if n not in used]
     return entries, findings
 
 def caption_beside(image:Path) -> str|None:
@@ -149,6 +172,7 @@ class ImageInfo:
     sharpness:float|None=None
     colour:dict|None=None
     thumbnail:bytes|None=None # a small JPEG for the notebook report
+    input_thumbnails:list=field(default_factory=list) # an edit pair's inputs' thumbnails, once the check read them
     duplicate_of:str|None=None
     @property
     def name(self): return self.entry.name
@@ -202,11 +226,12 @@ def bucket_for(size:tuple[int, int], buckets:list[tuple[int, int]]) -> tuple[int
     ratio = math.log(size[0] / size[1])
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
-def fit_bucket(im:Image.Image, bucket:tuple[int, int], rng:np.random.Generator|None=None) -> tuple[Image.Image, tuple[int, int]]:
-    "`im` scaled (Lanczos) to cover `bucket` (width, height) and cropped to it, centred or at a place drawn from `rng`; and the crop's (top, left) corner in the scaled image"
+def fit_bucket(im:Image.Image, bucket:tuple[int, int], rng:np.random.Generator|None=None, at:tuple[float, float]|None=None) -> tuple[Image.Image, tuple[int, int]]:
+    "`im` scaled (Lanczos) to cover `bucket` (width, height) and cropped to it, centred, at a place drawn from `rng`, or `at` (how far along the room to spare, across and down, 0 to 1: an edit pair's two images cropped alike); and the crop's (top, left) corner in the scaled image"
     (w, h), (bw, bh) = im.size, bucket
     cw, ch = (h * bw / bh, h) if w * bh >= h * bw else (w, w * bh / bw)  # the crop in the image's own pixels: its full height, or its full width
-    x, y = ((w - cw) / 2, (h - ch) / 2) if rng is None else (float(rng.uniform(0, w - cw)), float(rng.uniform(0, h - ch)))
+    u, v = at or ((0.5, 0.5) if rng is None else (float(rng.uniform()), float(rng.uniform())))
+    x, y = u * (w - cw), v * (h - ch)
     scale = bw / cw
     return im.resize(bucket, Image.Resampling.LANCZOS, box=(x, y, x + cw, y + ch), reducing_gap=3.0), (round(y * scale), round(x * scale))
 
@@ -475,22 +500,24 @@ def _html_report(r:DatasetReport) -> str:
     by_file = {}
     for f in r.findings: by_file.setdefault(f.file, []).append(f)
     def notes(fs): return ''.join(f"<div><b style='color:{_COLOURS[f.severity]}'>{f.severity}</b> {esc(f.message)}<br><i>{esc(f.fix)}</i></div>" for f in fs)
-    def card(name, fs, thumb=None, size=''):
+    def card(name, fs, thumb=None, size='', inputs=()):
         colour = _COLOURS[min(fs, key=lambda f: SEVERITIES.index(f.severity)).severity] if fs else '#2e7d32'
-        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' style='max-width:96px;max-height:96px'>" if thumb
-               else "<div style='width:96px;height:96px;line-height:96px;margin:auto;background:#eee;color:#777'>no preview</div>")
+        px = 52 if inputs else 96  # an edit pair: its inputs, an arrow, the image
+        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' style='max-width:{px}px;max-height:{px}px'>" if thumb
+               else f"<div style='width:{px}px;height:{px}px;line-height:{px}px;margin:auto;background:#eee;color:#777'>no preview</div>")
+        img = ''.join(f"<img src='data:image/jpeg;base64,{base64.b64encode(t).decode()}' style='max-width:{px}px;max-height:{px}px' title='input'>" for t in inputs if t) + (' → ' if inputs else '') + img
         return (f"<div style='width:176px;border:2px solid {colour};border-radius:4px;padding:4px;font-size:11px;line-height:1.3;text-align:center'>"
                 f"{img}<div style='word-break:break-all'><b>{esc(name)}</b> {size}</div><div style='text-align:left'>{notes(fs) or '✓'}</div></div>")
     worst = lambda i: min((SEVERITIES.index(f.severity) for f in by_file.get(i.name, [])), default=len(SEVERITIES))
-    cards = [card(i.name, by_file.pop(i.name, []), i.thumbnail, f"{i.size[0]}x{i.size[1]}" if i.size else '') for i in sorted(r.images, key=worst)]
+    cards = [card(i.name, by_file.pop(i.name, []), i.thumbnail, f"{i.size[0]}x{i.size[1]}" if i.size else '', i.input_thumbnails) for i in sorted(r.images, key=worst)]
     own = notes(by_file.pop(None, []))
     cards += [card(file, fs) for file, fs in by_file.items()]  # files that are not images: ignored sidecars, manifests
     return (f"<div><p><b>Dataset check</b>: {esc(r.summary())}</p>{own}"
             f"<div style='display:flex;flex-wrap:wrap;gap:6px;align-items:flex-start;max-height:460px;overflow-y:auto;margin-top:4px'>{''.join(cards)}</div></div>")
 
 # %% ../nbs/01_dataset.ipynb #c7c3562a
-def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None, decoding=None) -> DatasetReport:
-    "Check the images in folder or JSON manifest `path` for training at `size` px (in aspect-ratio `buckets`, as `bucket_sizes` gives them, else square); `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives); `decoding(nbytes)`, a context held while an image is decoded whole (a service's memory budget)"
+def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, tokens=None, buckets:list|None=None, decoding=None, controls:int=0) -> DatasetReport:
+    "Check the images in folder or JSON manifest `path` for training at `size` px (in aspect-ratio `buckets`, as `bucket_sizes` gives them, else square); `mode` is 'object' or 'style'; captions also against the `trigger` word and the text encoder's length (`tokens`, as `prompt_tokens` gives); `decoding(nbytes)`, a context held while an image is decoded whole (a service's memory budget); `controls`: the input images each edit pair has (0: not an edit model, and inputs given are not used)"
     if mode not in ('object', 'style'): raise ValueError(f"mode must be 'object' or 'style', got {mode!r}")
     if not 32 <= size <= 4096: raise ValueError(f"size must be between 32 and 4096 pixels, got {size}")
     entries, findings = read_dataset(path)
@@ -500,12 +527,45 @@ def check_dataset(path, mode:str='object', size:int=512, trigger:str|None=None, 
         except Exception as ex: # a last guard: a file Pillow chokes on in a way not foreseen is still just a finding
             info, fs = ImageInfo(e), [Finding('error', 'unreadable', e.name, f"could not be checked ({type(ex).__name__}: {ex})", 'replace it with a JPEG, PNG or WEBP photo, or delete it')]
         infos.append(info); findings += fs
-    findings += _duplicate_findings(infos) + _caption_findings(infos, trigger, tokens)
+    if not controls: findings = [f for f in findings if f.code != 'control-extra']  # inputs no target has, of pairs that do not train
+    findings += _duplicate_findings(infos) + _caption_findings(infos, trigger, tokens) + _control_findings(infos, controls, size, buckets, decoding)
     if mode == 'style': findings += _colour_findings(infos)
     if entries or not any(f.severity == 'error' for f in findings): findings += _count_findings(infos)  # else the dataset's own error says it
     order = {s: i for i, s in enumerate(SEVERITIES)}
     findings.sort(key=lambda f: order[f.severity])
     return DatasetReport(str(path), mode, size, infos, findings)
+
+# %% ../nbs/01_dataset.ipynb #f80fe2d1
+def _control_findings(infos:list[ImageInfo], n:int, size:int, buckets:list|None=None, decoding=None) -> list[Finding]:
+    "With `n` input images per edit pair (what the edit model takes): each usable image's inputs there, readable and of its shape; with `n` 0, a note that inputs given are not used"
+    if not any(i.entry.controls for i in infos):
+        if not n: return []
+        return [Finding('error', 'no-controls', None, "an edit model trains on (input, edited) pairs, and no image here has its input image",
+                        "put each image's input image in control/ beside the images, under the same file name (or give each a \"control\" in the manifest)")]
+    if not n: return [Finding('info', 'ignored', 'control/', "holds edit pairs' input images, which only an edit model (FLUX.1 Kontext) trains on: this model trains on the images alone",
+                              'nothing, or train an edit model on the pairs')]
+    out, more = [], max(len(i.entry.controls) for i in infos)
+    if more > n: out.append(Finding('warning', 'control-extra', f"{CONTROL_FOLDERS[n]}/", f"holds input images beyond the {n} the model takes, so they are not used", 'nothing, or delete the folder'))
+    for info in infos:
+        if not info.usable: continue
+        given = (info.entry.controls + [None] * n)[:n]
+        for k, c in enumerate(given):
+            where = CONTROL_FOLDERS[k]
+            if c is None:
+                out.append(Finding('error', 'control-missing', info.name, f"has no input image in {where}/", f"put its input image in {where}/ as {info.entry.path.name}, or remove it from the dataset"))
+                continue
+            cinfo, fs = inspect_image(Entry(c, f"{where}/{c.name}"), size, buckets, decoding)
+            bad = next((f for f in fs if f.severity == 'error'), None)
+            if bad or not cinfo.decoded:
+                out.append(Finding('error', 'control-unreadable', info.name, f"has an input image that cannot be used: {where}/{c.name} {bad.message if bad else 'cannot be decoded'}",
+                                   bad.fix if bad else 'replace it with a JPEG, PNG or WEBP image'))
+                continue
+            info.input_thumbnails.append(cinfo.thumbnail)
+            (w, h), (cw, ch) = info.size, cinfo.size
+            if abs(math.log((w / h) / (cw / ch))) > 0.02:
+                out.append(Finding('warning', 'control-shape', info.name, f"is {w}x{h} and its input image {where}/{c.name} {cw}x{ch}: their shapes differ, so the input is cropped to the image's shape and may not line up with it",
+                                   'crop the two alike, to the same shape'))
+    return out
 
 # %% ../nbs/01_dataset.ipynb #adece1ce
 @dataclass
@@ -515,14 +575,15 @@ class Prepared:
     written:list # paths written
     skipped:list # (name, reason) pairs
 
-def prepare_dataset(src, dst, size:int=512, mode:str='object', buckets:list|None=None) -> Prepared:
-    "Write the usable images of dataset `src` to new folder `dst` as upright RGB PNGs without metadata, `size`x`size` (or each its bucket's size of `buckets`), each caption in a `.txt` beside its image"
+def prepare_dataset(src, dst, size:int=512, mode:str='object', buckets:list|None=None, controls:int=0) -> Prepared:
+    "Write the usable images of dataset `src` to new folder `dst` as upright RGB PNGs without metadata, `size`x`size` (or each its bucket's size of `buckets`), each caption in a `.txt` beside its image; with `controls`, each edit pair's input images alike, under the image's new name in `control/` (`control_2/`, ...), and an image whose inputs cannot be used skipped"
     dst = Path(dst).expanduser()
     src_dir = Path(src).expanduser().resolve()
     src_dir = src_dir.parent if src_dir.is_file() else src_dir
     if dst.resolve() == src_dir: raise ValueError(f"{dst} is the source folder: give a new folder, so the originals stay as they are")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())): raise ValueError(f"{dst} already exists and is not an empty folder: give a new or empty folder")
-    report = check_dataset(src, mode=mode, size=size, buckets=buckets)
+    report = check_dataset(src, mode=mode, size=size, buckets=buckets, controls=controls)
+    unpaired = {f.file: f.message for f in report.findings if f.code in ('control-missing', 'control-unreadable')}
     dst.mkdir(parents=True, exist_ok=True)
     written, skipped, names = [], [], set()
     for info in report.images:
@@ -530,13 +591,17 @@ def prepare_dataset(src, dst, size:int=512, mode:str='object', buckets:list|None
             why = next((f.message for f in report.findings if f.file == info.name and f.code in UNUSABLE | {'corrupt'}), 'cannot be read')
             skipped.append((info.name, why)); continue
         if info.duplicate_of: skipped.append((info.name, f"repeats {info.duplicate_of}")); continue
+        if info.name in unpaired: skipped.append((info.name, unpaired[info.name])); continue
         stem = Path(info.name).stem or 'image'
         out = dst/f"{stem}.png"
         k = 1
         while out.name in names: out, k = dst/f"{stem}-{k}.png", k + 1
         names.add(out.name)
-        with _open(info.entry.path) as im: clean, _ = fit_bucket(to_upright_rgb(im), bucket_for(info.size, buckets) if buckets else (size, size))
-        Image.fromarray(np.asarray(clean)).save(out, 'PNG', optimize=False)
-        written.append(out)
+        bucket = bucket_for(info.size, buckets) if buckets else (size, size)
+        for src_path, to in [(info.entry.path, out)] + [(c, dst/CONTROL_FOLDERS[k]/out.name) for k, c in enumerate(info.entry.controls[:controls])]:
+            with _open(src_path) as im: clean, _ = fit_bucket(to_upright_rgb(im), bucket)
+            to.parent.mkdir(exist_ok=True)
+            Image.fromarray(np.asarray(clean)).save(to, 'PNG', optimize=False)
+            written.append(to)
         if info.entry.caption: out.with_suffix('.txt').write_text(info.entry.caption + '\n', encoding='utf-8')  # the caption beside it
     return Prepared(dst, written, skipped)

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from typing import Literal
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
-from .dataset import check_dataset, decoded_pixels
+from .dataset import CONTROL_FOLDERS, check_dataset, decoded_pixels
 from .executor import Complaints, Executor, is_out_of_space, trouble
 from .families import FamilyError, HubUnreachable, model_family
 from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics, without_paths
@@ -161,10 +161,10 @@ def _parse_spec(text:str) -> dict:
     if json_depth(d) > MAX_JSON_DEPTH: raise HTTPException(400, f"spec nests more than {MAX_JSON_DEPTH} levels deep: send a JSON object of the job's fields")
     return d
 
-def _submission_sha256(spec:str, images:list, class_images:list) -> str:
+def _submission_sha256(spec:str, images:list, class_images:list, controls:list=()) -> str:
     "What a submission holds (spec and every file), to tell a retried submission from another one under the same idempotency key"
     h = hashlib.sha256(spec.encode())
-    for field, files in (('images', images), ('class_images', class_images)):
+    for field, files in (('images', images), ('class_images', class_images), ('controls', controls)):
         for f in files:
             h.update(field.encode()); f.file.seek(0)
             for block in iter(lambda: f.file.read(1 << 20), b''): h.update(hashlib.sha256(block).digest())
@@ -183,6 +183,22 @@ def _parse_captions(text:str|None, n:int) -> list:
     if (long := next((i for i, c in enumerate(caps) if c and len(c) > MAX_CAPTION), None)) is not None:
         raise HTTPException(400, f"caption {long} is {len(caps[long])} characters: at most {MAX_CAPTION}")
     return caps
+
+def _parse_control_index(text:str|None, n_controls:int, n_images:int) -> list:
+    "Which image and which of its inputs each uploaded control file is (a JSON list of [image index, input number] pairs, inputs counted from 0), or a 400 saying what is wrong"
+    if not n_controls and text is None: return []
+    try: pairs = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError): pairs = None
+    ok = (isinstance(pairs, list) and len(pairs) == n_controls and all(isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in pairs)
+          and all(0 <= i < n_images and 0 <= k < len(CONTROL_FOLDERS) for i, k in pairs) and len({tuple(p) for p in pairs}) == len(pairs))
+    if not ok: raise HTTPException(400, f"control_index must be a JSON list of {n_controls} distinct [image index, input number] pairs, one per control file in the order "
+                                        f"uploaded (image index below {n_images}, input number 0 to {len(CONTROL_FOLDERS) - 1})")
+    return pairs
+
+def _save_controls(files:list, pairs:list, dataset:Path, images:list):
+    "Each edit pair's input beside the dataset, in its input's folder (`control/`, `control_2/`, ...) under its image's saved name, its own image suffix kept"
+    for f, (i, k) in zip(files, pairs):
+        _save_uploads([f], dataset/CONTROL_FOLDERS[k], 'control')[0].rename(dataset/CONTROL_FOLDERS[k]/(images[i].stem + UPLOAD_SUFFIXES.get(Path(f.filename or '').suffix.lower(), '.img')))
 
 def _write_captions(paths:list, captions:list):
     "Each caption in a `.txt` beside its saved image, where the dataset reader looks for it"
@@ -235,15 +251,15 @@ _slots, _memory = CheckSlots(MAX_CHECKS), MemoryBudget(MAX_DECODE_MB << 20)
 PIL_BLOCK_MB = 64 # Pillow holds a decoded image in blocks of this size: above glibc's largest mmap threshold (32 MB), so that each block is a mapping of its own,
                   # given back to the system when the image is freed, not kept in the heap of the thread that decoded it (3 big uploads had left 700 MB behind)
 
-def _check_uploads(folder:Path, class_images:bool, resolution:int, project:str):
+def _check_uploads(folder:Path, class_images:bool, resolution:int, project:str, controls:int=0):
     "Raise 413 for an image with too many pixels or an upload whose images take too many to decode, 400 with the findings for a dataset with errors; checked in one of `_slots`, the decoded images within `_memory`"
     subs = ['dataset'] + (['class_images'] if class_images else [])
-    work = sum(decoded_pixels(p) for sub in subs for p in (folder/sub).iterdir() if p.suffix != '.txt')
+    work = sum(decoded_pixels(p) for sub in subs for p in (folder/sub).rglob('*') if p.is_file() and p.suffix != '.txt')  # an edit pair's inputs too
     if work > MAX_UPLOAD_MEGAPIXELS * 1e6:
         raise HTTPException(413, f"the uploaded images take {work / 1e6:.0f} megapixels to check (PNG and WEBP are decoded whole): at most {MAX_UPLOAD_MEGAPIXELS} per upload; "
                                  "send JPEGs, or downscale them: 2048 px on the long side is plenty")
     for sub in subs:
-        with _slots.take(project): report = check_dataset(folder/sub, size=resolution, decoding=_memory.hold)
+        with _slots.take(project): report = check_dataset(folder/sub, size=resolution, decoding=_memory.hold, controls=controls if sub == 'dataset' else 0)
         if any(f.code == 'bomb' for f in report.findings):
             raise HTTPException(413, dict(message="an uploaded image has too many pixels", findings=[f.to_dict() for f in report.findings if f.code == 'bomb']))
         if not report.ok and (sub == 'dataset' or any(f.severity == 'error' and f.file for f in report.findings)):
@@ -258,27 +274,31 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, model_dirs, limit:tup
         raise HTTPException(400, f"gpus {js.training_args.gpus}: {limit[1]}: set gpus {limit[0]} or fewer in --training-args")
     model, problem = server_model(js.hf_model_path, model_dirs)
     if problem: raise HTTPException(400, f"on the server: {problem}")
-    try: native = model_family(model, js.revision, local=not is_hub_id(model)).resolution  # a video pipeline is refused now, not after its download; a Hub id is never a folder of the server's
-    except HubUnreachable: native = 512  # the Hub is down or out of reach from here: the job checks again when it starts
+    try:  # a video pipeline is refused now, not after its download; a Hub id is never a folder of the server's
+        info = model_family(model, js.revision, local=not is_hub_id(model))
+        native, controls = info.resolution, info.family.controls
+    except HubUnreachable: native, controls = 512, 0  # the Hub is down or out of reach from here: the job checks again when it starts
     except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
-    _check_uploads(tmp, class_images, js.training_args.resolution or native, project)
+    _check_uploads(tmp, class_images, js.training_args.resolution or native, project, controls)
     server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model})
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
     return js
 
 # %% ../nbs/08_server.ipynb #81020c57
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
-               idempotency_key:str|None=None, captions:str|None=None) -> tuple[dict, bool]:
-    "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job"
-    if len(images) + len(class_images) > MAX_FILES:
-        raise HTTPException(413, f"{len(images) + len(class_images)} files: at most {MAX_FILES} per job (10-15 instance images, the rest class images)")
-    d, caps = _parse_spec(spec), _parse_captions(captions, len(images))
-    digest = _submission_sha256(spec + '\n' + (captions or ''), images, class_images) if idempotency_key else None  # read the uploads again only to match a retry
+               idempotency_key:str|None=None, captions:str|None=None, controls:list=(), control_index:str|None=None) -> tuple[dict, bool]:
+    "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job. `controls`: edit pairs' input images, `control_index` saying whose"
+    if len(images) + len(class_images) + len(controls) > MAX_FILES:
+        raise HTTPException(413, f"{len(images) + len(class_images) + len(controls)} files: at most {MAX_FILES} per job (10-15 instance images and their inputs, the rest class images)")
+    d, caps, pairs = _parse_spec(spec), _parse_captions(captions, len(images)), _parse_control_index(control_index, len(controls), len(images))
+    digest = (_submission_sha256(spec + '\n' + (captions or '') + '\n' + (control_index or ''), images, class_images, controls)
+              if idempotency_key else None)  # read the uploads again only to match a retry
     if idempotency_key and (found := store.job_for_key(pid, idempotency_key)): return _replayed(found, digest), False
     job_id = new_job_id()
     tmp, jd = data_dir/'uploads'/job_id, executor.job_dir(job_id)
     try:
-        _write_captions(_save_uploads(images, tmp/'dataset', 'image'), caps)
+        saved = _save_uploads(images, tmp/'dataset', 'image')
+        _write_captions(saved, caps); _save_controls(controls, pairs, tmp/'dataset', saved)
         if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
         js = _write_job_folder(tmp, d, bool(class_images), model_dirs, executor.job_limit(), pid)
         tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
@@ -365,9 +385,11 @@ job_routes = APIRouter(prefix='/v1/jobs', tags=['jobs'])
 
 @job_routes.post('', status_code=201)
 def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
-           captions:str|None=Form(None), pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
-    "Queue a job (`captions`: a JSON list, one caption or null per image); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"
-    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions)
+           captions:str|None=Form(None), controls:list[UploadFile]=File(default=[]), control_index:str|None=Form(None),
+           pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
+    """Queue a job (`captions`: a JSON list, one caption or null per image; `controls`, an edit model's input images, with `control_index`: a JSON list of
+    [image index, input number] pairs, one per control file); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"""
+    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions, controls, control_index)
     if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
     return svc.shown(job)
 

@@ -246,7 +246,7 @@ def _mistral3(width:int, layers:int, heads:int, vocab_size:int, bos:int, eos:int
     return Mistral3ForConditionalGeneration(config).eval()
 
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev]
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2', 'kontext') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev], FLUX.1 Kontext
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -259,7 +259,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     torch.manual_seed(seed)
     special = dict(vocab_size=len(tok), special_ids=(tok.bos_token_id, tok.eos_token_id, tok.pad_token_id))
     if family == 'sdxl': return _save_tiny_sdxl(dst, tok, sdxl_models(**kw, **special))
-    if family == 'flux': return _save_tiny_flux(dst, tok, **kw, **special)
+    if family in ('flux', 'kontext'): return _save_tiny_flux(dst, tok, **kw, **special, kontext=family == 'kontext')
     if family == 'sd3': return _save_tiny_sd3(dst, tok, **kw, **special)
     if family == 'z-image': return _save_tiny_z_image(dst, **kw)
     if family == 'qwen-image': return _save_tiny_qwen_image(dst, **kw)
@@ -350,12 +350,13 @@ def _save_tiny_flux2_dev(dst:Path, **kw) -> Path:
     (tok/'preprocessor_config.json').write_text(json.dumps(PIXTRAL_IMAGES, indent=2))
     return dst
 
-def _save_tiny_flux(dst:Path, tok, **kw) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+def _save_tiny_flux(dst:Path, tok, kontext:bool=False, **kw) -> Path:
+    "FLUX.1 [dev], or FLUX.1 Kontext [dev] (the same parts in its edit pipeline)"
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxPipeline
     t5 = _t5_tokenizer(dst)
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)  # FLUX.1 [dev]'s scheduler settings
-    return _save_tiny(dst, FluxPipeline(tokenizer=tok, tokenizer_2=t5, scheduler=scheduler, **flux_models(**kw, t5_vocab_size=len(t5))))
+    return _save_tiny(dst, (FluxKontextPipeline if kontext else FluxPipeline)(tokenizer=tok, tokenizer_2=t5, scheduler=scheduler, **flux_models(**kw, t5_vocab_size=len(t5))))
 
 # %% ../nbs/02_testing.ipynb #0105343b
 SD15_PROPORTIONED = dict(unet_channels=(96, 192, 384, 384), layers_per_block=2, attention_heads=8, vae_channels=(32, 64, 128, 128),

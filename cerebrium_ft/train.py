@@ -8,7 +8,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 from __future__ import annotations
 import csv, gc, hashlib, importlib, json, logging, math, os, random, shutil, subprocess, sys, time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from fastcore.basics import patch
@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
+from .dataset import CONTROL_FOLDERS, TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
 from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
                                    lora_layers_problem, lora_targets, model_family, noised, peft_targets, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
                                    size_conditioning, snr_weights, text_encoders, text_lora_targets)
@@ -30,7 +30,7 @@ log = logging.getLogger('cerebrium_ft')
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
            'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS', 'RANK_WAIT_S',
            'TRACKER_PROJECT', 'DOWNLOAD_LOG_S', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem',
-           'preflight', 'load_models', 'load_pixels', 'encode_images', 'sample_latents', 'denoising_loss',
+           'preflight', 'load_models', 'load_pixels', 'load_pairs', 'encode_images', 'sample_latents', 'denoising_loss',
            'ImageLatents', 'encode_latents', 'lora_param_groups', 'make_optimizer', 'save_checkpoint',
            'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
            'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'loss_figure', 'plot_loss',
@@ -90,13 +90,16 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
         raise TrainingError(f"weighting_scheme draws the noise levels of the flow-matching families; {spec.hf_model_path} is {model.family.name}, "
                             f"trained on DDPM's timesteps: leave weighting_scheme auto")
     if (problem := lora_layers_problem(spec.hf_model_path, spec.revision, model.family, s.lora_layers)): raise TrainingError(problem)  # from its config: before any weights
+    if model.family.controls and spec.prior_preservation:
+        raise TrainingError(f"prior preservation: {model.family.name} trains on (input, edited) pairs, and class images of a prompt are no such pair; "
+                            f"leave prior_class_prompt and prior_class_image_dir unset (an edit LoRA keeps to its edit by its instruction)")
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
         if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
     if s.enable_bucket and not (s.min_bucket_reso or 0) <= resolution <= (s.max_bucket_reso or resolution):
         raise TrainingError(f"the resolution, {resolution} px, must lie between min_bucket_reso and max_bucket_reso ({s.min_bucket_reso or 'none'} and {s.max_bucket_reso or 'none'}): widen them")
     report = check_dataset(spec.dataset, size=resolution, trigger=s.trigger_word, tokens=prompt_tokens(spec.hf_model_path, spec.revision, model.family),
-                           buckets=training_buckets(s, resolution))
+                           buckets=training_buckets(s, resolution), controls=model.family.controls)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
     if s.holdout_images >= len(report.usable):
@@ -125,16 +128,28 @@ def load_models(model:str, revision:str='main', family:Family|None=None, quantiz
 # %% ../nbs/04_train.ipynb #790c4e7b
 def load_pixels(paths:list, resolution:int, center_crop:bool=True, seed:int=0, buckets:list|None=None) -> tuple[list, list]:
     "Images at `paths` as float tensors [3, h, w] in [-1, 1], upright RGB, each fitted to its bucket of `buckets` (else the `resolution` square), cropped centred or at a place drawn from `seed`; and each one's (original size, crop corner, size), heights first"
+    return load_pairs(paths, None, resolution, center_crop, seed, buckets)[:2]
+
+def _pixels(im:Image.Image):
     import torch
+    return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+
+def load_pairs(paths:list, inputs:list|None, resolution:int, center_crop:bool=True, seed:int=0, buckets:list|None=None) -> tuple[list, list, list]:
+    "`load_pixels`, and each image's edit inputs (`inputs`: a list of paths per image, or None) fitted to the image's bucket and cropped at the same place in their own frame: (pixels, sizes, each image's input pixels)"
     rng = None if center_crop else np.random.default_rng(seed)
-    out, sizes = [], []
-    for p in paths:
+    out, sizes, ins = [], [], []
+    for k, p in enumerate(paths):
         with Image.open(p) as im: up = to_upright_rgb(im)
         size = bucket_for(up.size, buckets) if buckets else (resolution, resolution)
-        fitted, corner = fit_bucket(up, size, rng)
-        out.append(torch.from_numpy(np.asarray(fitted, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
-        sizes.append(((up.height, up.width), corner, size[::-1]))
-    return out, sizes
+        at = (0.5, 0.5) if rng is None else (float(rng.uniform()), float(rng.uniform()))
+        fitted, corner = fit_bucket(up, size, at=at)
+        out.append(_pixels(fitted)); sizes.append(((up.height, up.width), corner, size[::-1]))
+        if inputs is None: continue
+        row = []
+        for q in inputs[k]:
+            with Image.open(q) as im: row.append(_pixels(fit_bucket(to_upright_rgb(im), size, at=at)[0]))
+        ins.append(row)
+    return out, sizes, ins
 
 def encode_images(vae, pixels, flip:bool, batch_size:int, device, dtype, family:Family|None=None):
     "Latent mean and std of each image ([N, 1 or 2, C, h, w]: the second is the flipped image), computed once, as `family` encodes (`Family.latent_dist`)"
@@ -195,18 +210,22 @@ def _shard_losses(per:list, ts:list, at, k:int, n_prior:int, prior_loss_weight:f
 # %% ../nbs/04_train.ipynb #d00b1a9c
 @dataclass
 class ImageLatents:
-    "Images' latent distributions, encoded once and grouped by size: bucket b's are `mean[b]` and `std[b]` ([n_b, views, C, h, w]; the second view, with `random_flip`, the mirror image); image i is row `row[i]` of bucket `bucket[i]`; `extra`: each image's own conditioning per view ([N, views, ...]: SDXL's size and crop ids)"
+    "Images' latent distributions, encoded once and grouped by size: bucket b's are `mean[b]` and `std[b]` ([n_b, views, C, h, w]; the second view, with `random_flip`, the mirror image); image i is row `row[i]` of bucket `bucket[i]`; `extra`: each image's own conditioning per view ([N, views, ...]: SDXL's size and crop ids); `inputs`: an edit pair's input images' latent means, input k's `inputs[k][b]` laid out as `mean[b]`, conditioning the denoiser as `control`, `control_2`, ..."
     sizes:list # each bucket's (width, height) in pixels
     bucket:np.ndarray
     row:object # a tensor on the device
     mean:list
     std:list
     extra:dict
+    inputs:list = field(default_factory=list)
+
+    def _inputs(self, bucket:int, rows, view, scaling, shift) -> dict:
+        return {CONTROL_FOLDERS[k]: (per[bucket][rows, view] - shift) * scaling for k, per in enumerate(self.inputs)}  # as the pipeline encodes an input: its mean
 
     def sample(self, idx, bucket:int, flip:bool, gen, scaling:float, shift:float=0.0) -> tuple:
-        "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; and their own conditioning"
+        "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; and their own conditioning (an edit pair's inputs flipped with them)"
         latents, view = sample_latents(self.mean[bucket], self.std[bucket], self.row[idx], flip, gen, scaling, shift)
-        return latents, {k: v[idx, view] for k, v in self.extra.items()}
+        return latents, {**{k: v[idx, view] for k, v in self.extra.items()}, **self._inputs(bucket, self.row[idx], view, scaling, shift)}
 
     def fixed(self, idx, draws:int, scaling:float, shift:float=0.0) -> list:
         "The unflipped mean latents of images `idx`, each `draws` times, a (latents, their image indices, their conditioning) group per bucket: what a checkpoint is scored on"
@@ -215,27 +234,29 @@ class ImageLatents:
         out = []
         for b in sorted(set(self.bucket[idx].tolist())):
             ids = torch.as_tensor(idx[self.bucket[idx] == b], device=self.row.device).repeat_interleave(draws)
-            out.append(((self.mean[b][self.row[ids], 0] - shift) * scaling, ids, {k: v[ids, 0] for k, v in self.extra.items()}))
+            out.append(((self.mean[b][self.row[ids], 0] - shift) * scaling, ids, {**{k: v[ids, 0] for k, v in self.extra.items()}, **self._inputs(b, self.row[ids], 0, scaling, shift)}))
         return out
 
-def encode_latents(vae, paths:list, s:TrainingSettings, buckets:list|None, family:Family, device, dtype, seed:int) -> ImageLatents:
-    "The images at `paths` as `load_pixels` fits them (to `buckets`, else square at the resolution of settings `s`), each bucket's encoded by `vae` as `encode_images` does, with each image's `size_conditioning` for `family`"
+def encode_latents(vae, paths:list, s:TrainingSettings, buckets:list|None, family:Family, device, dtype, seed:int, inputs:list|None=None) -> ImageLatents:
+    "The images at `paths` as `load_pixels` fits them (to `buckets`, else square at the resolution of settings `s`), each bucket's encoded by `vae` as `encode_images` does, with each image's `size_conditioning` for `family`; with `inputs` (each image's edit input paths) those too, fitted and flipped alike"
     import torch
-    pixels, sizes = load_pixels(paths, s.resolution, s.center_crop, seed, buckets)
+    pixels, sizes, ins = load_pairs(paths, inputs, s.resolution, s.center_crop, seed, buckets)
     shapes = list(dict.fromkeys(tuple(p.shape[1:]) for p in pixels))  # in order of first appearance: one without buckets
     bucket = np.array([shapes.index(tuple(p.shape[1:])) for p in pixels])
     row = np.zeros(len(pixels), dtype=np.int64)
-    mean, std = [], []
+    mean, std, n_in = [], [], len(ins[0]) if ins else 0
+    latents_in = [[] for _ in range(n_in)]
     for b in range(len(shapes)):
         ids = np.flatnonzero(bucket == b); row[ids] = np.arange(len(ids))
         m, sd = encode_images(vae, torch.stack([pixels[i] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)
         mean.append(m); std.append(sd)
+        for k in range(n_in): latents_in[k].append(encode_images(vae, torch.stack([ins[i][k] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)[0])
     def views(original, corner, size):  # the mirror image's crop starts as far from the scaled image's right edge as this one's from its left
         scaled_w = round(original[1] * max(size[0] / original[0], size[1] / original[1]))
         return [corner] + [(corner[0], scaled_w - corner[1] - size[1])] * s.random_flip
     rows = [[size_conditioning(family, o, c, size) for c in views(o, corner, size)] for o, corner, size in sizes]
     extra = {k: torch.tensor([[v[k] for v in r] for r in rows], device=device, dtype=torch.float32) for k in rows[0][0]}
-    return ImageLatents([(h, w)[::-1] for h, w in shapes], bucket, torch.as_tensor(row, device=device), mean, std, extra)
+    return ImageLatents([(h, w)[::-1] for h, w in shapes], bucket, torch.as_tensor(row, device=device), mean, std, extra, latents_in)
 
 # %% ../nbs/04_train.ipynb #ff36da86
 def _adamw8bit(device):
@@ -407,8 +428,9 @@ def best_checkpoint(scores:dict, final_step:int|None=None) -> dict|None:
     return dict(checkpoint=name(step), step=step, score=scores[step]['score'], latest=name(latest), latest_score=scores[latest]['score'])
 
 # %% ../nbs/04_train.ipynb #87778596
-def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family) -> list[Path]:
-    "Write the validation images of `epoch` (at `step`): `num_validation_images` per prompt, from each validation prompt's cached conditioning in `conds` (and the negative prompt's, `uncond`), each with what made it in its PNG text; then the epoch's grid and `progress.png`"
+def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family, inputs:list|None=None) -> list[Path]:
+    """Write the validation images of `epoch` (at `step`): `num_validation_images` per prompt, from each validation prompt's cached conditioning in `conds` (and the negative prompt's, `uncond`), each with what made it in its PNG text; then the epoch's grid and `progress.png`.
+    An edit model edits `inputs[k]` (input image paths) with prompt k, and each grid row starts with the input and the base model's edit (`validation/before_KK.png`, made once, the LoRA off)"""
     import inspect, torch
     if not s.num_validation_images: return []
     denoiser, vae, n = denoiser_of(family, m), m['vae'], s.num_validation_images
@@ -419,15 +441,24 @@ def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:d
     out, paths, rows = run.validation(epoch), [], []
     out.mkdir(parents=True, exist_ok=True)
     for k, (prompt, cond) in enumerate(zip(s.validation_prompt, conds)):
+        edit = [fit_bucket(to_upright_rgb(Image.open(p)), (s.resolution, s.resolution))[0] for p in inputs[k]] if inputs else []
+        draw = lambda n: pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, **{family.guidance_arg: guidance},
+                              height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)],
+                              **family.edit_kwargs(edit, s.resolution, s.resolution)).images
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images = pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, **{family.guidance_arg: guidance},
-                          height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)]).images
+            images = draw(n)
+            before = run.root/'validation'/f"before_{k:02d}.png"
+            if edit and not before.exists():  # what the base model makes of the input: the row's reference, once a run
+                denoiser.disable_adapters()
+                try: save_png(draw(1)[0], before, dict(prompt=prompt, seed=s.seed, rows='the base model, no LoRA'))
+                finally: denoiser.enable_adapters()
         for i, im in enumerate(images):
             meta = dict(prompt=prompt, negative_prompt=s.validation_negative_prompt or '', seed=s.seed + i, step=step, epoch=epoch,
-                        guidance_scale=guidance, num_inference_steps=s.validation_inference_steps, software=f"cerebrium-ft {__version__}")
+                        guidance_scale=guidance, num_inference_steps=s.validation_inference_steps, software=f"cerebrium-ft {__version__}",
+                        **(dict(input=', '.join(Path(p).name for p in inputs[k])) if edit else {}))
             paths.append(save_png(im, out/f"{k * n + i:02d}.png", meta))
-        rows.append(images)
-    save_png(image_grid(rows), out/VALIDATION_GRID, dict(epoch=epoch, step=step, rows='one per validation prompt'))
+        rows.append((edit + [Image.open(before).convert('RGB')] if edit else []) + images)
+    save_png(image_grid(rows), out/VALIDATION_GRID, dict(epoch=epoch, step=step, rows='one per validation prompt' + (': input, before (no LoRA), after' if inputs else '')))
     save_png(progress_grid(run, len(rows), n), run.root/'validation'/'progress.png', dict(rows='one per validation, oldest first'))
     denoiser.train()
     if device.type != 'cpu': vae.to('cpu')
@@ -790,7 +821,12 @@ def encode_inputs(self:Training):
     width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
-    self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed)  # the pixels in the VAE's own dtype (fp32 under fp16)
+    inputs = [i.entry.controls[:family.controls] for i in images] if family.controls else None  # an edit model's: each pair's input images
+    self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed, inputs)  # the pixels in the VAE's own dtype (fp32 under fp16)
+    if inputs:
+        self.val_inputs = [inputs[(len(self.inst) + j) % len(images)] for j in range(len(s.validation_prompt))]  # the held-out pairs' inputs first
+        log.info(f"edit pairs: {family.name} trains on {len(images)} images, each with its input image{'s' * (family.controls > 1)} from {', '.join(f + '/' for f in CONTROL_FOLDERS[:family.controls])}; "
+                 f"validation edits {', '.join(Path(p[0]).name for p in self.val_inputs)}")
     n, (self.scaling, self.shift) = len(self.inst), family.latent_scaling(vae, device)
     self.inst_prompt = prompt_of[:n]
     if buckets: log.info("aspect-ratio buckets (enable_bucket), with the training images in each: " + ', '.join(f"{w}x{h} ({(self.latents.bucket[:n] == b).sum()})" for b, (w, h) in enumerate(self.latents.sizes)))
@@ -999,7 +1035,8 @@ def validation(self:Training, epoch:int, final:bool=False):
     if not final: self.keep_checkpoint()
     best = best_checkpoint(self.scores)
     log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f} in {time.time() - started:.1f} s" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
-    self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family))
+    self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family,
+                               getattr(self, 'val_inputs', None)))
 
 @patch
 def loop(self:Training):

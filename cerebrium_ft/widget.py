@@ -13,7 +13,7 @@ from fastcore.basics import patch
 from .client import ApiError, Client, JobPace, best_summary
 from .config import FINAL, JobSpec, SettingsError, TrainingSettings
 from .dataset import check_dataset, training_buckets
-from .families import resolution_for
+from .families import edit_inputs_for, resolution_for
 from .results import smoothed
 
 # %% auto #0
@@ -186,7 +186,8 @@ def check_dataset(self:JobPanel):
     if not self.dataset.value.strip(): self.dataset_report.value = ''; return
     s = None if self.settings_msg.value else settings_from(self.settings)
     size = (s and s.resolution) or resolution_for(self.model.value.strip(), cached_only=True)
-    self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size, buckets=s and training_buckets(s, size))._repr_html_()
+    self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size, buckets=s and training_buckets(s, size),
+                                              controls=edit_inputs_for(self.model.value.strip(), cached_only=True))._repr_html_()
 
 @patch
 def check_settings(self:JobPanel):
@@ -204,7 +205,7 @@ def start(self:JobPanel):
     "Check the form and the dataset here, upload, and follow the new job"
     spec = self.spec()
     size = spec.training_args.resolution or resolution_for(spec.hf_model_path, spec.revision)
-    report = check_dataset(spec.dataset, size=size, buckets=training_buckets(spec.training_args, size))
+    report = check_dataset(spec.dataset, size=size, buckets=training_buckets(spec.training_args, size), controls=edit_inputs_for(spec.hf_model_path, spec.revision))
     self.dataset_report.value = report._repr_html_()
     if not report.ok: raise ValueError("the dataset has errors (see its check above); nothing was uploaded")
     self.message.value = 'uploading…'

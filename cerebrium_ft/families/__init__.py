@@ -14,17 +14,17 @@ from .base import (Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo,
                                         snr_weights, target_matches, text_encoders, text_lora_targets, unmatched_targets)
 from .sd import SD1, SD2
 from .sdxl import SDXL
-from .flux import FLUX, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
+from .flux import FLUX, KONTEXT, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
 from .sd3 import SD3
 from .z_image import Z_IMAGE
 from .qwen_image import QWEN_IMAGE
 from .flux2 import FLUX2, FLUX2_BLOCK_TARGETS, FLUX2_KLEIN, FLUX2_TARGETS, bfl_name
 
 # %% auto #0
-__all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
+__all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'edit_inputs_for', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
-FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2)}
+FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2, KONTEXT)}
 OLDEST_RESULTS = 'sd1' # the family of results made before the manifest named one
 
 def trained_families() -> str:
@@ -48,6 +48,11 @@ def model_family(model:str, revision:str='main', cached_only:bool=False, local:b
     return family.info(read)
 
 # %% ../../nbs/00a_families.ipynb #5e8a8e85
+def edit_inputs_for(model:str, revision:str='main', cached_only:bool=False) -> int:
+    "The input images each training example of base model `model` has: an edit model's (FLUX.1 Kontext: 1), else 0; 0 too where its configuration cannot be read here (training checks again)"
+    try: return model_family(model, revision, cached_only).family.controls
+    except FamilyError: return 0
+
 def resolution_for(model:str, revision:str='main', resolution:int|None=None, fallback:int=512, cached_only:bool=False) -> int:
     "The training resolution: `resolution` when given, else base model `model`'s own; `fallback` where its configuration cannot be read here (a folder on the server, the Hub out of reach or, with `cached_only`, not asked)"
     if resolution: return resolution

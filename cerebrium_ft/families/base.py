@@ -136,6 +136,7 @@ class Family:
     card_dtype = 'float16'              # the dtype the model card's example loads it in on a GPU
     card_license = {}                   # ModelCardData's fields for a license the Hub has no id for
     pretrained_extra = {}               # what `from_pretrained` of its pipeline takes besides the model
+    controls = 0                        # the input images each training example has: an edit model's (FLUX.1 Kontext) trains on (input, edited) pairs; 0 for the others
     processor_tokenizers = ()           # tokenizer folders its release saves as a processor (FLUX.2 [dev]'s Pixtral one, which transformers loads only with torchvision): loaded as the tokenizer they hold
     assembly_extra = {}                 # what its pipeline's constructor takes besides the parts training loads
     guidance_arg = 'guidance_scale'     # its pipeline's argument for the guidance scale validation samples with
@@ -438,6 +439,11 @@ def assemble_pipeline(self:Family, m:dict, scheduler):
     "Its pipeline from the parts `m` (as `load_parts` gives them; text encoders may have been dropped after caching) and `scheduler`"
     names = [p for tok, enc, _ in self.text_parts for p in (tok, enc)]
     return self.pipeline_class()(scheduler=scheduler, vae=m['vae'], **{self.denoiser: denoiser_of(self, m)}, **{k: m.get(k) for k in names}, **self.assembly_extra)
+
+@patch
+def edit_kwargs(self:Family, inputs:list, width:int, height:int) -> dict:
+    "An edit model's pipeline arguments for input images `inputs` (PIL, fitted to `width` x `height`); nothing for the others"
+    return {}
 
 @patch
 def prompt_kwargs(self:Family, cond:dict, uncond:dict, n:int, device, dtype) -> dict:

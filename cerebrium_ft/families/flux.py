@@ -9,7 +9,8 @@ from __future__ import annotations
 from .base import JOINT_BLOCK_TARGETS, JOINT_TARGETS, FlowMatching, token_ids
 
 # %% auto #0
-__all__ = ['FLUX_TARGETS', 'FLUX_BLOCK_TARGETS', 'FLUX_GUIDANCE', 'FLUX_DEV_LICENSE', 'FLUX', 'latent_image_ids', 'Flux1']
+__all__ = ['FLUX_TARGETS', 'FLUX_BLOCK_TARGETS', 'FLUX_GUIDANCE', 'FLUX_DEV_LICENSE', 'FLUX', 'KONTEXT', 'latent_image_ids',
+           'Flux1', 'FluxKontext']
 
 # %% ../../nbs/00e_flux.ipynb #cafd190f
 FLUX_TARGETS = JOINT_TARGETS # the transformer's attention projections, and in its double-stream blocks the text stream's
@@ -53,8 +54,21 @@ class Flux1(FlowMatching):
         img_ids = latent_image_ids(h // 2, w // 2, noisy.device, dt)
         txt_ids = torch.zeros(cond['embeds'].shape[1], 3, device=noisy.device, dtype=dt)
         guidance = torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32) if denoiser.config.guidance_embeds else None
+        if (control := cond.get('control')) is not None:  # an edit model: the input image's patches after the noisy ones, their ids' first axis 1
+            packed = torch.cat([packed, FluxPipeline._pack_latents(control.to(dt), *control.shape)], 1)
+            ids = latent_image_ids(control.shape[2] // 2, control.shape[3] // 2, noisy.device, dt)
+            img_ids = torch.cat([img_ids, torch.cat([torch.ones_like(ids[:, :1]), ids[:, 1:]], 1)])
         out = denoiser(hidden_states=packed, timestep=t.to(dt) / 1000, guidance=guidance, pooled_projections=cond['pooled'].to(dt),
                        encoder_hidden_states=cond['embeds'].to(dt), txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
-        return FluxPipeline._unpack_latents(out, h, w, 1)  # sizes in latent pixels: a VAE factor of 1
+        return FluxPipeline._unpack_latents(out[:, :h * w // 4], h, w, 1)  # the noisy patches' velocity; sizes in latent pixels: a VAE factor of 1
 
-FLUX = Flux1()
+class FluxKontext(Flux1):
+    "FLUX.1 Kontext: FLUX.1 [dev]'s transformer reading an input image's latent patches after the noisy ones, trained on (input, edited) pairs with the edit instruction as the prompt"
+    key, name, pipeline = 'kontext', 'FLUX.1 Kontext', 'FluxKontextPipeline'
+    controls, hub_tags = 1, ('flux', 'flux-kontext', 'image-editing')
+
+    def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
+        "The input image at the size it trained at: Kontext's pipeline would otherwise resize it to one of its preferred resolutions and the output to a megapixel"
+        return dict(image=inputs[0], max_area=width * height, _auto_resize=False)
+
+FLUX, KONTEXT = Flux1(), FluxKontext()

@@ -1,0 +1,151 @@
+"""Edit LoRA: FLUX.1 Kontext trained on (input, edited) pairs, a control/ folder of inputs beside the edited images, as a user trains it:
+the pairs checked, the inputs conditioning every step, validation as input | before | after, the LoRA loaded in the edit pipeline, `generate --image`"""
+import json
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from cerebrium_ft import train as T
+from cerebrium_ft.families import FAMILIES, load_parts
+from cerebrium_ft.results import load_pipeline
+from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
+from conftest import run_cli
+from test_train import col, manifest, rows, spec
+
+EDIT = 'make it colour'
+
+@pytest.fixture(scope='module')
+def pairs(tmp_path_factory):
+    "Ten pairs of a synthetic edit: the input a grey photo (control/, as a PNG of the same name), the edited image its colour original"
+    d = tmp_path_factory.mktemp('pairs')/'colour'
+    make_subject_images(d, n=10, size=64)
+    (d/'control').mkdir()
+    for p in sorted(d.glob('*.jpg')): Image.open(p).convert('L').convert('RGB').save(d/'control'/f"{p.stem}.png")
+    return d
+
+@pytest.fixture(scope='module')
+def kontext(tmp_path_factory): return str(build_tiny_pipeline(tmp_path_factory.mktemp('k')/'kontext', family='kontext'))
+
+def heldout_losses(model, pairs, out, names, inputs_of, seeds=8):
+    "The denoising loss of pairs `names` (each edited image with the input `inputs_of(name)` gives), over `seeds` noise draws: the base model's, then with the run's LoRA"
+    family = FAMILIES['kontext']; m = load_parts(model, 'main', family); net, vae = m['transformer'], m['vae']
+    pix = lambda paths: torch.stack(T.load_pixels(paths, 64)[0])
+    with torch.no_grad():
+        enc = lambda paths: (vae.encode(pix(paths)).latent_dist.mean - vae.config.shift_factor) * vae.config.scaling_factor
+        latents, control = enc([pairs/n for n in names]), enc([inputs_of(n) for n in names])
+        cond = {k: v.expand(len(names), *v.shape[1:]) for k, v in family.encode_text(m, [EDIT], 'cpu', torch.float32).items()}
+        loss = lambda c: np.mean([T.denoising_loss(net, m['noise_scheduler'], latents, dict(cond, control=c), torch.Generator().manual_seed(k), family=family)[0].item()
+                                  for k in range(seeds)])
+        base = loss(control)
+        net.load_lora_adapter(str(out/'checkpoints/final/attn_procs'), weight_name='pytorch_lora_weights.safetensors', prefix='transformer')
+        return base, loss(control)
+
+@pytest.fixture(scope='module')
+def trained(kontext, pairs, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('run')
+    out = T.train(spec(kontext, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=80, learning_rate=1e-2, holdout_images=2, num_validation_images=1,
+                                                                                 validation_epochs=10, mixed_precision='no')), tmp/'run', progress=False)
+    return out
+
+def test_kontext_trains_on_pairs_and_the_heldout_pairs_loss_falls(trained, kontext, pairs):
+    "Trained on the pairs, the held-out pairs' loss (each edited image given its own input) falls"
+    m = manifest(trained)
+    assert m['base_model']['family'] == 'kontext' and all(r['loss'] == r['loss'] for r in rows(trained))
+    log = (trained/'logs.txt').read_text()
+    assert "edit pairs: FLUX.1 Kontext trains on 10 images, each with its input image from control/" in log
+    held = [n for n in log.split('held out of training to score checkpoints on: ')[1].split(' (')[0].split(', ')]
+    base, tuned = heldout_losses(kontext, pairs, trained, held, lambda n: pairs/'control'/f"{n.rsplit('.', 1)[0]}.png")
+    assert tuned < base * 0.95, (base, tuned)
+
+def test_every_step_and_score_reads_its_pairs_input(kontext, pairs, tmp_path, monkeypatch):
+    "Every denoiser call, training steps, scoring and mirror images included, gets its examples' inputs beside their noisy latents, at their size"
+    seen, predict = [], T.predict
+    def spy(fam, net, noisy, t, cond):
+        seen.append((torch.is_grad_enabled(), cond.get('control') is not None and cond['control'].shape == noisy.shape))
+        return predict(fam, net, noisy, t, cond)
+    monkeypatch.setattr(T, 'predict', spy)
+    T.train(spec(kontext, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=4, random_flip=True, mixed_precision='no')), tmp_path/'run', progress=False)
+    assert sum(g for g, _ in seen) == 4 and len(seen) > 4 and all(ok for _, ok in seen), seen
+def test_validation_shows_input_before_and_after(trained, pairs):
+    "Each validation row: the input (a held-out pair's), the base model's edit of it (made once), then the LoRA's"
+    grid = Image.open(trained/'validation/epoch_0010/grid.png')
+    assert grid.size == (3 * 64, 64)
+    before = trained/'validation/before_00.png'
+    assert before.is_file() and Image.open(before).text['rows'] == 'the base model, no LoRA'
+    inp = np.asarray(grid.crop((0, 0, 64, 64)), dtype=float)
+    assert np.ptp(inp.reshape(-1, 3), axis=0).max() > 0 and np.abs(inp[..., 0] - inp[..., 1]).max() <= 2  # the grey input
+    assert Image.open(trained/'validation/epoch_0010/00.png').text['input'].endswith('.png')
+
+def test_an_edit_lora_loads_in_the_kontext_pipeline_and_generate_edits_an_image(trained, kontext, pairs, tmp_path):
+    "load_pipeline gives FluxKontextPipeline with the LoRA, which changes the edit; its kohya file, through diffusers' converter, edits the same; generate --image edits a photo"
+    from diffusers import FluxKontextPipeline
+    grey = Image.open(next((pairs/'control').glob('*.png'))).convert('RGB')
+    edit = lambda p: np.asarray(p(prompt=EDIT, image=grey, num_inference_steps=2, height=64, width=64, max_area=64 * 64, _auto_resize=False,
+                                  generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
+    pipe = load_pipeline(trained, device='cpu')
+    assert type(pipe) is FluxKontextPipeline and pipe.get_active_adapters()
+    plain = FluxKontextPipeline.from_pretrained(kontext); plain.set_progress_bar_config(disable=True)
+    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    tuned = edit(pipe)
+    assert np.abs(tuned - edit(plain)).mean() > 1.0
+    plain.load_lora_weights(str(trained), weight_name='lora_kohya.safetensors')
+    assert np.abs(tuned - edit(plain)).max() <= 1.0
+    photo = tmp_path/'photo.png'; grey.resize((96, 64)).save(photo)  # a wider photo: edited in its own shape at the resolution it trained at (64 px)
+    r = run_cli('generate', trained, EDIT, '--image', photo, '-n', '1', '--steps', '2', '--device', 'cpu', '--output', tmp_path/'edit.png', '--json')
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)['image'] == [str(photo)] and Image.open(tmp_path/'edit.png').size == (64, 48)
+    r = run_cli('generate', trained, EDIT, '--device', 'cpu', '--output', tmp_path/'none.png')
+    assert r.returncode == 2 and "FLUX.1 Kontext edits an image: give the image to edit with --image PATH" in r.stderr, r.stderr
+    r = run_cli('generate', trained, EDIT, '--image', tmp_path/'missing.png', '--device', 'cpu', '--output', tmp_path/'none.png')
+    assert r.returncode == 2 and f"--image {tmp_path/'missing.png'}: not an image that can be read" in r.stderr, r.stderr
+    assert not (tmp_path/'none.png').exists()
+
+def test_an_edit_model_refuses_a_dataset_without_pairs_and_prior_preservation(kontext, tmp_path):
+    "Images without their inputs are refused with the check's error, and class images (no pairs) with a message, before anything is written"
+    lone = tmp_path/'lone'; make_subject_images(lone, n=10, size=64)
+    with pytest.raises(T.TrainingError, match="(?s)the dataset has errors.*an edit model trains on \\(input, edited\\)"):
+        T.train(spec(kontext, lone, training_prompt=EDIT), tmp_path/'refused')
+    with pytest.raises(T.TrainingError, match="prior preservation: FLUX.1 Kontext trains on \\(input, edited\\) pairs"):
+        T.train(spec(kontext, lone, training_prompt=EDIT, prior_class_prompt='a photo of a robot', num_prior_class_images=2), tmp_path/'refused')
+    assert not (tmp_path/'refused').exists()
+
+def test_pairs_train_through_the_service_and_bad_pairs_are_refused(tmp_path, pairs):
+    "train-diffuser uploads each input with its image; the job trains on the pairs and its zip loads in the Kontext pipeline. Inputs that name no image, or an image without its input, are refused with nothing stored"
+    import requests
+    from diffusers import FluxKontextPipeline
+    from test_service import Server, submit
+    model = build_tiny_pipeline(tmp_path/'models'/'kontext', family='kontext')
+    s = Server(tmp_path/'data', model_dir=tmp_path/'models').start()
+    try:
+        s.key = next(w for w in s.output().split() if w.startswith('cft_'))
+        r = submit(s, model, pairs, steps=6, follow=True, extra=dict(mixed_precision='no'))
+        assert r.returncode == 0, r.stderr
+        j = json.loads(r.stdout); assert j['status'] == 'succeeded', j
+        inputs = sorted(p.name for p in (s.data_dir/'jobs'/j['id']/'dataset'/'control').iterdir())
+        assert len(inputs) == 10 and all(n.startswith('image_') and n.endswith('.png') for n in inputs), inputs  # under the saved images' names
+        assert run_cli('download-model', j['id'], s.key, '--output', tmp_path/'k.zip', '--url', s.url).returncode == 0
+        assert type(load_pipeline(tmp_path/'k.zip', model=str(model), device='cpu')) is FluxKontextPipeline
+        spec = json.dumps(dict(name='edit', hf_model_path=str(model), training_prompt=EDIT, training_args=dict(resolution=64)))
+        photos = sorted(pairs.glob('*.jpg'))
+        def post(controls, index):
+            files = [('images', (p.name, p.read_bytes())) for p in photos] + [('controls', (c.name, c.read_bytes())) for c in controls]
+            return requests.post(f"{s.url}/v1/jobs", data={'spec': spec, **({'control_index': index} if index is not None else {})}, files=files,
+                                 headers={'Authorization': f"Bearer {s.key}"})
+        inputs = [pairs/'control'/f"{p.stem}.png" for p in photos]
+        for index in (None, json.dumps([[i, 0] for i in range(9)]), json.dumps([[i, 0] for i in range(9)] + [[10, 0]]), json.dumps([[0, 0]] * 10)):
+            r = post(inputs, index)
+            assert r.status_code == 400 and 'control_index must be a JSON list of 10 distinct [image index, input number] pairs' in r.text, (index, r.text)
+        r = post(inputs[:9], json.dumps([[i, 0] for i in range(9)]))  # the last image without its input
+        assert r.status_code == 400 and any(f['code'] == 'control-missing' for f in r.json()['detail']['findings']), r.text
+        assert not any((s.data_dir/'uploads').iterdir()) and len(list((s.data_dir/'jobs').iterdir())) == 1  # the one job that trained
+    finally: s.stop()
+
+def test_check_dataset_with_an_edit_model_checks_the_pairs(kontext, pairs, tmp_path):
+    "check-dataset --model KONTEXT checks each image's input: the pairs pass; without inputs it fails saying where they go, and --fix writes the pairs"
+    r = run_cli('check-dataset', pairs, '--model', kontext, '--json')
+    assert r.returncode == 0, r.stdout
+    lone = tmp_path/'lone'; make_subject_images(lone, n=10, size=64)
+    r = run_cli('check-dataset', lone, '--model', kontext, '--json')
+    assert r.returncode == 1 and [f['code'] for f in json.loads(r.stdout)['findings'] if f['severity'] == 'error'] == ['no-controls'], r.stdout
+    r = run_cli('check-dataset', pairs, '--model', kontext, '--fix', tmp_path/'fixed', '--json')
+    assert r.returncode == 0 and len(list((tmp_path/'fixed'/'control').glob('*.png'))) == 10, r.stdout
