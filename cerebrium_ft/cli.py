@@ -18,7 +18,7 @@ from fastcore.meta import delegates
 from fastcore.script import anno_parser, bool_arg, CliError
 from . import __version__
 from .config import JobSpec, SettingsError, spec_from_args
-from .dataset import bucket_sizes, check_dataset, fit_bucket, prepare_dataset, to_upright_rgb, training_buckets
+from .dataset import bucket_sizes, check_dataset, fit_bucket, inputs_given, prepare_dataset, to_upright_rgb, training_buckets
 from PIL import Image
 from .families import FamilyError, HubUnreachable, model_family, prompt_tokens, resolution_for
 from .client import ApiError, Client, InvalidInput, path_id, JobPace, best_summary, duration, save_login
@@ -144,7 +144,7 @@ def check_dataset_cmd(
         try: info = model_family(model)
         except HubUnreachable as e: raise Unavailable(f"{e}" + ("; give --size to check without it" if size is None else '')) from None
         except FamilyError as e: raise CliError(f"--model {model}: {e}") from None
-        controls = info.family.controls
+        controls = info.family.edit_inputs(inputs_given(path))
         if size is None and not json: print(f"checking at {info.resolution}x{info.resolution}, the resolution {model} was made for", file=sys.stderr)
         size = size or info.resolution
     size = size or 512
@@ -228,11 +228,12 @@ class StepProgress:
     def close(self):
         if self.bar is not None: self.bar.close()
 
-def edit_inputs(family, image:list|None, resolution:int) -> tuple[list, tuple[int, int]|None]:
-    "`generate`'s --image for `family`: the input images fitted to the first one's shape at `resolution` px on its longer side (a multiple of the family's pixel multiple), and that (width, height); refused with a message where the family takes none, or that many"
+def edit_inputs(family, image:list|None, resolution:int, pairs:int=0) -> tuple[list, tuple[int, int]|None]:
+    """`generate`'s --image for `family` and a LoRA trained on pairs of `pairs` inputs: the input images fitted to the first one's shape at `resolution` px on
+    its longer side (a multiple of the family's pixel multiple), and that (width, height); refused with a message where the family takes none or not that many, or an edit LoRA gets none"""
     n, image = family.controls, image or []
-    if image and not n: raise CliError(f"--image: {family.name} draws from the prompt alone; --image is for an edit model's LoRA (FLUX.1 Kontext)")
-    if n and not image: raise CliError(f"{family.name} edits an image: give the image to edit with --image PATH")
+    if image and not n: raise CliError(f"--image: {family.name} draws from the prompt alone; --image is for an edit model's LoRA (FLUX.1 Kontext, FLUX.2)")
+    if (family.edit_only or pairs) and not image: raise CliError(f"{family.name} edits an image with this LoRA: give the image to edit with --image PATH")
     if len(image) > n: raise CliError(f"--image: {family.name} takes {n} input image{'s' * (n > 1)}, got {len(image)}")
     if not image: return [], None
     ims = []
@@ -257,7 +258,7 @@ def generate(
     model:str=None, # Base model (default: the one the results were trained on)
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
     use:str='final', # Which checkpoint's LoRA: final, best (the lowest held-out score), or a kept step (e.g. 40 or step_000040)
-    image:list=None, # An edit LoRA's input image to edit (FLUX.1 Kontext takes one), drawn at the resolution it trained at in that image's shape
+    image:list=None, # An edit LoRA's input image(s) to edit (FLUX.1 Kontext takes one, FLUX.2 up to three), drawn at the resolution it trained at in the first one's shape
     json:bool=False, # Print one JSON object: the grid's path, the prompt and each image's seed
 ):
     "Render images with a trained LoRA loaded into its base model (an edit LoRA: edits of --image)"
@@ -271,7 +272,7 @@ def generate(
     try:
         with opened_results(results) as folder: manifest = verify_results(folder)
         family = family_named(manifest['base_model'].get('family'))
-        edit, size = edit_inputs(family, image, manifest.get('resolution') or 512)  # before the model loads: a wrong --image costs nothing
+        edit, size = edit_inputs(family, image, manifest.get('resolution') or 512, manifest.get('edit_inputs', 0))  # before the model loads: a wrong --image costs nothing
         pipe = load_pipeline(results, model, dev, use=use)
     except ResultsError as e: raise CliError(str(e)) from None
     gens = [torch.Generator(dev).manual_seed(seed + i) for i in range(N)]

@@ -17,10 +17,10 @@ from .results import file_sha256
 # %% auto #0
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'CONTROL_FOLDERS', 'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'DECODED_BYTES', 'BLUR_THRESHOLD', 'DUPLICATE_BITS',
-           'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'caption_beside', 'with_trigger', 'shuffled_captions',
-           'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets',
-           'bucket_for', 'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image', 'to_upright_rgb',
-           'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
+           'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'inputs_given', 'caption_beside', 'with_trigger',
+           'shuffled_captions', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes',
+           'training_buckets', 'bucket_for', 'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image',
+           'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -90,6 +90,10 @@ def read_dataset(path) -> tuple[list[Entry], list[Finding]]:
     return _paired(path, entries, findings)
 
 CONTROL_FOLDERS = ('control', 'control_2', 'control_3') # beside an edit dataset's target images: each target's input images under its own file name
+
+def inputs_given(path) -> int:
+    "The most input images any image of dataset `path` has (the control folders there are, or the longest manifest `control` list): 0 for a dataset of images alone"
+    return max((len(e.controls) for e in read_dataset(path)[0]), default=0)
 
 def _paired(path:Path, entries:list, findings:list) -> tuple[list, list]:
     "`entries` of folder `path` with their control images (the same file name, or the same name with another image suffix, in each control folder there is), and a finding for each control image no target has"

@@ -53,7 +53,7 @@ from diffusers import DiffusionPipeline
 
 pipeline = DiffusionPipeline.from_pretrained({load}, torch_dtype=torch.{family.card_dtype}).to("cuda")
 pipeline.load_lora_weights("{repo_id}")
-{'from diffusers.utils import load_image' + chr(10) + 'source = load_image("input.png")  # the image to edit' + chr(10) if family.controls else ''}image = pipeline(prompt="{prompts[0]}", {'image=source, ' if family.controls else ''}num_inference_steps=25).images[0]
+{'from diffusers.utils import load_image' + chr(10) + 'source = load_image("input.png")  # the image to edit' + chr(10) if manifest.get('edit_inputs') else ''}image = pipeline(prompt="{prompts[0]}", {'image=source, ' if manifest.get('edit_inputs') else ''}num_inference_steps=25).images[0]
 ```
 
 For ComfyUI or AUTOMATIC1111, use `lora_kohya.safetensors`.

@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from typing import Literal
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
-from .dataset import CONTROL_FOLDERS, check_dataset, decoded_pixels
+from .dataset import CONTROL_FOLDERS, check_dataset, decoded_pixels, inputs_given
 from .executor import Complaints, Executor, is_out_of_space, trouble
 from .families import FamilyError, HubUnreachable, model_family
 from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics, without_paths
@@ -276,7 +276,7 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, model_dirs, limit:tup
     if problem: raise HTTPException(400, f"on the server: {problem}")
     try:  # a video pipeline is refused now, not after its download; a Hub id is never a folder of the server's
         info = model_family(model, js.revision, local=not is_hub_id(model))
-        native, controls = info.resolution, info.family.controls
+        native, controls = info.resolution, info.family.edit_inputs(inputs_given(tmp/'dataset'))
     except HubUnreachable: native, controls = 512, 0  # the Hub is down or out of reach from here: the job checks again when it starts
     except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
     _check_uploads(tmp, class_images, js.training_args.resolution or native, project, controls)

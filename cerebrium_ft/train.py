@@ -16,8 +16,8 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import CONTROL_FOLDERS, TRIGGER_PLACEHOLDERS, DatasetReport, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
-from .families import (FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
+from .dataset import CONTROL_FOLDERS, TRIGGER_PLACEHOLDERS, DatasetReport, inputs_given, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
+from .families import (EDIT_INPUTS, FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
                                    lora_layers_problem, lora_targets, model_family, noised, peft_targets, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
                                    size_conditioning, snr_weights, text_encoders, text_lora_targets)
 from .prior import class_images
@@ -90,7 +90,8 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
         raise TrainingError(f"weighting_scheme draws the noise levels of the flow-matching families; {spec.hf_model_path} is {model.family.name}, "
                             f"trained on DDPM's timesteps: leave weighting_scheme auto")
     if (problem := lora_layers_problem(spec.hf_model_path, spec.revision, model.family, s.lora_layers)): raise TrainingError(problem)  # from its config: before any weights
-    if model.family.controls and spec.prior_preservation:
+    pairs = model.family.edit_inputs(inputs_given(spec.dataset))  # the inputs each image trains with: an edit model's (input, edited) pairs
+    if pairs and spec.prior_preservation:
         raise TrainingError(f"prior preservation: {model.family.name} trains on (input, edited) pairs, and class images of a prompt are no such pair; "
                             f"leave prior_class_prompt and prior_class_image_dir unset (an edit LoRA keeps to its edit by its instruction)")
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
@@ -99,7 +100,7 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if s.enable_bucket and not (s.min_bucket_reso or 0) <= resolution <= (s.max_bucket_reso or resolution):
         raise TrainingError(f"the resolution, {resolution} px, must lie between min_bucket_reso and max_bucket_reso ({s.min_bucket_reso or 'none'} and {s.max_bucket_reso or 'none'}): widen them")
     report = check_dataset(spec.dataset, size=resolution, trigger=s.trigger_word, tokens=prompt_tokens(spec.hf_model_path, spec.revision, model.family),
-                           buckets=training_buckets(s, resolution), controls=model.family.controls)
+                           buckets=training_buckets(s, resolution), controls=pairs)
     if not report.ok:
         raise TrainingError(f"the dataset has errors; fix them (or run `cerebrium-ft check-dataset {spec.dataset} --fix NEW_FOLDER`) and train on the result:\n\n{report}")
     if s.holdout_images >= len(report.usable):
@@ -220,7 +221,7 @@ class ImageLatents:
     inputs:list = field(default_factory=list)
 
     def _inputs(self, bucket:int, rows, view, scaling, shift) -> dict:
-        return {CONTROL_FOLDERS[k]: (per[bucket][rows, view] - shift) * scaling for k, per in enumerate(self.inputs)}  # as the pipeline encodes an input: its mean
+        return {EDIT_INPUTS[k]: (per[bucket][rows, view] - shift) * scaling for k, per in enumerate(self.inputs)}  # as the pipeline encodes an input: its mean
 
     def sample(self, idx, bucket:int, flip:bool, gen, scaling:float, shift:float=0.0) -> tuple:
         "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; and their own conditioning (an edit pair's inputs flipped with them)"
@@ -821,11 +822,12 @@ def encode_inputs(self:Training):
     width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
     prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
-    inputs = [i.entry.controls[:family.controls] for i in images] if family.controls else None  # an edit model's: each pair's input images
+    n = family.edit_inputs(max((len(i.entry.controls) for i in images), default=0))
+    inputs = [i.entry.controls[:n] for i in images] if n else None  # an edit model's: each pair's input images
     self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed, inputs)  # the pixels in the VAE's own dtype (fp32 under fp16)
     if inputs:
         self.val_inputs = [inputs[(len(self.inst) + j) % len(images)] for j in range(len(s.validation_prompt))]  # the held-out pairs' inputs first
-        log.info(f"edit pairs: {family.name} trains on {len(images)} images, each with its input image{'s' * (family.controls > 1)} from {', '.join(f + '/' for f in CONTROL_FOLDERS[:family.controls])}; "
+        log.info(f"edit pairs: {family.name} trains on {len(images)} images, each with its input image{'s' * (n > 1)} from {', '.join(f + '/' for f in CONTROL_FOLDERS[:n])}; "
                  f"validation edits {', '.join(Path(p[0]).name for p in self.val_inputs)}")
     n, (self.scaling, self.shift) = len(self.inst), family.latent_scaling(vae, device)
     self.inst_prompt = prompt_of[:n]
@@ -1071,7 +1073,8 @@ def finish(self:Training) -> Path:
     base, best = self.score(lora=False)['score'], best_checkpoint(self.scores, final_step=self.step)
     save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, resolution=self.s.resolution, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
-                                                            class_images=len(self.cls_paths), train_seconds=round(time.time() - self.t0, 1),
+                                                            class_images=len(self.cls_paths), edit_inputs=len(self.val_inputs[0]) if getattr(self, 'val_inputs', None) else 0,
+                                                            train_seconds=round(time.time() - self.t0, 1),
                                                             checkpoints=self.kept_checkpoints(), best=best,
                                                             heldout=dict(images=[i.name for i in self.heldout], draws=HELDOUT_DRAWS, class_images=min(len(self.cls_paths), HELDOUT_CLASS_IMAGES),
                                                                          base_model_score=base)), self.model, self.encoders)

@@ -12,12 +12,13 @@ import ipywidgets as W
 from fastcore.basics import patch
 from .client import ApiError, Client, JobPace, best_summary
 from .config import FINAL, JobSpec, SettingsError, TrainingSettings
-from .dataset import check_dataset, training_buckets
-from .families import edit_inputs_for, resolution_for
+from .dataset import check_dataset, inputs_given, training_buckets
+from .families import FamilyError, model_family, resolution_for
 from .results import smoothed
 
 # %% auto #0
-__all__ = ['BASIC_SETTINGS', 'setting_widget', 'setting_widgets', 'settings_from', 'loss_chart', 'image_label', 'JobPanel']
+__all__ = ['BASIC_SETTINGS', 'setting_widget', 'setting_widgets', 'settings_from', 'loss_chart', 'image_label', 'JobPanel',
+           'edit_inputs']
 
 # %% ../nbs/12_widget.ipynb #23473403
 BASIC_SETTINGS = ('max_train_steps', 'num_train_epochs', 'learning_rate', 'rank', 'resolution', 'validation_prompt')  # up front in the panel; the rest under Advanced
@@ -180,6 +181,11 @@ def close(self:JobPanel):
     self._stop.set(); self.widget.close()
 
 # %% ../nbs/12_widget.ipynb #2d3c2a7e
+def edit_inputs(model:str, dataset:str, revision:str='main', cached_only:bool=False) -> int:
+    "The inputs each image of `dataset` trains with on `model` (`Family.edit_inputs`); 0 where the model's configuration cannot be read here (training checks again)"
+    try: return model_family(model, revision, cached_only).family.edit_inputs(inputs_given(dataset))
+    except FamilyError: return 0
+
 @patch
 def check_dataset(self:JobPanel):
     "Show the dataset check of the typed path, with thumbnails"
@@ -187,7 +193,7 @@ def check_dataset(self:JobPanel):
     s = None if self.settings_msg.value else settings_from(self.settings)
     size = (s and s.resolution) or resolution_for(self.model.value.strip(), cached_only=True)
     self.dataset_report.value = check_dataset(self.dataset.value.strip(), size=size, buckets=s and training_buckets(s, size),
-                                              controls=edit_inputs_for(self.model.value.strip(), cached_only=True))._repr_html_()
+                                              controls=edit_inputs(self.model.value.strip(), self.dataset.value.strip(), cached_only=True))._repr_html_()
 
 @patch
 def check_settings(self:JobPanel):
@@ -205,7 +211,7 @@ def start(self:JobPanel):
     "Check the form and the dataset here, upload, and follow the new job"
     spec = self.spec()
     size = spec.training_args.resolution or resolution_for(spec.hf_model_path, spec.revision)
-    report = check_dataset(spec.dataset, size=size, buckets=training_buckets(spec.training_args, size), controls=edit_inputs_for(spec.hf_model_path, spec.revision))
+    report = check_dataset(spec.dataset, size=size, buckets=training_buckets(spec.training_args, size), controls=edit_inputs(spec.hf_model_path, spec.dataset, spec.revision))
     self.dataset_report.value = report._repr_html_()
     if not report.ok: raise ValueError("the dataset has errors (see its check above); nothing was uploaded")
     self.message.value = 'uploading…'

@@ -95,7 +95,7 @@ def test_an_edit_lora_loads_in_the_kontext_pipeline_and_generate_edits_an_image(
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)['image'] == [str(photo)] and Image.open(tmp_path/'edit.png').size == (64, 48)
     r = run_cli('generate', trained, EDIT, '--device', 'cpu', '--output', tmp_path/'none.png')
-    assert r.returncode == 2 and "FLUX.1 Kontext edits an image: give the image to edit with --image PATH" in r.stderr, r.stderr
+    assert r.returncode == 2 and "FLUX.1 Kontext edits an image with this LoRA: give the image to edit with --image PATH" in r.stderr, r.stderr
     r = run_cli('generate', trained, EDIT, '--image', tmp_path/'missing.png', '--device', 'cpu', '--output', tmp_path/'none.png')
     assert r.returncode == 2 and f"--image {tmp_path/'missing.png'}: not an image that can be read" in r.stderr, r.stderr
     assert not (tmp_path/'none.png').exists()
@@ -149,3 +149,25 @@ def test_check_dataset_with_an_edit_model_checks_the_pairs(kontext, pairs, tmp_p
     assert r.returncode == 1 and [f['code'] for f in json.loads(r.stdout)['findings'] if f['severity'] == 'error'] == ['no-controls'], r.stdout
     r = run_cli('check-dataset', pairs, '--model', kontext, '--fix', tmp_path/'fixed', '--json')
     assert r.returncode == 0 and len(list((tmp_path/'fixed'/'control').glob('*.png'))) == 10, r.stdout
+
+def test_flux2_learns_an_edit_from_reference_images(pairs, tmp_path):
+    "FLUX.2 [klein] given pairs trains an edit LoRA on its reference images: the inputs in every step, validation as input | before | after, the LoRA edits in Flux2KleinPipeline (its kohya file the same), generate asks for --image"
+    from diffusers import Flux2KleinPipeline
+    model = str(build_tiny_pipeline(tmp_path/'klein', family='flux2-klein'))
+    out = T.train(spec(model, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=40, learning_rate=1e-2, holdout_images=1, num_validation_images=1,
+                                                                              validation_epochs=10, mixed_precision='no')), tmp_path/'run', progress=False)
+    assert manifest(out)['edit_inputs'] == 1 and col(out, 'loss')[-1] == col(out, 'loss')[-1]
+    assert "edit pairs: FLUX.2 [klein] trains on 10 images, each with its input image from control/" in (out/'logs.txt').read_text()
+    assert Image.open(out/'validation/epoch_0008/grid.png').size == (3 * 64, 64)  # 9 images train, 5 steps an epoch: the last validation's
+    grey = Image.open(next((pairs/'control').glob('*.png'))).convert('RGB')
+    edit = lambda p: np.asarray(p(prompt=EDIT, image=[grey], num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
+    pipe = load_pipeline(out, device='cpu')
+    assert type(pipe) is Flux2KleinPipeline
+    plain = Flux2KleinPipeline.from_pretrained(model); plain.set_progress_bar_config(disable=True)
+    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    tuned = edit(pipe)
+    assert np.abs(tuned - edit(plain)).mean() > 1.0
+    plain.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
+    assert np.abs(tuned - edit(plain)).max() <= 1.0
+    r = run_cli('generate', out, EDIT, '--device', 'cpu', '--output', tmp_path/'none.png')
+    assert r.returncode == 2 and "FLUX.2 [klein] edits an image with this LoRA: give the image to edit with --image PATH" in r.stderr, r.stderr

@@ -7,7 +7,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/families.html.md"""
 # %% ../../nbs/00a_families.ipynb #20f72cfb
 from __future__ import annotations
 import re
-from .base import (Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo, TEXT_BLOCK_TARGETS, TEXT_TARGETS, UNET_BLOCK_TARGETS,
+from .base import (EDIT_INPUTS, Family, FamilyError, FlowMatching, HubUnreachable, ModelInfo, TEXT_BLOCK_TARGETS, TEXT_TARGETS, UNET_BLOCK_TARGETS,
                                         UNET_TARGETS, assemble_pipeline, denoiser_inputs, denoiser_of, download_model, encode_prompts, encode_text, hub_resolves,
                                         kohya_base_model, load_parts, lora_layers_problem, lora_targets, model_files, model_parts, noised, peft_targets, pipeline_class,
                                         predict, pretrained_kwargs, prompt_kwargs, prompt_tokens, read_config, sampling_scheduler, size_conditioning,
@@ -21,7 +21,7 @@ from .qwen_image import QWEN_IMAGE
 from .flux2 import FLUX2, FLUX2_BLOCK_TARGETS, FLUX2_KLEIN, FLUX2_TARGETS, bfl_name
 
 # %% auto #0
-__all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'edit_inputs_for', 'resolution_for']
+__all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
 FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2, KONTEXT)}
@@ -48,11 +48,6 @@ def model_family(model:str, revision:str='main', cached_only:bool=False, local:b
     return family.info(read)
 
 # %% ../../nbs/00a_families.ipynb #5e8a8e85
-def edit_inputs_for(model:str, revision:str='main', cached_only:bool=False) -> int:
-    "The input images each training example of base model `model` has: an edit model's (FLUX.1 Kontext: 1), else 0; 0 too where its configuration cannot be read here (training checks again)"
-    try: return model_family(model, revision, cached_only).family.controls
-    except FamilyError: return 0
-
 def resolution_for(model:str, revision:str='main', resolution:int|None=None, fallback:int=512, cached_only:bool=False) -> int:
     "The training resolution: `resolution` when given, else base model `model`'s own; `fallback` where its configuration cannot be read here (a folder on the server, the Hub out of reach or, with `cached_only`, not asked)"
     if resolution: return resolution

@@ -15,17 +15,18 @@ from fastcore.basics import patch
 from ..config import LORA_LAYER_CHOICES, is_folder
 
 # %% auto #0
-__all__ = ['UNET_TARGETS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS', 'JOINT_TARGETS', 'JOINT_BLOCK_TARGETS',
-           'WEIGHTING_SCHEMES', 'lora_targets', 'text_lora_targets', 'target_matches', 'unmatched_targets',
-           'peft_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'hub_errors', 'read_config', 'ModelInfo',
-           'Family', 'model_parts', 'model_files', 'download_model', 'text_encoders', 'denoiser_of', 'load_parts',
-           'lora_layers_problem', 'token_ids', 'encode_prompts', 'encode_text', 'size_conditioning', 'prompt_tokens',
-           'snr_weights', 'noised', 'denoiser_inputs', 'predict', 'pipeline_class', 'pretrained_kwargs',
-           'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs', 'kohya_base_model', 'TimestepSampling',
-           'FlowMatching']
+__all__ = ['UNET_TARGETS', 'EDIT_INPUTS', 'TEXT_TARGETS', 'UNET_BLOCK_TARGETS', 'TEXT_BLOCK_TARGETS', 'JOINT_TARGETS',
+           'JOINT_BLOCK_TARGETS', 'WEIGHTING_SCHEMES', 'lora_targets', 'text_lora_targets', 'target_matches',
+           'unmatched_targets', 'peft_targets', 'FamilyError', 'HubUnreachable', 'hub_resolves', 'hub_errors',
+           'read_config', 'ModelInfo', 'Family', 'model_parts', 'model_files', 'download_model', 'text_encoders',
+           'denoiser_of', 'load_parts', 'lora_layers_problem', 'token_ids', 'encode_prompts', 'encode_text',
+           'size_conditioning', 'prompt_tokens', 'snr_weights', 'noised', 'denoiser_inputs', 'predict',
+           'pipeline_class', 'pretrained_kwargs', 'sampling_scheduler', 'assemble_pipeline', 'prompt_kwargs',
+           'kohya_base_model', 'TimestepSampling', 'FlowMatching']
 
 # %% ../../nbs/00b_family_base.ipynb #21af4ec5
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0") # the UNet's attention projections
+EDIT_INPUTS = ('control', 'control_2', 'control_3') # an edit pair's inputs in a step's conditioning, in order, as the dataset's folders name them
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj") # a CLIP text encoder's attention projections, where train_text_encoder puts a LoRA (as diffusers' examples do)
 UNET_BLOCK_TARGETS = UNET_TARGETS + ("ff.net.0.proj", "ff.net.2", "proj_in", "proj_out") # every linear layer of the UNet's transformer blocks, as kohya's LoRA: attention, feed-forward, the blocks' in and out projections
 TEXT_BLOCK_TARGETS = TEXT_TARGETS + ("fc1", "fc2") # and a CLIP text encoder's MLPs, as kohya's
@@ -136,7 +137,8 @@ class Family:
     card_dtype = 'float16'              # the dtype the model card's example loads it in on a GPU
     card_license = {}                   # ModelCardData's fields for a license the Hub has no id for
     pretrained_extra = {}               # what `from_pretrained` of its pipeline takes besides the model
-    controls = 0                        # the input images each training example has: an edit model's (FLUX.1 Kontext) trains on (input, edited) pairs; 0 for the others
+    controls = 0                        # the most input images an edit pair may have (FLUX.1 Kontext 1, FLUX.2's reference images 3); 0: it trains on images alone
+    edit_only = False                   # whether it trains on (input, edited) pairs only (FLUX.1 Kontext); else pairs where a dataset gives inputs, images alone where it gives none
     processor_tokenizers = ()           # tokenizer folders its release saves as a processor (FLUX.2 [dev]'s Pixtral one, which transformers loads only with torchvision): loaded as the tokenizer they hold
     assembly_extra = {}                 # what its pipeline's constructor takes besides the parts training loads
     guidance_arg = 'guidance_scale'     # its pipeline's argument for the guidance scale validation samples with
@@ -439,6 +441,11 @@ def assemble_pipeline(self:Family, m:dict, scheduler):
     "Its pipeline from the parts `m` (as `load_parts` gives them; text encoders may have been dropped after caching) and `scheduler`"
     names = [p for tok, enc, _ in self.text_parts for p in (tok, enc)]
     return self.pipeline_class()(scheduler=scheduler, vae=m['vae'], **{self.denoiser: denoiser_of(self, m)}, **{k: m.get(k) for k in names}, **self.assembly_extra)
+
+@patch
+def edit_inputs(self:Family, given:int) -> int:
+    "How many inputs each pair trains with, for a dataset whose images have at most `given`: all an edit-only model takes, else those given, up to its most"
+    return self.controls if self.edit_only else min(given, self.controls)
 
 @patch
 def edit_kwargs(self:Family, inputs:list, width:int, height:int) -> dict:

@@ -65,7 +65,7 @@ class Flux1(FlowMatching):
 class FluxKontext(Flux1):
     "FLUX.1 Kontext: FLUX.1 [dev]'s transformer reading an input image's latent patches after the noisy ones, trained on (input, edited) pairs with the edit instruction as the prompt"
     key, name, pipeline = 'kontext', 'FLUX.1 Kontext', 'FluxKontextPipeline'
-    controls, hub_tags = 1, ('flux', 'flux-kontext', 'image-editing')
+    controls, edit_only, hub_tags = 1, True, ('flux', 'flux-kontext', 'image-editing')
 
     def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
         "The input image at the size it trained at: Kontext's pipeline would otherwise resize it to one of its preferred resolutions and the output to a megapixel"

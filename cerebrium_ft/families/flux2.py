@@ -7,7 +7,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/flux2.html.md"""
 # %% ../../nbs/00i_flux2.ipynb #c97da359
 from __future__ import annotations
 import re
-from .base import UNET_TARGETS, FlowMatching, read_config
+from .base import EDIT_INPUTS, UNET_TARGETS, FlowMatching, read_config
 from .flux import FLUX_GUIDANCE
 
 # %% auto #0
@@ -42,6 +42,7 @@ class Flux2(FlowMatching):
     "FLUX.2's transformer of double- then single-stream blocks over 2x2 latent patches, its VAE and its kohya layout, which its models share; each model says how its language model reads a prompt"
     license, denoiser_class, vae_class = 'other', 'Flux2Transformer2DModel', 'AutoencoderKLFlux2'
     text_lora, lora_targets, block_targets, pixel_multiple = (), FLUX2_TARGETS, FLUX2_BLOCK_TARGETS, 16
+    controls = 3  # reference images: a dataset with inputs trains an edit LoRA on them, one without a LoRA of its images
     hub_tags, card_dtype = ('flux2',), 'bfloat16'
 
     def latent_dist(self, vae, pixels) -> tuple:
@@ -61,9 +62,17 @@ class Flux2(FlowMatching):
         P, dt = self.pipeline_class(), denoiser.dtype
         b, c, h, w = noisy.shape
         guidance = torch.full((b,), FLUX_GUIDANCE, device=noisy.device, dtype=torch.float32) if denoiser.config.guidance_embeds else None
-        out = denoiser(hidden_states=P._pack_latents(noisy.to(dt)), encoder_hidden_states=cond['embeds'].to(dt), timestep=t.to(dt) / 1000, guidance=guidance,
-                       img_ids=P._prepare_latent_ids(noisy).to(noisy.device), txt_ids=P._prepare_text_ids(cond['embeds']).to(noisy.device), return_dict=False)[0]
+        hidden, ids = P._pack_latents(noisy.to(dt)), P._prepare_latent_ids(noisy).to(noisy.device)
+        if refs := [cond[k] for k in EDIT_INPUTS if k in cond]:  # reference images: their patches after the noisy ones, each at its own time coordinate (10, 20, ...)
+            hidden = torch.cat([hidden, *[P._pack_latents(r.to(dt)) for r in refs]], 1)
+            ids = torch.cat([ids, P._prepare_image_ids([r[:1] for r in refs]).to(noisy.device).expand(b, -1, -1)], 1)
+        out = denoiser(hidden_states=hidden, encoder_hidden_states=cond['embeds'].to(dt), timestep=t.to(dt) / 1000, guidance=guidance,
+                       img_ids=ids, txt_ids=P._prepare_text_ids(cond['embeds']).to(noisy.device), return_dict=False)[0]
         return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)
+
+    def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
+        "The reference images, as its pipeline takes them"
+        return dict(image=list(inputs))
 
     def kohya_unnamed(self, modules:list[str]) -> list[str]:
         "The modules with no original name (`bfl_name`)"
