@@ -186,7 +186,7 @@ def train_cmd(
     training_prompt:str, # The prompt that names the subject, e.g. "a photo of sks dog"
     output:str=None, # The results folder (default: ./NAME); run again with the same one to resume
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
-    json:bool=False, # Print one JSON object at the end: the results folder, the weights, the steps and the best checkpoint
+    json:bool=False, # Print one JSON object at the end: the results folder, the weights, the steps, the best checkpoint and where the time went
     **options,
 ) -> int:
     "Train a DreamBooth LoRA on this machine and write the results folder"
@@ -201,7 +201,7 @@ def train_cmd(
     if json:
         m = jsonlib.loads((Path(out)/'manifest.json').read_text())
         return _print_json(dict(results=str(out), weights=str(Path(out)/m['lora']['weights']), kohya=str(Path(out)/'lora_kohya.safetensors'),
-                                steps=m['steps'], best=m.get('best')))
+                                steps=m['steps'], best=m.get('best'), time=m.get('time')))
     print(f"Results in {out}: load them with pipeline.load_lora_weights('{Path(out)/'checkpoints/final/attn_procs'}')")
 
 # %% ../nbs/10_cli.ipynb #c4a6c8f8

@@ -7,7 +7,7 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/train.html.md"""
 # %% ../nbs/04_train.ipynb #6e0561ab
 from __future__ import annotations
 import csv, gc, hashlib, importlib, json, logging, math, os, random, shutil, subprocess, sys, time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -28,14 +28,14 @@ log = logging.getLogger('cerebrium_ft')
 
 # %% auto #0
 __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', 'VALIDATION_GRID', 'CAPTION_ORDERS',
-           'CHECKPOINT_OVERHEAD', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS', 'RANK_WAIT_S',
-           'TRACKER_PROJECT', 'DOWNLOAD_LOG_S', 'TrainingError', 'plan_steps', 'epoch_batches', 'tracker_problem',
-           'preflight', 'load_models', 'load_pixels', 'load_pairs', 'encode_images', 'sample_latents', 'denoising_loss',
-           'ImageLatents', 'encode_latents', 'lora_param_groups', 'make_optimizer', 'save_checkpoint',
-           'load_checkpoint', 'CheckpointClock', 'MetricsLog', 'heldout_split', 'heldout_loss', 'best_checkpoint',
-           'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora', 'loss_figure', 'plot_loss',
-           'save_results', 'train', 'fresh_accelerator', 'die_with_parent', 'launch_processes', 'join_processes',
-           'Training', 'tracker_config', 'tracker_run_id']
+           'CHECKPOINT_OVERHEAD', 'JOB_PHASES', 'METRIC_FIELDS', 'SCORE_FIELDS', 'FP16_OVERFLOWS', 'FP16_SKIPS',
+           'RANK_WAIT_S', 'TRACKER_PROJECT', 'DOWNLOAD_LOG_S', 'TrainingError', 'plan_steps', 'epoch_batches',
+           'tracker_problem', 'preflight', 'load_models', 'load_pixels', 'load_pairs', 'encode_images',
+           'sample_latents', 'denoising_loss', 'ImageLatents', 'encode_latents', 'lora_param_groups', 'make_optimizer',
+           'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'PhaseTimes', 'MetricsLog', 'heldout_split',
+           'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora',
+           'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'die_with_parent',
+           'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
 class TrainingError(RuntimeError):
@@ -344,6 +344,39 @@ class CheckpointClock:
         "Record the checkpoint of `step`, which began at `started` (a reading of `now`)"
         self.last, self.step = self.now(), step; self.cost = self.last - started
 
+# %% ../nbs/04_train.ipynb #f9390431
+JOB_PHASES = ('setup', 'class images', 'steps', 'checkpoints', 'validation', 'saving') # where a run's time goes, in order
+
+class PhaseTimes:
+    "The seconds each phase of a run took (`JOB_PHASES`); `with times(phase):` times one, a phase inside another counted once, as the inner one"
+    def __init__(self, now=time.monotonic): self.now, self.seconds, self.open = now, dict.fromkeys(JOB_PHASES, 0.0), []
+
+    @contextmanager
+    def __call__(self, phase:str):
+        if phase not in self.seconds: raise ValueError(f"phase must be one of {', '.join(JOB_PHASES)}, got {phase!r}")
+        entry = [phase, self.now(), 0.0]  # the phase, when it began, the time of the phases inside it so far
+        self.open.append(entry)
+        try: yield
+        finally:
+            self.open.pop()
+            spent = self.now() - entry[1]
+            self.seconds[phase] += spent - entry[2]
+            if self.open: self.open[-1][2] += spent
+
+    def split(self) -> dict:
+        "Each phase's seconds so far, the open ones' too, rounded to 0.1 s"
+        out, now, inside = dict(self.seconds), self.now(), 0.0
+        for phase, began, inner in reversed(self.open):  # the innermost first: its time is not its outer phase's
+            spent = now - began
+            out[phase] += spent - inner - inside
+            inside = spent
+        return {k: round(v, 1) for k, v in out.items()}
+
+    def line(self, split:dict|None=None) -> str:
+        "The split as the log's last line says it"
+        split = split or self.split()
+        return f"time: {sum(split.values()):.1f} s in all: " + ', '.join(f"{k} {v:.1f} s" for k, v in split.items())
+
 # %% ../nbs/04_train.ipynb #cbb0be2b
 METRIC_FIELDS = ['step', 'epoch', 'loss', 'instance_loss', 'prior_loss', 'lr', 'elapsed_s', 'heldout_loss', 'heldout_prior_loss', 'score']
 SCORE_FIELDS = METRIC_FIELDS[-3:] # what a scored checkpoint adds to its step's row
@@ -650,8 +683,9 @@ def _epoch_on_device(batches:list, device) -> tuple[list, list]:
 # %% ../nbs/04_train.ipynb #e676bfd1
 class Training:
     "One run of `spec` into `run` on `device`, phase by phase: `_train` calls the methods below in their order"
-    def __init__(self, spec:JobSpec, run:RunDir, report, device, cache=None, progress:bool=True):
+    def __init__(self, spec:JobSpec, run:RunDir, report, device, cache=None, progress:bool=True, times:PhaseTimes|None=None):
         import torch
+        self.times = times or PhaseTimes()  # where the run's time goes
         self.ranks = join_processes(device)  # None unless this is one process of a data-parallel run
         self.rank, self.world = (self.ranks.process_index, self.ranks.num_processes) if self.ranks else (0, 1)
         self.main = self.rank == 0  # the one that writes progress, metrics, checkpoints, validation and results
@@ -919,9 +953,10 @@ def status(self:Training) -> dict:
 @patch
 def checkpoint(self:Training):
     "Save a checkpoint of the run at its current step (the metrics so far flushed first)"
-    started = self.clock.now(); self.metrics.flush()
-    save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen, self.encoders)
-    self.clock.saved(started, self.step)
+    with self.times('checkpoints'):
+        started = self.clock.now(); self.metrics.flush()
+        save_checkpoint(self.run, self.step, self.denoiser, self.optimizer, self.lr_scheduler, self.gen, self.encoders)
+        self.clock.saved(started, self.step)
 
 # %% ../nbs/04_train.ipynb #94689dd3
 @patch
@@ -1028,17 +1063,18 @@ def keep_checkpoint(self:Training):
 @patch
 def validation(self:Training, epoch:int, final:bool=False):
     "Score this step's checkpoint, keep its LoRA (the `final` one is saved with the results) and write the validation images for `epoch`, the progress saying so meanwhile"
-    started = time.time(); self.metrics.flush()
-    self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
-    self.refresh_conditioning()  # with text encoders that train: the prompts as they encode now
-    self.scores[self.step] = sc = self.score()
-    self.track({k: v for k, v in sc.items() if v is not None})
-    self.metrics.annotate(self.step, **sc)
-    if not final: self.keep_checkpoint()
-    best = best_checkpoint(self.scores)
-    log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f} in {time.time() - started:.1f} s" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
-    self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family,
-                               getattr(self, 'val_inputs', None)))
+    with self.times('validation'):  # scoring the checkpoint and drawing its images
+        started = time.time(); self.metrics.flush()
+        self.note_progress('validation', self.step, self.plan['max_train_steps'], self.metrics.last, epoch=epoch, **self.status())
+        self.refresh_conditioning()  # with text encoders that train: the prompts as they encode now
+        self.scores[self.step] = sc = self.score()
+        self.track({k: v for k, v in sc.items() if v is not None})
+        self.metrics.annotate(self.step, **sc)
+        if not final: self.keep_checkpoint()
+        best = best_checkpoint(self.scores)
+        log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f} in {time.time() - started:.1f} s" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
+        self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family,
+                                   getattr(self, 'val_inputs', None)))
 
 @patch
 def loop(self:Training):
@@ -1074,7 +1110,7 @@ def finish(self:Training) -> Path:
     save_results(run, self.spec, self.denoiser, self.step, dict(plan=plan, resolution=self.s.resolution, optimizer=type(self.optimizer.optimizer).__name__, precision=self.precision,
                                                             device=self.device.type, learning_rate=self.lr, instance_images=[i.name for i in self.inst],
                                                             class_images=len(self.cls_paths), edit_inputs=len(self.val_inputs[0]) if getattr(self, 'val_inputs', None) else 0,
-                                                            train_seconds=round(time.time() - self.t0, 1),
+                                                            train_seconds=round(time.time() - self.t0, 1), time=(split := self.times.split()),
                                                             checkpoints=self.kept_checkpoints(), best=best,
                                                             heldout=dict(images=[i.name for i in self.heldout], draws=HELDOUT_DRAWS, class_images=min(len(self.cls_paths), HELDOUT_CLASS_IMAGES),
                                                                          base_model_score=base)), self.model, self.encoders)
@@ -1083,6 +1119,7 @@ def finish(self:Training) -> Path:
     gain = 1 - best['score'] / best['latest_score'] if best['latest_score'] else 0.0
     log.info(f"the final checkpoint scored best ({best['score']:.5f}; the base model {base:.5f})" if best['checkpoint'] == 'final' else
              f"best checkpoint: {best['checkpoint']} (score {best['score']:.5f}, {gain:.1%} below the final's {best['latest_score']:.5f}; the base model {base:.5f}): use it with --use best")
+    log.info(self.times.line(split))  # as the manifest's time says it
     return run.root
 
 @patch
@@ -1097,9 +1134,13 @@ def kept_checkpoints(self:Training) -> list[dict]:
     return out
 
 def _train(spec:JobSpec, run:RunDir, report, device, cache, progress:bool) -> Path:
-    "Run every phase of a `Training`"
-    t = Training(spec, run, report, device, cache, progress)
+    "Run every phase of a `Training`, timing each (`PhaseTimes`)"
+    times = PhaseTimes()
+    with times('setup'): t = Training(spec, run, report, device, cache, progress, times)
     try:
-        t.fetch_model(); t.get_class_images(); t.setup_models(); t.encode_inputs(); t.setup_optimizer(); t.loop()
-        return t.finish()
+        with times('setup'): t.fetch_model()
+        with times('class images'): t.get_class_images()
+        with times('setup'): t.setup_models(); t.encode_inputs(); t.setup_optimizer()
+        with times('steps'): t.loop()  # its validations and checkpoints are theirs
+        with times('saving'): return t.finish()  # the last validation is validation's
     finally: t.end_tracker()  # its files closed, however the run ends

@@ -15,7 +15,7 @@ def test_the_offline_commands_print_one_json_object(tmp_path):
     r = run_cli('train', 'robot', m['path'], d['folder'], 'a photo of sks robot', '--output', tmp_path/'run', '--training-args', json.dumps(ta), '--json')
     t = json.loads(r.stdout)
     assert t['results'] == str(tmp_path/'run') and t['steps'] == 2 and Path(t['weights']).is_file() and Path(t['kohya']).is_file()
-    assert t['best']['checkpoint'] in ('step_000001', 'final')
+    assert t['best']['checkpoint'] in ('step_000001', 'final') and list(t['time']) == ['setup', 'class images', 'steps', 'checkpoints', 'validation', 'saving']
     r = run_cli('generate', t['results'], 'a photo of sks robot', '-n', 2, '--steps', 2, '--output', tmp_path/'g.png', '--json')
     g = json.loads(r.stdout)
     lines = [l for l in r.stderr.splitlines() if l.startswith('generating 2 images: ')]  # its progress, as lines off a terminal

@@ -56,6 +56,14 @@ def test_run_writes_the_results_contract(trained):
     assert [c['name'] for c in m['checkpoints']] == ['step_000015', 'step_000030', 'final']  # a usable LoRA at each validation (every 5 epochs of 3 steps)
     assert json.loads((trained/'progress.json').read_text())['phase'] == 'done'
 
+def test_the_run_says_where_its_time_went(trained):
+    "The manifest's time splits the run into its phases, which add up to it; the log's last line says the same"
+    m = manifest(trained); t = m['time']
+    assert list(t) == list(T.JOB_PHASES) and all(v >= 0 for v in t.values()) and t['steps'] > 0 and t['validation'] > 0
+    assert abs(sum(t.values()) - m['train_seconds']) <= 0.1 * m['train_seconds'] + 0.5  # the phases are the run, all of it
+    last = (trained/'logs.txt').read_text().strip().splitlines()[-1]
+    assert last.endswith(f"time: {sum(t.values()):.1f} s in all: " + ', '.join(f"{k} {v:.1f} s" for k, v in t.items())), last
+
 def test_lora_loads_in_diffusers_and_changes_the_output(trained, model):
     pipe = tiny_pipe(model)
     before = render(pipe)
