@@ -33,8 +33,8 @@ __all__ = ['log', 'KEEP_CHECKPOINTS', 'HELDOUT_DRAWS', 'HELDOUT_CLASS_IMAGES', '
            'tracker_problem', 'preflight', 'load_models', 'load_pixels', 'load_pairs', 'encode_images',
            'sample_latents', 'denoising_loss', 'ImageLatents', 'encode_latents', 'lora_param_groups', 'make_optimizer',
            'save_checkpoint', 'load_checkpoint', 'CheckpointClock', 'PhaseTimes', 'MetricsLog', 'heldout_split',
-           'heldout_loss', 'best_checkpoint', 'validate', 'save_png', 'image_grid', 'progress_grid', 'save_lora',
-           'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'die_with_parent',
+           'heldout_loss', 'best_checkpoint', 'validate', 'fitted_image', 'save_png', 'image_grid', 'progress_grid',
+           'save_lora', 'loss_figure', 'plot_loss', 'save_results', 'train', 'fresh_accelerator', 'die_with_parent',
            'launch_processes', 'join_processes', 'Training', 'tracker_config', 'tracker_run_id']
 
 # %% ../nbs/04_train.ipynb #84a53470
@@ -475,10 +475,10 @@ def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:d
     out, paths, rows = run.validation(epoch), [], []
     out.mkdir(parents=True, exist_ok=True)
     for k, (prompt, cond) in enumerate(zip(s.validation_prompt, conds)):
-        edit = [fit_bucket(to_upright_rgb(Image.open(p)), (s.resolution, s.resolution))[0] for p in inputs[k]] if inputs else []
+        edit = [fitted_image(p, (s.resolution, s.resolution)) for p in inputs[k]] if inputs else []
         draw = lambda n: pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, **{family.guidance_arg: guidance},
                               height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)],
-                              **family.edit_kwargs(edit, s.resolution, s.resolution)).images
+                              **(family.edit_kwargs(edit, s.resolution, s.resolution) if edit else {})).images
         with torch.no_grad(), torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
             images = draw(n)
             before = run.root/'validation'/f"before_{k:02d}.png"
@@ -491,12 +491,16 @@ def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:d
                         guidance_scale=guidance, num_inference_steps=s.validation_inference_steps, software=f"cerebrium-ft {__version__}",
                         **(dict(input=', '.join(Path(p).name for p in inputs[k])) if edit else {}))
             paths.append(save_png(im, out/f"{k * n + i:02d}.png", meta))
-        rows.append((edit + [Image.open(before).convert('RGB')] if edit else []) + images)
+        rows.append((edit + [fitted_image(before, images[0].size)] if edit else []) + images)
     save_png(image_grid(rows), out/VALIDATION_GRID, dict(epoch=epoch, step=step, rows='one per validation prompt' + (': input, before (no LoRA), after' if inputs else '')))
     save_png(progress_grid(run, len(rows), n), run.root/'validation'/'progress.png', dict(rows='one per validation, oldest first'))
     denoiser.train()
     if device.type != 'cpu': vae.to('cpu')
     return paths
+
+def fitted_image(path, size:tuple[int, int]) -> Image.Image:
+    "The image at `path`, upright RGB, scaled and cropped centred to `size` (width, height)"
+    with Image.open(path) as im: return fit_bucket(to_upright_rgb(im), size)[0]
 
 def save_png(im, path:Path, text:dict) -> Path:
     "Save `im` as a PNG at `path` (atomically), with `text` as its text chunks (what made it: prompt, seed, step, ...)"

@@ -71,8 +71,8 @@ class Flux2(FlowMatching):
         return out[:, :h * w].permute(0, 2, 1).reshape(b, c, h, w)
 
     def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
-        "The reference images, as its pipeline takes them"
-        return dict(image=list(inputs))
+        "The reference images, as its pipeline takes them (none: nothing, its pipeline would take an empty list for references)"
+        return dict(image=list(inputs)) if inputs else {}
 
     def kohya_unnamed(self, modules:list[str]) -> list[str]:
         "The modules with no original name (`bfl_name`)"
