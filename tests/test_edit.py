@@ -1,6 +1,7 @@
 """Edit LoRA: FLUX.1 Kontext trained on (input, edited) pairs, a control/ folder of inputs beside the edited images, as a user trains it:
 the pairs checked, the inputs conditioning every step, validation as input | before | after, the LoRA loaded in the edit pipeline, `generate --image`"""
 import json
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -39,6 +40,21 @@ def heldout_losses(model, pairs, out, names, inputs_of, seeds=8):
         base = loss(control)
         net.load_lora_adapter(str(out/'checkpoints/final/attn_procs'), weight_name='pytorch_lora_weights.safetensors', prefix='transformer')
         return base, loss(control)
+
+def edits_as_trained(out, model, pipeline_cls, **edit_args):
+    "`load_pipeline` gives `pipeline_cls` with the LoRA, which changes its edit of an input; the kohya file, through diffusers' converter, edits the same. The input, back"
+    grey = Image.open(next((Path(edit_args.pop('pairs'))/'control').glob('*.png'))).convert('RGB')
+    image = [grey] if edit_args.pop('as_list', False) else grey
+    edit = lambda p: np.asarray(p(prompt=EDIT, image=image, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0), **edit_args).images[0], dtype=float)
+    pipe = load_pipeline(out, device='cpu')
+    assert type(pipe) is pipeline_cls and pipe.get_active_adapters()
+    plain = pipeline_cls.from_pretrained(model); plain.set_progress_bar_config(disable=True)
+    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    tuned = edit(pipe)
+    assert np.abs(tuned - edit(plain)).mean() > 1.0
+    plain.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
+    assert np.abs(tuned - edit(plain)).max() <= 1.0
+    return grey
 
 @pytest.fixture(scope='module')
 def trained(kontext, pairs, tmp_path_factory):
@@ -79,17 +95,7 @@ def test_validation_shows_input_before_and_after(trained, pairs):
 def test_an_edit_lora_loads_in_the_kontext_pipeline_and_generate_edits_an_image(trained, kontext, pairs, tmp_path):
     "load_pipeline gives FluxKontextPipeline with the LoRA, which changes the edit; its kohya file, through diffusers' converter, edits the same; generate --image edits a photo"
     from diffusers import FluxKontextPipeline
-    grey = Image.open(next((pairs/'control').glob('*.png'))).convert('RGB')
-    edit = lambda p: np.asarray(p(prompt=EDIT, image=grey, num_inference_steps=2, height=64, width=64, max_area=64 * 64, _auto_resize=False,
-                                  generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
-    pipe = load_pipeline(trained, device='cpu')
-    assert type(pipe) is FluxKontextPipeline and pipe.get_active_adapters()
-    plain = FluxKontextPipeline.from_pretrained(kontext); plain.set_progress_bar_config(disable=True)
-    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    tuned = edit(pipe)
-    assert np.abs(tuned - edit(plain)).mean() > 1.0
-    plain.load_lora_weights(str(trained), weight_name='lora_kohya.safetensors')
-    assert np.abs(tuned - edit(plain)).max() <= 1.0
+    grey = edits_as_trained(trained, kontext, FluxKontextPipeline, pairs=pairs, max_area=64 * 64, _auto_resize=False)
     photo = tmp_path/'photo.png'; grey.resize((96, 64)).save(photo)  # a wider photo: edited in its own shape at the resolution it trained at (64 px)
     r = run_cli('generate', trained, EDIT, '--image', photo, '-n', '1', '--steps', '2', '--device', 'cpu', '--output', tmp_path/'edit.png', '--json')
     assert r.returncode == 0, r.stderr
@@ -159,15 +165,6 @@ def test_flux2_learns_an_edit_from_reference_images(pairs, tmp_path):
     assert manifest(out)['edit_inputs'] == 1 and col(out, 'loss')[-1] == col(out, 'loss')[-1]
     assert "edit pairs: FLUX.2 [klein] trains on 10 images, each with its input image from control/" in (out/'logs.txt').read_text()
     assert Image.open(out/'validation/epoch_0008/grid.png').size == (3 * 64, 64)  # 9 images train, 5 steps an epoch: the last validation's
-    grey = Image.open(next((pairs/'control').glob('*.png'))).convert('RGB')
-    edit = lambda p: np.asarray(p(prompt=EDIT, image=[grey], num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0)).images[0], dtype=float)
-    pipe = load_pipeline(out, device='cpu')
-    assert type(pipe) is Flux2KleinPipeline
-    plain = Flux2KleinPipeline.from_pretrained(model); plain.set_progress_bar_config(disable=True)
-    plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    tuned = edit(pipe)
-    assert np.abs(tuned - edit(plain)).mean() > 1.0
-    plain.load_lora_weights(str(out), weight_name='lora_kohya.safetensors')
-    assert np.abs(tuned - edit(plain)).max() <= 1.0
+    edits_as_trained(out, model, Flux2KleinPipeline, pairs=pairs, as_list=True)  # its reference images: a list
     r = run_cli('generate', out, EDIT, '--device', 'cpu', '--output', tmp_path/'none.png')
     assert r.returncode == 2 and "FLUX.2 [klein] edits an image with this LoRA: give the image to edit with --image PATH" in r.stderr, r.stderr
