@@ -11,12 +11,11 @@ from .base import EDIT_INPUTS, UNET_TARGETS, FlowMatching, read_config
 from .flux import FLUX_GUIDANCE
 
 # %% auto #0
-__all__ = ['FLUX2_TARGETS', 'FLUX2_DEV_OUT_LAYERS', 'FLUX2_DEV_LICENSE', 'FLUX2_BLOCK_TARGETS', 'FLUX2_KLEIN', 'FLUX2',
-           'bfl_name', 'Flux2', 'Flux2Klein', 'Flux2Dev']
+__all__ = ['FLUX2_TARGETS', 'FLUX2_DEV_LICENSE', 'FLUX2_BLOCK_TARGETS', 'FLUX2_KLEIN', 'FLUX2', 'bfl_name', 'Flux2', 'Flux2Klein',
+           'Flux2Dev']
 
 # %% ../../nbs/00i_flux2.ipynb #111d3745
 FLUX2_TARGETS = UNET_TARGETS + ("to_qkv_mlp_proj", "single_transformer_blocks.*.attn.to_out") # diffusers' FLUX.2 examples': the double blocks' image attention, both projections of the single blocks
-FLUX2_DEV_OUT_LAYERS = (10, 20, 30) # the hidden layers of Mistral Small 3.1 that condition FLUX.2 [dev], as its pipeline reads them
 FLUX2_DEV_LICENSE = dict(license_name='flux-dev-non-commercial-license', license_link='https://huggingface.co/black-forest-labs/FLUX.2-dev') # its model card links its license
 FLUX2_BLOCK_TARGETS = FLUX2_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff.linear_in", "ff.linear_out", "ff_context.linear_in",
                                        "ff_context.linear_out") # and the text stream's attention, and both streams' feed-forwards
@@ -44,6 +43,12 @@ class Flux2(FlowMatching):
     text_lora, lora_targets, block_targets, pixel_multiple = (), FLUX2_TARGETS, FLUX2_BLOCK_TARGETS, 16
     controls = 3  # reference images: a dataset with inputs trains an edit LoRA on them, one without a LoRA of its images
     hub_tags, card_dtype = ('flux2',), 'bfloat16'
+
+    def encode_text(self, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
+        "'embeds': its pipeline's own encoding of each prompt: three hidden layers of its language model side by side over 512 tokens ([klein]: Qwen3's 9, 18, 27; [dev]: Mistral's 10, 20, 30 under its system message)"
+        import torch
+        with torch.no_grad(): embeds = self.text_pipeline(m).encode_prompt(list(prompts), device)[0]
+        return dict(embeds=embeds.to(dtype))
 
     def latent_dist(self, vae, pixels) -> tuple:
         "The VAE's latent distribution of `pixels` in 2x2 patches (four times the channels, half the size)"
@@ -106,12 +111,6 @@ class Flux2Klein(Flux2):
     text_parts = (('tokenizer', 'text_encoder', 'Qwen3ForCausalLM'),)
     prompt_encoder, negative_prompt, hub_tags = ('tokenizer', 'Qwen3'), True, ('flux2', 'flux2-klein')
 
-    def encode_text(self, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
-        "'embeds': the pipeline's own encoding of each prompt, Qwen3's layers 9, 18 and 27 side by side over its 512 tokens"
-        import torch
-        with torch.no_grad(): embeds = self.pipeline_class()._get_qwen3_prompt_embeds(m['text_encoder'], m['tokenizer'], list(prompts), device=device)
-        return dict(embeds=embeds.to(dtype))
-
     def load_parts(self, model:str, revision:str, quantize:str='none', dtype=None) -> dict:
         "Its parts, and whether it is a distilled [klein] (`is_distilled`), which its pipeline samples without guidance"
         m = super().load_parts(model, revision, quantize, dtype)
@@ -129,14 +128,5 @@ class Flux2Dev(Flux2):
     text_parts = (('tokenizer', 'text_encoder', 'Mistral3ForConditionalGeneration'),)
     prompt_encoder, negative_prompt, hub_tags = ('tokenizer', 'Mistral'), False, ('flux2', 'flux2-dev')
     processor_tokenizers, card_license = ('tokenizer',), FLUX2_DEV_LICENSE
-
-    def encode_text(self, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
-        "'embeds': the pipeline's own encoding of each prompt under its system message, Mistral's layers 10, 20 and 30 side by side over its 512 tokens"
-        import torch
-        from diffusers.pipelines.flux2.pipeline_flux2 import SYSTEM_MESSAGE
-        with torch.no_grad():
-            embeds = self.pipeline_class()._get_mistral_3_small_prompt_embeds(m['text_encoder'], m['tokenizer'], list(prompts), device=device, system_message=SYSTEM_MESSAGE,
-                                                                              hidden_states_layers=FLUX2_DEV_OUT_LAYERS)
-        return dict(embeds=embeds.to(dtype))
 
 FLUX2_KLEIN, FLUX2 = Flux2Klein(), Flux2Dev()
