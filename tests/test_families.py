@@ -89,3 +89,17 @@ def test_each_new_family_stopped_after_a_checkpoint_resumes_as_if_never_stopped(
     model = str(build_tiny_pipeline(tmp_path/key, family=FAMILY_RUNS[key][0]))
     s = spec(model, data, training_args=dict(max_train_steps=6, checkpointing_steps=3, random_flip=True, center_crop=False, mixed_precision='no', validation_epochs=1000))
     resumes_as_if_never_stopped(s, tmp_path, monkeypatch)
+
+@pytest.mark.parametrize('key', list(FAMILY_RUNS))
+def test_each_new_family_trains_in_bf16_as_a_cpu_with_amx_picks(data, tmp_path, monkeypatch, key):
+    "The step, scoring and validation under bf16 autocast (what 'auto' picks on AMX CPUs; forced here, so CPUs without it walk the same path), with gradient checkpointing: the run records it, its losses stay finite, its LoRA (fp32 over bf16 weights) loads and changes what it draws"
+    from cerebrium_ft import speed
+    monkeypatch.setattr(speed, 'cpu_has_bf16', lambda: True)  # bf16 on every CPU (emulated without AVX512-BF16/AMX)
+    model = str(build_tiny_pipeline(tmp_path/key, family=FAMILY_RUNS[key][0]))
+    out = T.train(spec(model, data, training_args=dict(max_train_steps=4, learning_rate=1e-2, mixed_precision='bf16', num_validation_images=1, validation_epochs=1,
+                                                      gradient_checkpointing=True)), tmp_path/'run', progress=False)
+    m = manifest(out)
+    assert (m['precision'], m['base_model']['family'], m['steps']) == ('bf16', key, 4)
+    assert all(np.isfinite(col(out, 'loss'))) and np.isfinite(m['best']['score'])
+    pipe = load_pipeline(out, device='cpu')
+    assert pipe.get_active_adapters()
