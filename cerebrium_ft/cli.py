@@ -232,7 +232,7 @@ def edit_inputs(family, image:list|None, resolution:int, pairs:int=0) -> tuple[l
     """`generate`'s --image for `family` and a LoRA trained on pairs of `pairs` inputs: the input images fitted to the first one's shape at `resolution` px on
     its longer side (a multiple of the family's pixel multiple), and that (width, height); refused with a message where the family takes none or not that many, or an edit LoRA gets none"""
     n, image = family.controls, image or []
-    if image and not n: raise CliError(f"--image: {family.name} draws from the prompt alone; --image is for an edit model's LoRA (FLUX.1 Kontext, FLUX.2)")
+    if image and not n: raise CliError(f"--image: {family.name} draws from the prompt alone; --image is for an edit model's LoRA (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit)")
     if (family.edit_only or pairs) and not image: raise CliError(f"{family.name} edits an image with this LoRA: give the image to edit with --image PATH")
     if len(image) > n: raise CliError(f"--image: {family.name} takes {n} input image{'s' * (n > 1)}, got {len(image)}")
     if not image: return [], None
@@ -258,7 +258,7 @@ def generate(
     model:str=None, # Base model (default: the one the results were trained on)
     device:str=None, # cuda, cpu, ... (default: cuda if there is one)
     use:str='final', # Which checkpoint's LoRA: final, best (the lowest held-out score), or a kept step (e.g. 40 or step_000040)
-    image:list=None, # An edit LoRA's input image(s) to edit (FLUX.1 Kontext takes one, FLUX.2 up to three), drawn at the resolution it trained at in the first one's shape
+    image:list=None, # An edit LoRA's input image(s) to edit (FLUX.1 Kontext and Qwen-Image-Edit take one, FLUX.2 and Qwen-Image-Edit-2509/2511 up to three), drawn at the resolution it trained at in the first one's shape
     json:bool=False, # Print one JSON object: the grid's path, the prompt and each image's seed
 ):
     "Render images with a trained LoRA loaded into its base model (an edit LoRA: edits of --image)"
@@ -279,7 +279,8 @@ def generate(
     progress = StepProgress(f"generating {N} image{'s' * (N > 1)}", steps)
     def on_step(pipe, i, t, kwargs): progress(i + 1); return kwargs  # the pipeline's denoising loop calls it after each step
     sized = dict(width=size[0], height=size[1], **family.edit_kwargs(edit, *size)) if edit else {}
-    try: images = pipe(prompt=[prompt] * N, num_inference_steps=steps, **({family.guidance_arg: guidance} if guidance is not None else {}), generator=gens,
+    prompts = dict(prompt=prompt, num_images_per_prompt=N) if edit else dict(prompt=[prompt] * N)  # an edit: the prompt read once with its inputs (Qwen-Image-Edit-2509's pipeline takes one prompt)
+    try: images = pipe(**prompts, num_inference_steps=steps, **({family.guidance_arg: guidance} if guidance is not None else {}), generator=gens,
                        callback_on_step_end=on_step, **sized).images
     finally: progress.close()
     _grid(images).save(out)
@@ -291,7 +292,7 @@ def generate(
 def tiny_model_cmd(
     dst:str, # Folder to write the pipeline to (diffusers layout)
     seed:int=0, # Seed of the random weights
-    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image, flux2-klein, flux2 (FLUX.2 [dev]) or kontext (FLUX.1 Kontext)
+    family:str='sd1', # sd1 (Stable Diffusion 1.x), sd2-v (2.x of the 768-v kind: OpenCLIP text encoder, v-prediction), sdxl, flux (FLUX.1 [dev]), sd3 (SD 3.5), z-image, qwen-image, flux2-klein, flux2 (FLUX.2 [dev]), kontext (FLUX.1 Kontext), qwen-image-edit or qwen-image-edit-plus (-2511)
     json:bool=False, # Print one JSON object: the pipeline's folder and family
 ):
     "Build a tiny pipeline of a family with random weights (64 px, a few MB), offline"

@@ -12,9 +12,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 # %% auto #0
-__all__ = ['QWEN_CHAT_TEMPLATE', 'MISTRAL_CHAT_TEMPLATE', 'MISTRAL_SPECIAL', 'TINY_FAMILIES', 'PIXTRAL_PROCESSOR',
-           'PIXTRAL_IMAGES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED', 'SDXL_ARCHITECTURE',
-           'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'SD3_PROPORTIONED', 'Z_IMAGE_PROPORTIONED',
+__all__ = ['QWEN_CHAT_TEMPLATE', 'MISTRAL_CHAT_TEMPLATE', 'MISTRAL_SPECIAL', 'TINY_FAMILIES', 'QWEN_VL_IMAGES',
+           'PIXTRAL_PROCESSOR', 'PIXTRAL_IMAGES', 'SD15_PROPORTIONED', 'SD15_ARCHITECTURE', 'SDXL_PROPORTIONED',
+           'SDXL_ARCHITECTURE', 'FLUX_PROPORTIONED', 'FLUX_ARCHITECTURE', 'SD3_PROPORTIONED', 'Z_IMAGE_PROPORTIONED',
            'QWEN_IMAGE_PROPORTIONED', 'FLUX2_KLEIN_PROPORTIONED', 'LFS_SUFFIXES', 'write_byte_tokenizer',
            'write_t5_tokenizer', 'write_qwen_tokenizer', 'write_mistral_tokenizer', 'sd_models', 'sdxl_models',
            'flux_models', 'sd3_models', 'z_image_models', 'qwen_image_models', 'flux2_models', 'build_tiny_pipeline',
@@ -190,13 +190,14 @@ def z_image_models(width:int=32, heads:int=2, layers:int=2, refiner_layers:int=1
 
 # %% ../nbs/02_testing.ipynb #qwenimgx
 def qwen_image_models(width:int=48, heads:int=3, layers:int=2, rope_axes=(8, 4, 4), latent_channels:int=4, vae_base:int=16, text_width:int=32, text_layers:int=2,
-                      text_heads:int=2, vision_width:int=16, image_size:int=64, vocab_size:int=262, vision_ids=(259, 260, 261)) -> dict:
-    "A Qwen-Image-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size), VAE (8x down, per-channel latent statistics) and Qwen2.5-VL text encoder, random weights"
+                      text_heads:int=2, vision_width:int=16, image_size:int=64, vocab_size:int=262, vision_ids=(259, 260, 261), zero_cond_t:bool=False) -> dict:
+    "A Qwen-Image-shaped transformer (`width` = heads x head size, `rope_axes` summing to the head size; `zero_cond_t`: input images' patches at timestep 0, as Qwen-Image-Edit-2511's), VAE (8x down, per-channel latent statistics) and Qwen2.5-VL text encoder, random weights"
     import torch
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=4 * latent_channels, out_channels=latent_channels, num_layers=layers,
-                                              attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=text_width, axes_dims_rope=tuple(rope_axes))
+                                              attention_head_dim=width // heads, num_attention_heads=heads, joint_attention_dim=text_width, axes_dims_rope=tuple(rope_axes),
+                                              **(dict(zero_cond_t=True) if zero_cond_t else {}))
     rng = np.random.default_rng(1)  # numpy, not torch: the statistics are config values, drawn alike when the models are made on the meta device
     vae = AutoencoderKLQwenImage(base_dim=vae_base, z_dim=latent_channels, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
                                  latents_mean=(rng.standard_normal(latent_channels) * 0.5).round(4).tolist(), latents_std=(1 + rng.random(latent_channels)).round(4).tolist())
@@ -246,7 +247,8 @@ def _mistral3(width:int, layers:int, heads:int, vocab_size:int, bos:int, eos:int
     return Mistral3ForConditionalGeneration(config).eval()
 
 # %% ../nbs/02_testing.ipynb #e71488dd_s1b
-TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2', 'kontext') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev], FLUX.1 Kontext
+TINY_FAMILIES = ('sd1', 'sd2-v', 'sdxl', 'flux', 'sd3', 'z-image', 'qwen-image', 'flux2-klein', 'flux2', 'kontext', 'qwen-image-edit',
+                 'qwen-image-edit-plus') # what build_tiny_pipeline builds: SD 1.x, SD 2.x of the 768-v kind (OpenCLIP text encoder, v-prediction), SDXL, FLUX.1 [dev], SD 3.5, Z-Image, Qwen-Image, FLUX.2 [klein] and [dev], FLUX.1 Kontext, Qwen-Image-Edit and -2511
 
 def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     "Build a pipeline of `family` with random weights (the sizes of `sd_models`, `sdxl_models` or `flux_models`, and `kw`) and save it to `dst` in the diffusers layout"
@@ -262,7 +264,7 @@ def build_tiny_pipeline(dst, seed:int=0, family:str='sd1', **kw) -> Path:
     if family in ('flux', 'kontext'): return _save_tiny_flux(dst, tok, **kw, **special, kontext=family == 'kontext')
     if family == 'sd3': return _save_tiny_sd3(dst, tok, **kw, **special)
     if family == 'z-image': return _save_tiny_z_image(dst, **kw)
-    if family == 'qwen-image': return _save_tiny_qwen_image(dst, **kw)
+    if family.startswith('qwen-image'): return _save_tiny_qwen_image(dst, **kw, edit=dict(zip(('qwen-image-edit', 'qwen-image-edit-plus'), ('edit', 'plus'))).get(family))
     if family == 'flux2-klein': return _save_tiny_flux2_klein(dst, **kw)
     if family == 'flux2': return _save_tiny_flux2_dev(dst, **kw)
     if family == 'sd2-v': kw = dict(text_act='gelu', linear_projection=True, **kw)
@@ -312,13 +314,29 @@ def _save_tiny_z_image(dst:Path, **kw) -> Path:
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)  # Z-Image's scheduler settings
     return _save_tiny(dst, ZImagePipeline(tokenizer=qwen, scheduler=scheduler, **z_image_models(**kw, vocab_size=len(qwen))))
 
-def _save_tiny_qwen_image(dst:Path, **kw) -> Path:
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
-    qwen = _qwen_tokenizer(dst)
+QWEN_VL_IMAGES = dict(image_processor_type='Qwen2VLImageProcessor', processor_class='Qwen2VLProcessor', patch_size=14, temporal_patch_size=2, merge_size=2,
+                      min_pixels=3136, max_pixels=12845056, do_resize=True, resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                      image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711], do_convert_rgb=True
+                      ) # the image half of Qwen2.5-VL's processor, as Qwen-Image-Edit's release configures it
+
+def _save_tiny_qwen_image(dst:Path, edit:str|None=None, **kw) -> Path:
+    """Qwen-Image, or with `edit` Qwen-Image-Edit (`'edit'`) or -2511 (`'plus'`: up to three inputs, their patches at timestep 0): its `processor/` folder laid out as
+    the release's (tokenizer and image configuration; `model_index.json` names `Qwen2VLProcessor`)"""
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    qwen = _scratch_tokenizer(dst, lambda d: write_qwen_tokenizer(d, max_length=131072), 'qwen') if edit else _qwen_tokenizer(dst)  # the release's length: an edit prompt holds its input's tokens
     scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
                                                 max_image_seq_len=8192, shift_terminal=0.02, time_shift_type='exponential')  # Qwen-Image's scheduler settings
     ids = qwen.convert_tokens_to_ids(['<|vision_start|>', '<|vision_end|>', '<|image_pad|>'])
-    return _save_tiny(dst, QwenImagePipeline(tokenizer=qwen, scheduler=scheduler, **qwen_image_models(**kw, vocab_size=len(qwen), vision_ids=ids)))
+    pipeline = getattr(diffusers, dict(edit='QwenImageEditPipeline', plus='QwenImageEditPlusPipeline').get(edit, 'QwenImagePipeline'))
+    m = qwen_image_models(**dict(dict(zero_cond_t=edit == 'plus'), **kw), vocab_size=len(qwen), vision_ids=ids)
+    _save_tiny(dst, pipeline(tokenizer=qwen, scheduler=scheduler, **m, **(dict(processor=None) if edit else {})))
+    if edit:
+        qwen.save_pretrained(dst/'processor')
+        (dst/'processor'/'preprocessor_config.json').write_text(json.dumps(QWEN_VL_IMAGES, indent=2))
+        index = json.loads((dst/'model_index.json').read_text())
+        (dst/'model_index.json').write_text(json.dumps(dict(index, processor=['transformers', 'Qwen2VLProcessor']), indent=2))
+    return dst
 
 def _flux2_scheduler():
     from diffusers import FlowMatchEulerDiscreteScheduler

@@ -136,7 +136,7 @@ def _pixels(im:Image.Image):
     return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
 
 def load_pairs(paths:list, inputs:list|None, resolution:int, center_crop:bool=True, seed:int=0, buckets:list|None=None) -> tuple[list, list, list]:
-    "`load_pixels`, and each image's edit inputs (`inputs`: a list of paths per image, or None) fitted to the image's bucket and cropped at the same place in their own frame: (pixels, sizes, each image's input pixels)"
+    "`load_pixels`, and each image's edit inputs (`inputs`: a list of paths per image, or None) fitted to the image's bucket and cropped at the same place in their own frame: (pixels, sizes, each image's fitted input images)"
     rng = None if center_crop else np.random.default_rng(seed)
     out, sizes, ins = [], [], []
     for k, p in enumerate(paths):
@@ -148,7 +148,7 @@ def load_pairs(paths:list, inputs:list|None, resolution:int, center_crop:bool=Tr
         if inputs is None: continue
         row = []
         for q in inputs[k]:
-            with Image.open(q) as im: row.append(_pixels(fit_bucket(to_upright_rgb(im), size, at=at)[0]))
+            with Image.open(q) as im: row.append(fit_bucket(to_upright_rgb(im), size, at=at)[0])
         ins.append(row)
     return out, sizes, ins
 
@@ -211,7 +211,7 @@ def _shard_losses(per:list, ts:list, at, k:int, n_prior:int, prior_loss_weight:f
 # %% ../nbs/04_train.ipynb #d00b1a9c
 @dataclass
 class ImageLatents:
-    "Images' latent distributions, encoded once and grouped by size: bucket b's are `mean[b]` and `std[b]` ([n_b, views, C, h, w]; the second view, with `random_flip`, the mirror image); image i is row `row[i]` of bucket `bucket[i]`; `extra`: each image's own conditioning per view ([N, views, ...]: SDXL's size and crop ids); `inputs`: an edit pair's input images' latent means, input k's `inputs[k][b]` laid out as `mean[b]`, conditioning the denoiser as `control`, `control_2`, ..."
+    "Images' latent distributions, encoded once and grouped by size: bucket b's are `mean[b]` and `std[b]` ([n_b, views, C, h, w]; the second view, with `random_flip`, the mirror image); image i is row `row[i]` of bucket `bucket[i]`; `extra`: each image's own conditioning per view ([N, views, ...]: SDXL's size and crop ids); `inputs`: an edit pair's input images' latent means, input k's `inputs[k][b]` laid out as `mean[b]`, conditioning the denoiser as `control`, `control_2`, ...; `input_images`: each image's inputs as fitted (PIL), which a family whose prompt reads them encodes"
     sizes:list # each bucket's (width, height) in pixels
     bucket:np.ndarray
     row:object # a tensor on the device
@@ -219,14 +219,15 @@ class ImageLatents:
     std:list
     extra:dict
     inputs:list = field(default_factory=list)
+    input_images:list = field(default_factory=list)
 
     def _inputs(self, bucket:int, rows, view, scaling, shift) -> dict:
         return {EDIT_INPUTS[k]: (per[bucket][rows, view] - shift) * scaling for k, per in enumerate(self.inputs)}  # as the pipeline encodes an input: its mean
 
     def sample(self, idx, bucket:int, flip:bool, gen, scaling:float, shift:float=0.0) -> tuple:
-        "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; and their own conditioning (an edit pair's inputs flipped with them)"
+        "Latents drawn for images `idx` (all of `bucket`), each flipped with probability 1/2 when `flip`; their own conditioning (an edit pair's inputs flipped with them); and the view each was drawn in (1: flipped)"
         latents, view = sample_latents(self.mean[bucket], self.std[bucket], self.row[idx], flip, gen, scaling, shift)
-        return latents, {**{k: v[idx, view] for k, v in self.extra.items()}, **self._inputs(bucket, self.row[idx], view, scaling, shift)}
+        return latents, {**{k: v[idx, view] for k, v in self.extra.items()}, **self._inputs(bucket, self.row[idx], view, scaling, shift)}, view
 
     def fixed(self, idx, draws:int, scaling:float, shift:float=0.0) -> list:
         "The unflipped mean latents of images `idx`, each `draws` times, a (latents, their image indices, their conditioning) group per bucket: what a checkpoint is scored on"
@@ -251,13 +252,13 @@ def encode_latents(vae, paths:list, s:TrainingSettings, buckets:list|None, famil
         ids = np.flatnonzero(bucket == b); row[ids] = np.arange(len(ids))
         m, sd = encode_images(vae, torch.stack([pixels[i] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)
         mean.append(m); std.append(sd)
-        for k in range(n_in): latents_in[k].append(encode_images(vae, torch.stack([ins[i][k] for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)[0])
+        for k in range(n_in): latents_in[k].append(encode_images(vae, torch.stack([_pixels(ins[i][k]) for i in ids]), s.random_flip, s.sample_batch_size, device, dtype, family)[0])
     def views(original, corner, size):  # the mirror image's crop starts as far from the scaled image's right edge as this one's from its left
         scaled_w = round(original[1] * max(size[0] / original[0], size[1] / original[1]))
         return [corner] + [(corner[0], scaled_w - corner[1] - size[1])] * s.random_flip
     rows = [[size_conditioning(family, o, c, size) for c in views(o, corner, size)] for o, corner, size in sizes]
     extra = {k: torch.tensor([[v[k] for v in r] for r in rows], device=device, dtype=torch.float32) for k in rows[0][0]}
-    return ImageLatents([(h, w)[::-1] for h, w in shapes], bucket, torch.as_tensor(row, device=device), mean, std, extra, latents_in)
+    return ImageLatents([(h, w)[::-1] for h, w in shapes], bucket, torch.as_tensor(row, device=device), mean, std, extra, latents_in, ins)
 
 # %% ../nbs/04_train.ipynb #ff36da86
 def _adamw8bit(device):
@@ -462,8 +463,8 @@ def best_checkpoint(scores:dict, final_step:int|None=None) -> dict|None:
     return dict(checkpoint=name(step), step=step, score=scores[step]['score'], latest=name(latest), latest_score=scores[latest]['score'])
 
 # %% ../nbs/04_train.ipynb #87778596
-def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:dict, s:TrainingSettings, device, weight_dtype, family:Family, inputs:list|None=None) -> list[Path]:
-    """Write the validation images of `epoch` (at `step`): `num_validation_images` per prompt, from each validation prompt's cached conditioning in `conds` (and the negative prompt's, `uncond`), each with what made it in its PNG text; then the epoch's grid and `progress.png`.
+def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], unconds:list[dict], s:TrainingSettings, device, weight_dtype, family:Family, inputs:list|None=None) -> list[Path]:
+    """Write the validation images of `epoch` (at `step`): `num_validation_images` per prompt, from each validation prompt's cached conditioning in `conds` (and its negative prompt's in `unconds`), each with what made it in its PNG text; then the epoch's grid and `progress.png`.
     An edit model edits `inputs[k]` (input image paths) with prompt k, and each grid row starts with the input and the base model's edit (`validation/before_KK.png`, made once, the LoRA off)"""
     import inspect, torch
     if not s.num_validation_images: return []
@@ -474,7 +475,7 @@ def validate(run:RunDir, epoch:int, step:int, m:dict, conds:list[dict], uncond:d
     guidance = s.validation_guidance_scale if s.validation_guidance_scale is not None else inspect.signature(pipe.__call__).parameters[family.guidance_arg].default
     out, paths, rows = run.validation(epoch), [], []
     out.mkdir(parents=True, exist_ok=True)
-    for k, (prompt, cond) in enumerate(zip(s.validation_prompt, conds)):
+    for k, (prompt, cond, uncond) in enumerate(zip(s.validation_prompt, conds, unconds)):
         edit = [fitted_image(p, (s.resolution, s.resolution)) for p in inputs[k]] if inputs else []
         draw = lambda n: pipe(**prompt_kwargs(family, cond, uncond, n, device, weight_dtype), num_inference_steps=s.validation_inference_steps, **{family.guidance_arg: guidance},
                               height=s.resolution, width=s.resolution, generator=[torch.Generator(device).manual_seed(s.seed + i) for i in range(n)],
@@ -849,24 +850,23 @@ def encode_inputs(self:Training):
     images = self.inst + self.heldout  # the held-out ones last: the training images crop as they would with none held out
     orders = [shuffled_captions(caption(i), s.keep_tokens, CAPTION_ORDERS, s.seed) if s.shuffle_caption else [caption(i)] for i in images]
     if s.shuffle_caption: log.info(f"shuffle_caption: {sum(map(len, orders))} orders of the {len(images)} captions' tags encoded (keep_tokens {s.keep_tokens})")
-    prompts = sorted({p for o in orders for p in o} | ({spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
     if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
     if s.validation_negative_prompt and not self.model.family.negative_prompt:
         log.warning(f"{self.model.family.name} has no negative prompt (its guidance is embedded): validation_negative_prompt is not used")
-    self.prompts = prompts
-    self.refresh_conditioning(first=True)
-    width = max(map(len, orders))  # each image's orders as one row of prompt indices, a shorter list repeated to fill it
-    prompt_of = torch.tensor([[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], device=device)
     family, buckets = self.model.family, training_buckets(s, s.resolution)
     n = family.edit_inputs(max((len(i.entry.controls) for i in images), default=0))
     inputs = [i.entry.controls[:n] for i in images] if n else None  # an edit model's: each pair's input images
     self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed, inputs)  # the pixels in the VAE's own dtype (fp32 under fp16)
+    self.val_images = None
     if inputs:
         self.val_inputs = [inputs[(len(self.inst) + j) % len(images)] for j in range(len(s.validation_prompt))]  # the held-out pairs' inputs first
+        self.val_images = [[fitted_image(p, (s.resolution, s.resolution)) for p in row] for row in self.val_inputs]  # as validation gives them to the pipeline
         log.info(f"edit pairs: {family.name} trains on {len(images)} images, each with its input image{'s' * (n > 1)} from {', '.join(f + '/' for f in CONTROL_FOLDERS[:n])}; "
                  f"validation edits {', '.join(Path(p[0]).name for p in self.val_inputs)}")
+    prompt_of, empty_of = self.prompt_table(orders, self.latents.input_images if family.prompt_reads_inputs and inputs else None)
+    self.refresh_conditioning(first=True)
     n, (self.scaling, self.shift) = len(self.inst), family.latent_scaling(vae, device)
     self.inst_prompt = prompt_of[:n]
     if buckets: log.info("aspect-ratio buckets (enable_bucket), with the training images in each: " + ', '.join(f"{w}x{h} ({(self.latents.bucket[:n] == b).sum()})" for b, (w, h) in enumerate(self.latents.sizes)))
@@ -875,10 +875,10 @@ def encode_inputs(self:Training):
     self.score_prior = None
     if self.cls_paths:  # square at the resolution: a batch whose instance images are in another bucket runs them through the denoiser apart
         self.cls_latents = encode_latents(vae, self.cls_paths, s, None, family, device, vae.dtype, s.seed + 1)
-        self.cls_prompt = prompts.index(spec.prior_class_prompt)
+        self.cls_prompt = self.prompts.index(spec.prior_class_prompt)
         self.score_prior = [(lat, torch.full_like(ids, self.cls_prompt), extra)
                             for lat, ids, extra in self.cls_latents.fixed(range(min(HELDOUT_CLASS_IMAGES, len(self.cls_paths))), HELDOUT_DRAWS, self.scaling, self.shift)]
-    self.empty_prompt = prompts.index('') if s.caption_dropout_rate else None
+    self.empty_prompt = empty_of
     if self.encoders: log.info(f"train_text_encoder: a LoRA on the {' and '.join(self.encoders)} too; each step encodes its prompts, which is slower than the cached embeddings")
     for k in [k for k in m if k.startswith('text_encoder') and k not in self.encoders]: m[k] = None  # the cached embeddings are all training and validation need
     del encoders
@@ -886,26 +886,54 @@ def encode_inputs(self:Training):
     if device.type != 'cpu': vae.to('cpu'); torch.cuda.empty_cache()
 
 @patch
+def prompt_table(self:Training, orders:list, input_images:list|None=None) -> tuple:
+    """The run's prompts (`self.prompts`: every order of every caption, the class prompt, the empty prompt of caption dropout) and, on the device, each image's
+    orders as a row of indices into them (a shorter list repeated to fill it) and each image's empty prompt. With `input_images` (each image's inputs, for a family
+    whose prompt reads them) a prompt is its image's own, read with its inputs (`self.prompt_images`), and with `random_flip` once more with them flipped, that
+    reading `self.view_prompts` further on"""
+    import torch
+    s, device, width = self.s, self.device, max(map(len, orders))
+    self.prompt_images, self.view_prompts = None, 0
+    if input_images is None:
+        prompts = self.prompts = sorted({p for o in orders for p in o} | ({self.spec.prior_class_prompt} if self.cls_paths else set()) | ({''} if s.caption_dropout_rate else set()))
+        table, empty = [[prompts.index(o[j % len(o)]) for j in range(width)] for o in orders], [prompts.index('') if s.caption_dropout_rate else 0] * len(orders)
+    else:
+        own = [list(o) + [''] * bool(s.caption_dropout_rate) for o in orders]
+        start = np.cumsum([0] + [len(o) for o in own]).tolist()
+        table = [[start[i] + j % len(o) for j in range(width)] for i, o in enumerate(orders)]
+        empty = [start[i] + len(o) - 1 for i, o in enumerate(own)]
+        views = [input_images] + [[[im.transpose(Image.FLIP_LEFT_RIGHT) for im in row] for row in input_images]] * s.random_flip
+        self.prompts = [p for o in own for p in o] * len(views)
+        self.prompt_images = [view[i] for view in views for i, o in enumerate(own) for _ in o]
+        self.view_prompts = start[-1] if s.random_flip else 0
+        log.info(f"{self.model.family.name} reads each prompt with its pair's input images: {len(self.prompts)} prompts encoded, each image's own")
+    return torch.tensor(table, device=device), torch.tensor(empty, device=device)
+
+@patch
 def refresh_conditioning(self:Training, first:bool=False, lora:bool=True):
     """Encode every prompt of the run (training, validation, negative): the conditioning the steps, the scoring and validation read. Done
     `first` of all; with text encoders that train, again before each scoring and validation (without their LoRA, for the base model's score)"""
     import torch
     if not (first or self.encoders): return  # frozen encoders: the first encoding holds, and the encoders are gone
-    s, n = self.s, len(self.prompts)
+    s, n, nv = self.s, len(self.prompts), len(self.s.validation_prompt)
+    negatives = [s.validation_negative_prompt or ''] * (nv if self.prompt_images else 1)  # read with each validation input where the prompt reads inputs
     for enc in self.encoders.values():
         enc.eval()
         if not lora: enc.disable_adapters()
     try:
         with torch.no_grad(), self.accelerator.autocast() if self.encoders else nullcontext():  # a LoRA in fp32 over weights in the run's precision
-            cond = encode_text(self.model.family, self.m, self.prompts + s.validation_prompt + [s.validation_negative_prompt or ''], self.device, self.weight_dtype, s.resolution)
+            cond = encode_text(self.model.family, self.m, self.prompts + s.validation_prompt + negatives, self.device, self.weight_dtype, s.resolution,
+                               images=self.prompt_images + self.val_images * 2 if self.prompt_images else None)
     finally:
         for enc in self.encoders.values():
             if not lora: enc.enable_adapters()
             enc.train()
     if first: self.all_cond = cond
     cond = {k: cond.get(k, v) for k, v in self.all_cond.items()}  # what a frozen encoder gave (FLUX.1's T5, dropped) as it was first encoded
-    self.cond, self.val_uncond = ({k: v[part] for k, v in cond.items()} for part in (slice(None, n), slice(-1, None)))
-    self.val_conds = [{k: v[n + j:n + j + 1] for k, v in cond.items()} for j in range(len(s.validation_prompt))]
+    row = lambda at: {k: t[at:at + 1] for k, t in cond.items()}
+    self.cond = {k: t[:n] for k, t in cond.items()}
+    self.val_conds = [row(n + j) for j in range(nv)]
+    self.val_unconds = [row(n + nv + j % len(negatives)) for j in range(nv)]  # each validation prompt's negative
 
 @patch
 def prompt_conditioning(self:Training, prompt) -> dict:
@@ -984,20 +1012,21 @@ def backward(self:Training, ii, ci, bucket:int=0) -> tuple:
     "The gradients of one batch (instance indices `ii`, all in `bucket`; class indices `ci` or None); its loss, instance loss and prior loss back"
     import torch
     s = self.s
-    (latents, extra), prompt = self.latents.sample(ii, bucket, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii, 0]
+    (latents, extra, view), prompt = self.latents.sample(ii, bucket, s.random_flip, self.gen, self.scaling, self.shift), self.inst_prompt[ii, 0]
     if s.shuffle_caption:  # each example's caption in an order drawn for it; without it, no draw and no gather in the step
         pick = torch.randint(0, self.inst_prompt.shape[1], (len(ii),), generator=self.gen, device=self.gen.device)
         prompt = self.inst_prompt[ii, pick]
     if s.caption_dropout_rate:  # some examples train on the empty prompt, as kohya's caption dropout does
         drop = torch.rand(len(ii), generator=self.gen, device=self.gen.device) < s.caption_dropout_rate
-        prompt = torch.where(drop, torch.full_like(prompt, self.empty_prompt), prompt)
+        prompt = torch.where(drop, self.empty_prompt[ii], prompt)
+    if self.view_prompts: prompt = prompt + view * self.view_prompts  # a prompt read with its input images: the flipped view's reading
     # the whole step under one choice of attention kernels: a backward pass that recomputes the forward (gradient checkpointing) must pick the
     # kernels the forward picked, or their saved tensors differ (CheckpointError on CUDA, where cuDNN's kernel is the default one)
     with training_attention(self.device):
         with self.accelerator.autocast():  # text encoders that train encode here, their LoRA in fp32 over weights in the run's precision
             cond = {**{k: v for k, v in self.prompt_conditioning(prompt).items() if k not in extra}, **extra}  # an image's own conditioning (SDXL's size ids) replaces its prompt's
             if ci is not None:
-                cls, cls_extra = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
+                cls, cls_extra, _ = self.cls_latents.sample(ci, 0, s.random_flip, self.gen, self.scaling, self.shift)
                 cls_cond = {**{k: v for k, v in self.prompt_conditioning(torch.full_like(ci, self.cls_prompt)).items() if k not in cls_extra}, **cls_extra}
                 if cls.shape[1:] == latents.shape[1:]: latents, cond = torch.cat([latents, cls]), {k: torch.cat([v, cls_cond[k]]) for k, v in cond.items()}
                 else: latents, cond = [latents, cls], [cond, cls_cond]  # instance images in a bucket, class images square: a denoiser call each
@@ -1077,7 +1106,7 @@ def validation(self:Training, epoch:int, final:bool=False):
         if not final: self.keep_checkpoint()
         best = best_checkpoint(self.scores)
         log.info(f"checkpoint of step {self.step} (epoch {epoch}): score {sc['score']:.5f} in {time.time() - started:.1f} s" + ('' if final else f"; best so far: step {best['step']} ({best['score']:.5f})"))
-        self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_uncond, self.s, self.device, self.weight_dtype, self.model.family,
+        self.track_images(validate(self.run, epoch, self.step, self.m, self.val_conds, self.val_unconds, self.s, self.device, self.weight_dtype, self.model.family,
                                    getattr(self, 'val_inputs', None)))
 
 @patch

@@ -1,13 +1,13 @@
-"""Edit LoRA: FLUX.1 Kontext trained on (input, edited) pairs, a control/ folder of inputs beside the edited images, as a user trains it:
-the pairs checked, the inputs conditioning every step, validation as input | before | after, the LoRA loaded in the edit pipeline, `generate --image`"""
-import json
+"""Edit LoRA: FLUX.1 Kontext, FLUX.2 and Qwen-Image-Edit trained on (input, edited) pairs, a control/ folder of inputs beside the edited images, as a user trains it:
+the pairs checked, the inputs conditioning every step (and, for Qwen-Image-Edit, every prompt), validation as input | before | after, the LoRA loaded in the edit pipeline, `generate --image`"""
+import json, shutil
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from cerebrium_ft import train as T
-from cerebrium_ft.families import FAMILIES, load_parts
+from cerebrium_ft.families import FAMILIES, load_parts, model_family
 from cerebrium_ft.results import load_pipeline
 from cerebrium_ft.testing import build_tiny_pipeline, make_subject_images
 from conftest import run_cli
@@ -48,7 +48,7 @@ def edits_as_trained(out, model, pipeline_cls, **edit_args):
     edit = lambda p: np.asarray(p(prompt=EDIT, image=image, num_inference_steps=2, height=64, width=64, generator=torch.Generator().manual_seed(0), **edit_args).images[0], dtype=float)
     pipe = load_pipeline(out, device='cpu')
     assert type(pipe) is pipeline_cls and pipe.get_active_adapters()
-    plain = pipeline_cls.from_pretrained(model); plain.set_progress_bar_config(disable=True)
+    plain = model_family(model).family.pretrained_pipeline(model); plain.set_progress_bar_config(disable=True)  # Qwen-Image-Edit's processor without torchvision
     plain.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     tuned = edit(pipe)
     assert np.abs(tuned - edit(plain)).mean() > 1.0
@@ -185,3 +185,54 @@ def test_edit_pairs_train_in_bf16_as_a_cpu_with_amx_picks(pairs, tmp_path, monke
     m = manifest(out)
     assert (m['precision'], m['edit_inputs']) == ('bf16', 1) and all(np.isfinite(col(out, 'loss'))) and seen and all(seen)
     assert Image.open(out/'validation/epoch_0001/grid.png').size == (3 * 64, 64)
+
+def test_qwen_image_edit_reads_each_pairs_input_with_its_prompt_and_learns_the_edit(pairs, tmp_path, monkeypatch):
+    """Qwen-Image-Edit at its defaults but for the run's length: each prompt is read by its language model with its own pair's input (the validation prompt and its
+    negative with the validation input), the held-out pairs' score falls below the base model's, validation shows input | before | after, the LoRA (its kohya
+    file the same) edits in QwenImageEditPipeline, and generate --image edits a photo"""
+    from diffusers import QwenImageEditPipeline
+    read, encode = [], T.encode_text
+    def spy(family, m, prompts, *a, images=None, **kw):
+        read.append((list(prompts), images))
+        return encode(family, m, prompts, *a, images=images, **kw)
+    monkeypatch.setattr(T, 'encode_text', spy)
+    model = str(build_tiny_pipeline(tmp_path/'qie', family='qwen-image-edit'))
+    out = T.train(spec(model, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=40, learning_rate=1e-2, num_validation_images=1, validation_epochs=100,
+                                                                              validation_inference_steps=2, mixed_precision='no')), tmp_path/'run', progress=False)
+    m = manifest(out)
+    assert (m['base_model']['family'], m['edit_inputs']) == ('qwen-image-edit', 1) and m['best']['score'] < 0.95 * m['heldout']['base_model_score'], m['best']
+    prompts, images = read[0]
+    assert len(read) == 1 and len(prompts) == len(images) == 10 + 2 and prompts[-2:] == [EDIT, ''], prompts
+    grey = lambda im: np.asarray(im, dtype=int); controls = sorted((pairs/'control').glob('*.png'))
+    own = {T.fitted_image(c, (64, 64)).tobytes() for c in controls}
+    assert {row[0].tobytes() for row in images[:10]} == own  # each pair's own input, every one
+    assert all(np.ptp(grey(row[0]), axis=-1).max() == 0 for row in images) and images[-1][0].tobytes() == images[-2][0].tobytes()
+    log = (out/'logs.txt').read_text()
+    assert "Qwen-Image-Edit reads each prompt with its pair's input images: 10 prompts encoded, each image's own" in log
+    assert Image.open(out/'validation/epoch_0008/grid.png').size == (3 * 64, 64)  # 10 images, 5 steps an epoch
+    edits_as_trained(out, model, QwenImageEditPipeline, pairs=pairs)
+    photo = tmp_path/'photo.png'; Image.open(controls[0]).resize((96, 64)).save(photo)
+    r = run_cli('generate', out, EDIT, '--image', photo, '-n', '2', '--steps', '1', '--device', 'cpu', '--output', tmp_path/'edit.png')
+    assert r.returncode == 0 and Image.open(tmp_path/'edit.png').size == (2 * 64, 48), r.stderr
+
+def test_qwen_image_edit_plus_trains_on_two_inputs_each_read_as_a_picture(pairs, tmp_path, monkeypatch):
+    "Qwen-Image-Edit-2511 with two inputs per pair (control/, control_2/): both reach every step and the language model, a third --image is refused, two edit"
+    two = tmp_path/'two'; shutil.copytree(pairs, two)
+    (two/'control_2').mkdir()
+    for c in (two/'control').glob('*.png'): Image.open(c).transpose(Image.FLIP_LEFT_RIGHT).save(two/'control_2'/c.name)
+    seen, predict, read, encode = [], T.predict, [], T.encode_text
+    def spy(fam, net, noisy, t, cond):
+        seen.append(cond['control'].shape == cond['control_2'].shape == noisy.shape)
+        return predict(fam, net, noisy, t, cond)
+    monkeypatch.setattr(T, 'predict', spy)
+    monkeypatch.setattr(T, 'encode_text', lambda family, m, prompts, *a, images=None, **kw: read.append(images) or encode(family, m, prompts, *a, images=images, **kw))
+    model = str(build_tiny_pipeline(tmp_path/'qiep', family='qwen-image-edit-plus'))
+    out = T.train(spec(model, two, training_prompt=EDIT, training_args=dict(max_train_steps=4, num_validation_images=1, validation_inference_steps=1, mixed_precision='no')),
+                  tmp_path/'run', progress=False)
+    assert manifest(out)['edit_inputs'] == 2 and seen and all(seen) and all(len(row) == 2 for row in read[0])
+    assert "each with its input images from control/, control_2/" in (out/'logs.txt').read_text()
+    a, b = sorted((two/'control').glob('*.png'))[0], sorted((two/'control_2').glob('*.png'))[0]
+    r = run_cli('generate', out, EDIT, '--image', a, b, a, b, '--device', 'cpu', '--output', tmp_path/'none.png')
+    assert r.returncode == 2 and "--image: Qwen-Image-Edit-2509/2511 takes 3 input images, got 4" in r.stderr, r.stderr
+    r = run_cli('generate', out, EDIT, '--image', a, b, '-n', '1', '--steps', '1', '--device', 'cpu', '--output', tmp_path/'edit.png', '--json')
+    assert r.returncode == 0 and json.loads(r.stdout)['image'] == [str(a), str(b)], r.stderr

@@ -17,14 +17,14 @@ from .sdxl import SDXL
 from .flux import FLUX, KONTEXT, FLUX_BLOCK_TARGETS, FLUX_GUIDANCE, FLUX_TARGETS, latent_image_ids
 from .sd3 import SD3
 from .z_image import Z_IMAGE
-from .qwen_image import QWEN_IMAGE
+from .qwen_image import QWEN_IMAGE, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS
 from .flux2 import FLUX2, FLUX2_BLOCK_TARGETS, FLUX2_KLEIN, FLUX2_TARGETS, bfl_name
 
 # %% auto #0
 __all__ = ['FAMILIES', 'OLDEST_RESULTS', 'trained_families', 'family_named', 'model_family', 'resolution_for']
 
 # %% ../../nbs/00a_families.ipynb #941fa1f3
-FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2, KONTEXT)}
+FAMILIES = {f.key: f for f in (SD1, SD2, SDXL, FLUX, SD3, Z_IMAGE, QWEN_IMAGE, FLUX2_KLEIN, FLUX2, KONTEXT, QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS)}
 OLDEST_RESULTS = 'sd1' # the family of results made before the manifest named one
 
 def trained_families() -> str:

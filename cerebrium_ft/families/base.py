@@ -139,6 +139,8 @@ class Family:
     pretrained_extra = {}               # what `from_pretrained` of its pipeline takes besides the model
     controls = 0                        # the most input images an edit pair may have (FLUX.1 Kontext 1, FLUX.2's reference images 3); 0: it trains on images alone
     edit_only = False                   # whether it trains on (input, edited) pairs only (FLUX.1 Kontext); else pairs where a dataset gives inputs, images alone where it gives none
+    prompt_reads_inputs = False         # whether its prompt encoding reads an edit pair's input images (Qwen-Image-Edit's vision-language encoder): a pair's conditioning is then its own
+    vl_processors = ()                  # folders of a vision-language processor its pipeline takes (Qwen-Image-Edit's `processor`), loaded by `load_processor`
     processor_tokenizers = ()           # tokenizer folders its release saves as a processor (FLUX.2 [dev]'s Pixtral one, which transformers loads only with torchvision): loaded as the tokenizer they hold
     assembly_extra = {}                 # what its pipeline's constructor takes besides the parts training loads
     guidance_arg = 'guidance_scale'     # its pipeline's argument for the guidance scale validation samples with
@@ -170,7 +172,7 @@ class Family:
 
     def model_parts(self) -> list[str]:
         "The folders of its pipeline that training loads: its tokenizers and text encoders, VAE, denoiser and scheduler"
-        return [p for tok, enc, _ in self.text_parts for p in (tok, enc)] + ['vae', self.denoiser, 'scheduler']
+        return [p for tok, enc, _ in self.text_parts for p in (tok, enc)] + list(self.vl_processors) + ['vae', self.denoiser, 'scheduler']
 
     def info(self, read) -> ModelInfo:
         "What a model of this family predicts and the resolution it was made for, from its configuration files (`read(file)` gives one, or None); a family whose pipeline class another shares may answer for it"
@@ -262,6 +264,11 @@ def load_tokenizer(self:Family, model:str, revision:str, subfolder:str):
     return tok
 
 @patch
+def load_processor(self:Family, model:str, revision:str, subfolder:str):
+    "The vision-language processor in folder `subfolder` of pipeline `model` (`vl_processors`); a family with one says how it loads"
+    raise FamilyError(f"{self.name} has no vision-language processor ({subfolder}/)")
+
+@patch
 def load_parts(self:Family, model:str, revision:str, quantize:str='none', dtype=None) -> dict:
     "The tokenizers, text encoders, VAE, denoiser (`quantize`d nf4 or 8bit on CUDA, computing in `dtype`) and noise scheduler of pipeline `model` (a local folder or a Hub id)"
     import diffusers, transformers
@@ -270,6 +277,7 @@ def load_parts(self:Family, model:str, revision:str, quantize:str='none', dtype=
     for tok, enc, cls in self.text_parts:
         m[tok] = self.load_tokenizer(model, revision, tok)
         m[enc] = getattr(transformers, cls).from_pretrained(model, subfolder=enc, **kw)
+    for p in self.vl_processors: m[p] = self.load_processor(model, revision, p)
     q = _quantization(quantize, dtype) if quantize != 'none' else {}
     return dict(m, vae=getattr(diffusers, self.vae_class).from_pretrained(model, subfolder='vae', **kw),
                 **{self.denoiser: getattr(diffusers, self.denoiser_class).from_pretrained(model, subfolder=self.denoiser, **kw, **q)},
@@ -295,9 +303,8 @@ def latent_scaling(self:Family, vae, device) -> tuple:
 def text_pipeline(self:Family, m:dict):
     "Its pipeline holding the text encoders and tokenizers of parts `m` alone: what its own `encode_prompt` needs"
     import inspect
-    parts = [name for name in inspect.signature(self.pipeline_class().__init__).parameters if name != 'self']
-    return self.pipeline_class()(**{name: m.get(name) for name in parts if name.startswith(('tokenizer', 'text_encoder'))},
-                                 **{name: None for name in parts if not name.startswith(('tokenizer', 'text_encoder'))})
+    parts, text = [name for name in inspect.signature(self.pipeline_class().__init__).parameters if name != 'self'], ('tokenizer', 'text_encoder', *self.vl_processors)
+    return self.pipeline_class()(**{name: m.get(name) for name in parts if name.startswith(text)}, **{name: None for name in parts if not name.startswith(text)})
 
 # %% ../../nbs/00b_family_base.ipynb #16ec5fae
 def lora_layers_problem(model:str, revision:str, family:Family, lora_layers:str) -> str|None:
@@ -328,8 +335,8 @@ def encode_prompts(tokenizer, text_encoder, prompts:list, device, dtype, grad:bo
     with torch.set_grad_enabled(grad): return text_encoder(token_ids(tokenizer, prompts).to(device))[0].to(dtype)
 
 @patch
-def encode_text(self:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
-    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt (here the text encoder's last hidden states, 'embeds'); with `grad`, the gradients reach the text encoders that train"
+def encode_text(self:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False, images:list|None=None) -> dict:
+    "Each prompt's conditioning at `resolution`, as a dict of tensors whose first axis is the prompt (here the text encoder's last hidden states, 'embeds'); with `grad`, the gradients reach the text encoders that train; `images` (each prompt's input images) a family whose prompt reads them (`prompt_reads_inputs`) reads"
     return dict(embeds=encode_prompts(m['tokenizer'], m['text_encoder'], prompts, device, dtype, grad))
 
 @patch
@@ -337,9 +344,9 @@ def size_conditioning(self:Family, original:tuple[int, int], crop:tuple[int, int
     "What a training image adds to its prompt's conditioning, from its `original` size, the (top, left) corner of its `crop` in the scaled image and the `target` size it trains at (each height first): nothing, but for a family conditioned on them"
     return {}
 
-def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False) -> dict:
-    "`family`'s conditioning of each of `prompts` (`Family.encode_text`)"
-    return family.encode_text(m, prompts, device, dtype, resolution, grad)
+def encode_text(family:Family, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False, images:list|None=None) -> dict:
+    "`family`'s conditioning of each of `prompts` (`Family.encode_text`), with each one's input `images` where its prompt reads them"
+    return family.encode_text(m, prompts, device, dtype, resolution, grad, **(dict(images=images) if family.prompt_reads_inputs else {}))
 
 def size_conditioning(family:Family, original:tuple[int, int], crop:tuple[int, int], target:tuple[int, int]) -> dict:
     "What a training image adds to its prompt's conditioning in `family` (`Family.size_conditioning`)"
@@ -425,9 +432,10 @@ def pretrained_kwargs(self:Family) -> dict:
 
 @patch
 def pretrained_pipeline(self:Family, model:str, revision:str='main', **kw):
-    "Its pipeline loaded whole from `model` (a local folder, or a Hub id at `revision`; `from_pretrained` with `kw`), the tokenizers its release saves as processors (`processor_tokenizers`) loaded as the tokenizers they hold"
-    pipe = self.pipeline_class().from_pretrained(model, **self.pretrained_kwargs(), **{t: None for t in self.processor_tokenizers}, **_source(model, revision), **kw)
+    "Its pipeline loaded whole from `model` (a local folder, or a Hub id at `revision`; `from_pretrained` with `kw`), the tokenizers its release saves as processors (`processor_tokenizers`) loaded as the tokenizers they hold, a vision-language processor as `load_processor` loads it"
+    pipe = self.pipeline_class().from_pretrained(model, **self.pretrained_kwargs(), **{t: None for t in self.processor_tokenizers + self.vl_processors}, **_source(model, revision), **kw)
     if self.processor_tokenizers: pipe.register_modules(**{t: self.load_tokenizer(model, revision, t) for t in self.processor_tokenizers})
+    if self.vl_processors: pipe.register_modules(**{p: self.load_processor(model, revision, p) for p in self.vl_processors})
     return pipe
 
 @patch
@@ -439,13 +447,13 @@ def sampling_scheduler(self:Family, config):
 @patch
 def assemble_pipeline(self:Family, m:dict, scheduler):
     "Its pipeline from the parts `m` (as `load_parts` gives them; text encoders may have been dropped after caching) and `scheduler`"
-    names = [p for tok, enc, _ in self.text_parts for p in (tok, enc)]
+    names = [p for tok, enc, _ in self.text_parts for p in (tok, enc)] + list(self.vl_processors)
     return self.pipeline_class()(scheduler=scheduler, vae=m['vae'], **{self.denoiser: denoiser_of(self, m)}, **{k: m.get(k) for k in names}, **self.assembly_extra)
 
 @patch
 def edit_inputs(self:Family, given:int) -> int:
-    "How many inputs each pair trains with, for a dataset whose images have at most `given`: all an edit-only model takes, else those given, up to its most"
-    return self.controls if self.edit_only else min(given, self.controls)
+    "How many inputs each pair trains with, for a dataset whose images have at most `given`: those given, up to its most; an edit-only model at least one"
+    return max(min(given, self.controls), 1 if self.edit_only else 0)
 
 @patch
 def edit_kwargs(self:Family, inputs:list, width:int, height:int) -> dict:

@@ -6,10 +6,12 @@ Docs: https://cerebrium-ft.github.io/cerebrium-ft/qwen_image.html.md"""
 
 # %% ../../nbs/00h_qwen_image.ipynb #c97d9552
 from __future__ import annotations
-from .base import UNET_TARGETS, FlowMatching
+import functools
+from .base import EDIT_INPUTS, UNET_TARGETS, FlowMatching, _source
 
 # %% auto #0
-__all__ = ['QWEN_IMAGE_TARGETS', 'QWEN_IMAGE_BLOCK_TARGETS', 'QWEN_IMAGE', 'QwenImage']
+__all__ = ['QWEN_IMAGE_TARGETS', 'QWEN_IMAGE_BLOCK_TARGETS', 'QWEN_IMAGE', 'QWEN_IMAGE_EDIT', 'QWEN_IMAGE_EDIT_PLUS', 'QwenImage',
+           'qwen_vl_processor', 'QwenImageEdit', 'QwenImageEditPlus']
 
 # %% ../../nbs/00h_qwen_image.ipynb #07cca96e
 QWEN_IMAGE_TARGETS = UNET_TARGETS # the image stream's attention projections, as diffusers' example
@@ -42,13 +44,16 @@ class QwenImage(FlowMatching):
         return 1 / stat('latents_std'), stat('latents_mean')
 
     def predict(self, denoiser, noisy, t, cond:dict):
-        "The transformer's velocity for `noisy` latents, packed into 2x2 patches with their grid, at the timestep σ"
+        "The transformer's velocity for `noisy` latents, packed into 2x2 patches with their grid, at the timestep σ; an edit pair's input latents (`control`, ...) packed after them, each with its own grid"
+        import torch
         from diffusers import QwenImagePipeline
         dt = denoiser.dtype
         b, c, h, w = noisy.shape
-        out = denoiser(hidden_states=QwenImagePipeline._pack_latents(noisy.to(dt), b, c, h, w), encoder_hidden_states=cond['embeds'].to(dt),
-                       encoder_hidden_states_mask=cond['mask'], timestep=t.to(dt) / 1000, img_shapes=[(1, h // 2, w // 2)] * b, return_dict=False)[0]
-        return QwenImagePipeline._unpack_latents(out, h, w, 1).squeeze(2)  # sizes in latent pixels: a VAE factor of 1
+        parts = [noisy] + [cond[k] for k in EDIT_INPUTS if k in cond]
+        hidden = torch.cat([QwenImagePipeline._pack_latents(x.to(dt), b, c, *x.shape[2:]) for x in parts], 1)
+        out = denoiser(hidden_states=hidden, encoder_hidden_states=cond['embeds'].to(dt), encoder_hidden_states_mask=cond['mask'], timestep=t.to(dt) / 1000,
+                       img_shapes=[[(1, x.shape[2] // 2, x.shape[3] // 2) for x in parts]] * b, return_dict=False)[0]
+        return QwenImagePipeline._unpack_latents(out[:, :h * w // 4], h, w, 1).squeeze(2)  # the noisy patches' velocity; sizes in latent pixels: a VAE factor of 1
 
     def prompt_kwargs(self, cond:dict, uncond:dict, n:int, device, dtype) -> dict:
         "The pipeline's prompt and negative prompt embeddings with their masks"
@@ -61,3 +66,72 @@ class QwenImage(FlowMatching):
         return f"diffusion_model.{module}" if part == self.denoiser else super().kohya_key(part, module)
 
 QWEN_IMAGE = QwenImage()
+
+# %% ../../nbs/00h_qwen_image.ipynb #968e4d33
+@functools.cache
+def _images_and_text_processor():
+    from transformers import Qwen2VLProcessor
+    class Qwen2VLImageTextProcessor(Qwen2VLProcessor):
+        "Qwen2-VL's processor of images and text, without its video processor"
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+    return Qwen2VLImageTextProcessor
+
+def qwen_vl_processor(image_processor, tokenizer):
+    "Qwen2-VL's processor of `image_processor`'s images and `tokenizer`'s text (its `<|image_pad|>` expanded to each image's tokens), without the video processor that needs torchvision"
+    return _images_and_text_processor()(image_processor=image_processor, tokenizer=tokenizer)
+
+class QwenImageEdit(QwenImage):
+    "Qwen-Image-Edit: Qwen-Image's transformer reading an input image's latent patches after the noisy ones, its prompt read by Qwen2.5-VL together with the input image"
+    key, name, pipeline = 'qwen-image-edit', 'Qwen-Image-Edit', 'QwenImageEditPipeline'
+    controls, edit_only, prompt_reads_inputs, vl_processors = 1, True, True, ('processor',)
+    hub_tags = ('qwen-image', 'qwen-image-edit', 'image-editing')
+    prompt_area = 1024 * 1024  # the area its pipeline scales an input to before the language model reads it
+
+    def load_processor(self, model:str, revision:str, subfolder:str):
+        "Its processor (`qwen_vl_processor`) from the tokenizer and image configuration in folder `subfolder`"
+        from transformers import AutoTokenizer, Qwen2VLImageProcessorPil
+        kw = _source(model, revision)
+        return qwen_vl_processor(Qwen2VLImageProcessorPil.from_pretrained(model, subfolder=subfolder, **kw), AutoTokenizer.from_pretrained(model, subfolder=subfolder, **kw))
+
+    def prompt_images(self, pipe, images:list) -> list:
+        "Input `images` (PIL) as its pipeline `pipe` gives them to the language model: each scaled to `prompt_area` in its own shape, sides multiples of 32"
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+        return [pipe.image_processor.resize(im, *calculate_dimensions(self.prompt_area, im.width / im.height)[1::-1]) for im in images]
+
+    def vl_input(self, pipe, images:list):
+        "What its pipeline's prompt encoding takes as the image: the first input"
+        return self.prompt_images(pipe, images[:1])[0]
+
+    def encode_text(self, m:dict, prompts:list, device, dtype, resolution:int=512, grad:bool=False, images:list|None=None) -> dict:
+        "'embeds' and 'mask' of each prompt read with its input `images` (a list per prompt) by its pipeline's own encoding, a prompt at a time, padded to the longest"
+        import torch
+        if images is None or len(images) != len(prompts): raise ValueError(f"{self.name} reads each prompt with its input images: give a list of them per prompt")
+        pipe = self.text_pipeline(m)
+        with torch.no_grad(): parts = [pipe._get_qwen_prompt_embeds([p], self.vl_input(pipe, ims), device) for p, ims in zip(prompts, images)]
+        longest = max(e.shape[1] for e, _ in parts)
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0) * (t.ndim - 2) + (0, longest - t.shape[1]))
+        return dict(embeds=torch.cat([pad(e) for e, _ in parts]).to(dtype), mask=torch.cat([pad(k) for _, k in parts]))
+
+    def prompt_kwargs(self, cond:dict, uncond:dict, n:int, device, dtype) -> dict:
+        "The prompt's and negative prompt's embeddings once, `n` images of them (its 2509/2511 pipeline takes one prompt at a time)"
+        return dict(super().prompt_kwargs(cond, uncond, 1, device, dtype), num_images_per_prompt=n)
+
+    def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
+        "The input image (its pipeline scales it to a megapixel, as it does every input)"
+        return dict(image=inputs[0])
+
+class QwenImageEditPlus(QwenImageEdit):
+    "Qwen-Image-Edit-2509/2511: up to three input images, each read by the language model as a numbered picture at 384x384 px worth, their latent patches after the noisy ones"
+    key, name, pipeline = 'qwen-image-edit-plus', 'Qwen-Image-Edit-2509/2511', 'QwenImageEditPlusPipeline'
+    controls, prompt_area = 3, 384 * 384
+
+    def vl_input(self, pipe, images:list):
+        "What its pipeline's prompt encoding takes as the image: every input, in order"
+        return self.prompt_images(pipe, images)
+
+    def edit_kwargs(self, inputs:list, width:int, height:int) -> dict:
+        "The input images, in order"
+        return dict(image=list(inputs))
+
+QWEN_IMAGE_EDIT, QWEN_IMAGE_EDIT_PLUS = QwenImageEdit(), QwenImageEditPlus()
