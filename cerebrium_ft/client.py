@@ -13,7 +13,7 @@ import requests
 from fastcore.basics import patch
 from fastcore.xdg import xdg_config_home
 from .config import FINAL, JobSpec
-from .dataset import read_dataset
+from .dataset import read_dataset, validation_inputs
 from .results import atomic_path
 
 # %% auto #0
@@ -209,6 +209,9 @@ def submit(self:Client, spec:JobSpec, progress=None, idempotency_key:str|None=No
     if any(e.caption is not None for e in images): fields += [('captions', json.dumps([e.caption for e in images]))]  # the server writes them beside the images
     inputs = [(i, k, c) for i, e in enumerate(images) for k, c in enumerate(e.controls) if c is not None]  # an edit pair's inputs: the server puts each beside its image
     if inputs: fields += [('controls', (c.name, c.read_bytes())) for _, _, c in inputs] + [('control_index', json.dumps([[i, k] for i, k, _ in inputs]))]
+    for p in [p for row in validation_inputs(spec.training_args.validation_images, spec.dataset) or [] for p in row]:  # the server keeps them with the job and names them in its spec
+        try: fields.append(('validation_images', (p.name, p.read_bytes())))
+        except OSError as e: raise ApiError(f"validation_images: cannot read {p} ({type(e).__name__}); give an image's path, relative to the dataset folder or absolute") from None
     if spec.prior_class_image_dir: fields += [('class_images', (e.path.name, e.path.read_bytes())) for e in _entries(spec.prior_class_image_dir)]
     body, ctype = encode_multipart_formdata(fields)
     key = idempotency_key or uuid.uuid4().hex  # every retry of this upload carries it: the server makes one job

@@ -190,6 +190,7 @@ class TrainingSettings(SeedSettings):
     checkpointing_steps:int = Field(500, ge=1, le=_BIG, description="Save a resumable checkpoint every this many optimizer steps")
     checkpointing_minutes:float = Field(5.0, ge=0.01, le=1e6, description="Also save one when this long has passed since the last (and at epoch ends when that costs under 2% of the time)")
     validation_prompt:Optional[list[str]] = Field(None, min_length=1, max_length=8, description="Prompt for validation images, or a list of up to 8 (a row each in the validation grids); None means the training prompt")
+    validation_images:Optional[list[str | list[str]]] = Field(None, min_length=1, max_length=8, description="An edit LoRA's inputs to edit at each validation, a row each: an image's path per validation prompt (for a model of several inputs, a list of as many paths as its pairs have), relative to the dataset folder unless absolute; a single validation prompt edits each. None: the held-out pairs' inputs, then the training pairs'")
     validation_negative_prompt:Optional[str] = Field(None, max_length=1000, description="Negative prompt for validation images (FLUX.1 [dev] has none: its guidance is embedded)")
     validation_guidance_scale:Optional[float] = Field(None, ge=0.0, le=30.0, description="Classifier-free guidance scale of validation images; None means the pipeline's own (7.5 SD, 5 SDXL, 3.5 FLUX.1)")
     validation_inference_steps:int = Field(25, ge=1, le=200, description="Denoising steps of each validation image")
@@ -246,6 +247,16 @@ class TrainingSettings(SeedSettings):
         if v is None: return v
         if (bad := next((p for p in v if not p.strip() or len(p) > 1000), None)) is not None:
             raise ValueError(f"each validation prompt must be 1 to 1000 characters; got {_short(bad)}")
+        return v
+
+    @field_validator('validation_images')
+    @classmethod
+    def _inputs(cls, v:list|None) -> list|None:
+        if v is None: return v
+        for entry in v:
+            paths = [entry] if isinstance(entry, str) else entry
+            if not 1 <= len(paths) <= 3 or any(not p.strip() or len(p) > 1000 for p in paths):
+                raise ValueError(f"each of validation_images must be an image's path (1 to 1000 characters), or a list of 1 to 3 of them; got {_short(entry)}")
         return v
 
     @field_validator('lora_layers')

@@ -18,9 +18,10 @@ from .results import file_sha256
 __all__ = ['SEVERITIES', 'FORMATS', 'MIN_IMAGES', 'MAX_IMAGES', 'MAX_PIXELS', 'MAX_ASPECT', 'SIDECAR_SUFFIXES', 'UNUSABLE',
            'CONTROL_FOLDERS', 'TRIGGER_PLACEHOLDERS', 'WORK_SIDE', 'DECODED_BYTES', 'BLUR_THRESHOLD', 'DUPLICATE_BITS',
            'COLOUR_LIMITS', 'Finding', 'Entry', 'read_dataset', 'inputs_given', 'caption_beside', 'with_trigger',
-           'shuffled_captions', 'perceptual_hash', 'hamming', 'sharpness', 'colour_stats', 'ImageInfo', 'bucket_sizes',
-           'training_buckets', 'bucket_for', 'fit_bucket', 'decoded_pixels', 'decoded_bytes', 'inspect_image',
-           'to_upright_rgb', 'DatasetReport', 'check_dataset', 'Prepared', 'prepare_dataset']
+           'shuffled_captions', 'validation_inputs', 'validation_problem', 'perceptual_hash', 'hamming', 'sharpness',
+           'colour_stats', 'ImageInfo', 'bucket_sizes', 'training_buckets', 'bucket_for', 'fit_bucket',
+           'decoded_pixels', 'decoded_bytes', 'inspect_image', 'to_upright_rgb', 'DatasetReport', 'check_dataset',
+           'Prepared', 'prepare_dataset']
 
 # %% ../nbs/01_dataset.ipynb #17e50136
 SEVERITIES = ('error', 'warning', 'info')
@@ -133,6 +134,30 @@ def shuffled_captions(caption:str, keep_tokens:int=0, n:int=8, seed:int=0) -> li
         if len(out) >= want: break
         if (c := ', '.join(head + [tail[i] for i in rng.permutation(len(tail))])) not in out: out.append(c)
     return out
+
+# %% ../nbs/01_dataset.ipynb #87417acc
+def validation_inputs(given:list|None, dataset) -> list[list[Path]]|None:
+    "The paths of `validation_images` setting `given`, a list per validation edit (a relative path in folder `dataset`); None for none"
+    if not given: return None
+    at = lambda p: Path(p).expanduser() if Path(p).expanduser().is_absolute() else Path(dataset).expanduser()/p
+    return [[at(p) for p in ([e] if isinstance(e, str) else e)] for e in given]
+
+def validation_problem(given:list|None, prompts:list|None, dataset, family:str, pairs:int) -> str|None:
+    "What is wrong with `validation_images` setting `given` (with validation prompts `prompts`) for family `family` trained on pairs of `pairs` inputs, or None"
+    paths = validation_inputs(given, dataset)
+    if paths is None: return None
+    if not pairs: return f"validation_images are an edit LoRA's inputs to edit, and {family} trains on this dataset's images alone (no control/ folder): leave validation_images unset"
+    if prompts and len(prompts) > 1 and len(prompts) != len(paths):
+        return f"validation_images gives {len(paths)} edits for {len(prompts)} validation prompts: give one per prompt, or a single prompt to edit each"
+    for row in paths:
+        if len(row) != pairs: return f"validation_images: {', '.join(p.name for p in row)} is {len(row)} input{'s' * (len(row) > 1)}, and each pair trains with {pairs}: give {pairs} per edit"
+        for p in row:
+            try:
+                with Image.open(p) as im:
+                    if im.width * im.height > MAX_PIXELS: return f"validation_images: {p.name} is {im.width}x{im.height}, over {MAX_PIXELS/1e6:.0f} megapixels: downscale it"
+                    im.verify()
+            except (OSError, ValueError) as e: return f"validation_images: {p.name} is not an image that can be read ({type(e).__name__}); give a JPEG, PNG or WEBP file's path, relative to the dataset folder or absolute"
+    return None
 
 # %% ../nbs/01_dataset.ipynb #6bddcb96
 _DCT32 = np.cos(np.pi * np.outer(np.arange(32), 2*np.arange(32) + 1) / 64)

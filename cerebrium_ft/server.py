@@ -13,7 +13,7 @@ from pathlib import Path
 from . import __version__
 from typing import Literal
 from .config import FINAL, MAX_JSON_DEPTH, JobSpec, SettingsError, TrainingSettings, is_hub_id, json_depth, model_problem
-from .dataset import CONTROL_FOLDERS, check_dataset, decoded_pixels, inputs_given
+from .dataset import CONTROL_FOLDERS, check_dataset, decoded_pixels, inputs_given, validation_problem
 from .executor import Complaints, Executor, is_out_of_space, trouble
 from .families import FamilyError, HubUnreachable, model_family
 from .results import ResultsError, RunDir, atomic_path, choose_checkpoint, read_metrics, without_paths
@@ -26,12 +26,13 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 # %% auto #0
-__all__ = ['DB_RETRY_AFTER', 'LOCAL_MODEL_REFUSED', 'MAX_FILES', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'MAX_CHECKS', 'MAX_DECODE_MB',
-           'MAX_UPLOAD_MEGAPIXELS', 'PIL_BLOCK_MB', 'service_routes', 'SCHEMAS', 'job_routes', 'project_routes',
-           'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'DatabaseOutage', 'RequireKey', 'DataDirBusy',
-           'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'MemoryBudget', 'CheckSlots', 'create_job',
-           'Service', 'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema', 'submit', 'get_job',
-           'get_logs', 'cancel', 'list_jobs', 'results', 'weights', 'metrics', 'images', 'image', 'create_app']
+__all__ = ['DB_RETRY_AFTER', 'LOCAL_MODEL_REFUSED', 'MAX_FILES', 'UPLOAD_SUFFIXES', 'MAX_CAPTION', 'VALIDATION_UPLOADS',
+           'MAX_CHECKS', 'MAX_DECODE_MB', 'MAX_UPLOAD_MEGAPIXELS', 'PIL_BLOCK_MB', 'service_routes', 'SCHEMAS',
+           'job_routes', 'project_routes', 'result_routes', 'ROUTERS', 'OPEN_PATHS', 'BodyLimit', 'DatabaseOutage',
+           'RequireKey', 'DataDirBusy', 'open_data_dir', 'server_id', 'close_data_dir', 'server_model', 'MemoryBudget',
+           'CheckSlots', 'create_job', 'Service', 'service', 'project', 'own_job', 'job_here', 'health', 'me', 'schema',
+           'submit', 'get_job', 'get_logs', 'cancel', 'list_jobs', 'results', 'weights', 'metrics', 'images', 'image',
+           'create_app']
 
 # %% ../nbs/08_server.ipynb #dd507586
 class BodyLimit:
@@ -161,10 +162,10 @@ def _parse_spec(text:str) -> dict:
     if json_depth(d) > MAX_JSON_DEPTH: raise HTTPException(400, f"spec nests more than {MAX_JSON_DEPTH} levels deep: send a JSON object of the job's fields")
     return d
 
-def _submission_sha256(spec:str, images:list, class_images:list, controls:list=()) -> str:
+def _submission_sha256(spec:str, images:list, class_images:list, controls:list=(), validation_images:list=()) -> str:
     "What a submission holds (spec and every file), to tell a retried submission from another one under the same idempotency key"
     h = hashlib.sha256(spec.encode())
-    for field, files in (('images', images), ('class_images', class_images), ('controls', controls)):
+    for field, files in (('images', images), ('class_images', class_images), ('controls', controls), ('validation_images', validation_images)):
         for f in files:
             h.update(field.encode()); f.file.seek(0)
             for block in iter(lambda: f.file.read(1 << 20), b''): h.update(hashlib.sha256(block).digest())
@@ -199,6 +200,21 @@ def _save_controls(files:list, pairs:list, dataset:Path, images:list):
     "Each edit pair's input beside the dataset, in its input's folder (`control/`, `control_2/`, ...) under its image's saved name, its own image suffix kept"
     for f, (i, k) in zip(files, pairs):
         _save_uploads([f], dataset/CONTROL_FOLDERS[k], 'control')[0].rename(dataset/CONTROL_FOLDERS[k]/(images[i].stem + UPLOAD_SUFFIXES.get(Path(f.filename or '').suffix.lower(), '.img')))
+
+VALIDATION_UPLOADS = '.validation' # in a job's dataset folder: the uploaded validation_images (a hidden folder: the dataset reader passes it by)
+
+def _with_validation_uploads(d:dict, saved:list) -> dict:
+    "Spec `d` with its `validation_images` naming the uploaded files `saved` in order (paths in the job's dataset folder), never a path of the client's; a 400 where they do not match"
+    ta = d.get('training_args') if isinstance(d.get('training_args'), dict) else {}
+    given = ta.get('validation_images')
+    given = [given] if isinstance(given, str) else given
+    count = sum(1 if isinstance(e, str) else len(e) if isinstance(e, list) else 10**6 for e in given) if isinstance(given, list) else (0 if given is None else -1)
+    if count != len(saved):
+        raise HTTPException(400, f"validation_images: the spec names {max(count, 0)} input images to edit and {len(saved)} were uploaded: upload each with the job, in the order "
+                                 "the spec names them (cerebrium-ft train-diffuser does)")
+    if not saved: return d
+    names = iter(f"{VALIDATION_UPLOADS}/{p.name}" for p in saved)
+    return {**d, 'training_args': {**ta, 'validation_images': [next(names) if isinstance(e, str) else [next(names) for _ in e] for e in given]}}
 
 def _write_captions(paths:list, captions:list):
     "Each caption in a `.txt` beside its saved image, where the dataset reader looks for it"
@@ -276,22 +292,25 @@ def _write_job_folder(tmp:Path, d:dict, class_images:bool, model_dirs, limit:tup
     if problem: raise HTTPException(400, f"on the server: {problem}")
     try:  # a video pipeline is refused now, not after its download; a Hub id is never a folder of the server's
         info = model_family(model, js.revision, local=not is_hub_id(model))
-        native, controls = info.resolution, info.family.edit_inputs(inputs_given(tmp/'dataset'))
-    except HubUnreachable: native, controls = 512, 0  # the Hub is down or out of reach from here: the job checks again when it starts
+        native, controls, family = info.resolution, info.family.edit_inputs(inputs_given(tmp/'dataset')), info.family.name
+    except HubUnreachable: native, controls, family = 512, 0, None  # the Hub is down or out of reach from here: the job checks again when it starts
     except FamilyError as e: raise HTTPException(400, f"on the server: {e}") from None
     _check_uploads(tmp, class_images, js.training_args.resolution or native, project, controls)
+    ta = js.training_args
+    if family and (problem := validation_problem(ta.validation_images, ta.validation_prompt, tmp/'dataset', family, controls)): raise HTTPException(400, problem)
     server_spec = JobSpec.from_dict({**js.to_dict(), 'hf_model_path': model})
     with os.fdopen(os.open(tmp/'spec.json', os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), 'w') as f: f.write(server_spec.to_json())
     return js
 
 # %% ../nbs/08_server.ipynb #81020c57
 def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:str, spec:str, images:list, class_images:list,
-               idempotency_key:str|None=None, captions:str|None=None, controls:list=(), control_index:str|None=None) -> tuple[dict, bool]:
-    "Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job. `controls`: edit pairs' input images, `control_index` saying whose"
-    if len(images) + len(class_images) + len(controls) > MAX_FILES:
-        raise HTTPException(413, f"{len(images) + len(class_images) + len(controls)} files: at most {MAX_FILES} per job (10-15 instance images and their inputs, the rest class images)")
+               idempotency_key:str|None=None, captions:str|None=None, controls:list=(), control_index:str|None=None, validation_images:list=()) -> tuple[dict, bool]:
+    """Check and store a submission as a queued job: (the job, whether it is new); an idempotency key already used returns its job. `controls`: edit pairs' input images,
+    `control_index` saying whose; `validation_images`: the inputs the spec's `validation_images` names, in its order"""
+    if (n := len(images) + len(class_images) + len(controls) + len(validation_images)) > MAX_FILES:
+        raise HTTPException(413, f"{n} files: at most {MAX_FILES} per job (10-15 instance images and their inputs, the rest class images)")
     d, caps, pairs = _parse_spec(spec), _parse_captions(captions, len(images)), _parse_control_index(control_index, len(controls), len(images))
-    digest = (_submission_sha256(spec + '\n' + (captions or '') + '\n' + (control_index or ''), images, class_images, controls)
+    digest = (_submission_sha256(spec + '\n' + (captions or '') + '\n' + (control_index or ''), images, class_images, controls, validation_images)
               if idempotency_key else None)  # read the uploads again only to match a retry
     if idempotency_key and (found := store.job_for_key(pid, idempotency_key)): return _replayed(found, digest), False
     job_id = new_job_id()
@@ -300,6 +319,7 @@ def create_job(store:Store, executor:Executor, data_dir:Path, model_dirs, pid:st
         saved = _save_uploads(images, tmp/'dataset', 'image')
         _write_captions(saved, caps); _save_controls(controls, pairs, tmp/'dataset', saved)
         if class_images: _save_uploads(class_images, tmp/'class_images', 'class')
+        d = _with_validation_uploads(d, _save_uploads(validation_images, tmp/'dataset'/VALIDATION_UPLOADS, 'valid') if validation_images else [])
         js = _write_job_folder(tmp, d, bool(class_images), model_dirs, executor.job_limit(), pid)
         tmp.rename(jd)  # the folder is whole before the job exists: nothing can claim it half-written
         try: return store.add_job(pid, js.name, js.to_dict(), job_id, idempotency_key, digest, js.training_args.gpus), True
@@ -386,10 +406,10 @@ job_routes = APIRouter(prefix='/v1/jobs', tags=['jobs'])
 @job_routes.post('', status_code=201)
 def submit(response:Response, spec:str=Form(...), images:list[UploadFile]=File(...), class_images:list[UploadFile]=File(default=[]),
            captions:str|None=Form(None), controls:list[UploadFile]=File(default=[]), control_index:str|None=Form(None),
-           pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
+           validation_images:list[UploadFile]=File(default=[]), pid:str=Depends(project), idempotency_key:str|None=Header(None, max_length=200), svc:Service=Depends(service)):
     """Queue a job (`captions`: a JSON list, one caption or null per image; `controls`, an edit model's input images, with `control_index`: a JSON list of
-    [image index, input number] pairs, one per control file); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"""
-    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions, controls, control_index)
+    [image index, input number] pairs, one per control file; `validation_images`, the inputs the spec's validation_images names, in its order); a repeated Idempotency-Key returns the job it made (200, Idempotent-Replayed: true) instead of a second one"""
+    job, new = create_job(svc.store, svc.executor, svc.data_dir, svc.model_dirs, pid, spec, images, class_images, idempotency_key, captions, controls, control_index, validation_images)
     if not new: response.status_code = 200; response.headers['Idempotent-Replayed'] = 'true'
     return svc.shown(job)
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from . import __version__
 from .config import JobSpec, TrainingSettings, SettingsError, model_problem
-from .dataset import CONTROL_FOLDERS, TRIGGER_PLACEHOLDERS, DatasetReport, inputs_given, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
+from .dataset import CONTROL_FOLDERS, TRIGGER_PLACEHOLDERS, DatasetReport, inputs_given, validation_inputs, validation_problem, bucket_for, check_dataset, fit_bucket, shuffled_captions, training_buckets, to_upright_rgb, with_trigger
 from .families import (EDIT_INPUTS, FAMILIES, Family, FamilyError, HubUnreachable, ModelInfo, assemble_pipeline, denoiser_of, download_model, encode_text, family_named, load_parts,
                                    lora_layers_problem, lora_targets, model_family, noised, peft_targets, pipeline_class, predict, prompt_kwargs, prompt_tokens, sampling_scheduler,
                                    size_conditioning, snr_weights, text_encoders, text_lora_targets)
@@ -94,6 +94,7 @@ def preflight(spec:JobSpec, output_dir) -> DatasetReport:
     if pairs and spec.prior_preservation:
         raise TrainingError(f"prior preservation: {model.family.name} trains on (input, edited) pairs, and class images of a prompt are no such pair; "
                             f"leave prior_class_prompt and prior_class_image_dir unset (an edit LoRA keeps to its edit by its instruction)")
+    if (problem := validation_problem(s.validation_images, s.validation_prompt, spec.dataset, model.family.name, pairs)): raise TrainingError(problem)
     resolution, step = s.resolution or model.resolution, model.family.pixel_multiple
     for name, v in [('resolution', resolution)] + [('bucket_reso_steps', s.bucket_reso_steps)] * s.enable_bucket:
         if v % step: raise TrainingError(f"{name} must be a multiple of {step} for {model.family.name} (its latents are packed in 2x2 patches); got {v}, try {max(step, v // step * step)}")
@@ -852,7 +853,9 @@ def encode_inputs(self:Training):
     if s.shuffle_caption: log.info(f"shuffle_caption: {sum(map(len, orders))} orders of the {len(images)} captions' tags encoded (keep_tokens {s.keep_tokens})")
     if (own := sum(bool(i.entry.caption) for i in self.inst)):
         log.info(f"captions: {own} of {len(self.inst)} images have their own; {'none' if own == len(self.inst) else 'the others'} train on the training prompt")
-    if s.validation_prompt is None: self.s = s = s.model_copy(update=dict(validation_prompt=[spec.training_prompt]))  # the settings validation reads say it
+    own = validation_inputs(s.validation_images, spec.dataset)  # the user's inputs to edit at each validation, where given
+    if s.validation_prompt is None or (own and len(s.validation_prompt) == 1):  # the settings validation reads say its prompts: one prompt edits each given input
+        self.s = s = s.model_copy(update=dict(validation_prompt=(s.validation_prompt or [spec.training_prompt]) * (len(own) if own else 1)))
     if s.validation_negative_prompt and not self.model.family.negative_prompt:
         log.warning(f"{self.model.family.name} has no negative prompt (its guidance is embedded): validation_negative_prompt is not used")
     family, buckets = self.model.family, training_buckets(s, s.resolution)
@@ -861,7 +864,7 @@ def encode_inputs(self:Training):
     self.latents = encode_latents(vae, [i.entry.path for i in images], s, buckets, family, device, vae.dtype, s.seed, inputs)  # the pixels in the VAE's own dtype (fp32 under fp16)
     self.val_images = None
     if inputs:
-        self.val_inputs = [inputs[(len(self.inst) + j) % len(images)] for j in range(len(s.validation_prompt))]  # the held-out pairs' inputs first
+        self.val_inputs = own or [inputs[(len(self.inst) + j) % len(images)] for j in range(len(s.validation_prompt))]  # else the held-out pairs' inputs first
         self.val_images = [[fitted_image(p, (s.resolution, s.resolution)) for p in row] for row in self.val_inputs]  # as validation gives them to the pipeline
         log.info(f"edit pairs: {family.name} trains on {len(images)} images, each with its input image{'s' * (n > 1)} from {', '.join(f + '/' for f in CONTROL_FOLDERS[:n])}; "
                  f"validation edits {', '.join(Path(p[0]).name for p in self.val_inputs)}")

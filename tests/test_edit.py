@@ -113,10 +113,14 @@ def test_an_edit_model_refuses_a_dataset_without_pairs_and_prior_preservation(ko
         T.train(spec(kontext, lone, training_prompt=EDIT), tmp_path/'refused')
     with pytest.raises(T.TrainingError, match="prior preservation: FLUX.1 Kontext trains on \\(input, edited\\) pairs"):
         T.train(spec(kontext, lone, training_prompt=EDIT, prior_class_prompt='a photo of a robot', num_prior_class_images=2), tmp_path/'refused')
+    with pytest.raises(T.TrainingError, match="validation_images are an edit LoRA's inputs to edit, and Stable Diffusion 1.x trains on this dataset's images alone"):
+        T.train(spec(str(build_tiny_pipeline(tmp_path/'sd')), lone, training_args=dict(validation_images=['robot_00.jpg'])), tmp_path/'refused')
     assert not (tmp_path/'refused').exists()
 
 def test_pairs_train_through_the_service_and_bad_pairs_are_refused(tmp_path, pairs):
-    "train-diffuser uploads each input with its image; the job trains on the pairs and its zip loads in the Kontext pipeline. Inputs that name no image, or an image without its input, are refused with nothing stored"
+    """train-diffuser uploads each input with its image, and the inputs validation_images names (a photo of the user's, its path replaced in the job's spec by the
+    upload's); the job trains on the pairs, edits that photo at validation, and its zip loads in the Kontext pipeline. Inputs that name no image, an image without
+    its input, validation_images without their upload or not an image are refused with nothing stored"""
     import requests
     from diffusers import FluxKontextPipeline
     from test_service import Server, submit
@@ -124,9 +128,13 @@ def test_pairs_train_through_the_service_and_bad_pairs_are_refused(tmp_path, pai
     s = Server(tmp_path/'data', model_dir=tmp_path/'models').start()
     try:
         s.key = next(w for w in s.output().split() if w.startswith('cft_'))
-        r = submit(s, model, pairs, steps=6, follow=True, extra=dict(mixed_precision='no'))
+        photo = tmp_path/'mine'/'photo.png'; photo.parent.mkdir(); Image.open(pairs/'control'/'robot_03.png').resize((80, 64)).save(photo)
+        r = submit(s, model, pairs, steps=6, follow=True, extra=dict(mixed_precision='no', validation_images=[str(photo)], validation_inference_steps=1))
         assert r.returncode == 0, r.stderr
         j = json.loads(r.stdout); assert j['status'] == 'succeeded', j
+        jd = s.data_dir/'jobs'/j['id']
+        assert json.loads((jd/'spec.json').read_text())['training_args']['validation_images'] == ['.validation/valid_000.png']  # never the client's path
+        assert [Image.open(p).text['input'] for p in jd.glob('results/validation/epoch_*/00.png')] == ['valid_000.png']  # the photo, edited
         inputs = sorted(p.name for p in (s.data_dir/'jobs'/j['id']/'dataset'/'control').iterdir())
         assert len(inputs) == 10 and all(n.startswith('image_') and n.endswith('.png') for n in inputs), inputs  # under the saved images' names
         assert run_cli('download-model', j['id'], s.key, '--output', tmp_path/'k.zip', '--url', s.url).returncode == 0
@@ -143,6 +151,13 @@ def test_pairs_train_through_the_service_and_bad_pairs_are_refused(tmp_path, pai
             assert r.status_code == 400 and 'control_index must be a JSON list of 10 distinct [image index, input number] pairs' in r.text, (index, r.text)
         r = post(inputs[:9], json.dumps([[i, 0] for i in range(9)]))  # the last image without its input
         assert r.status_code == 400 and any(f['code'] == 'control-missing' for f in r.json()['detail']['findings']), r.text
+        index = json.dumps([[i, 0] for i in range(10)])
+        spec = json.dumps(dict(name='edit', hf_model_path=str(model), training_prompt=EDIT, training_args=dict(resolution=64, validation_images=['/home/me/car.png'])))
+        r = post(inputs, index)  # named, not uploaded
+        assert r.status_code == 400 and 'validation_images: the spec names 1 input images to edit and 0 were uploaded' in r.text, r.text
+        r = requests.post(f"{s.url}/v1/jobs", data={'spec': spec, 'control_index': index}, headers={'Authorization': f"Bearer {s.key}"},
+                          files=[('images', (p.name, p.read_bytes())) for p in photos] + [('controls', (c.name, c.read_bytes())) for c in inputs] + [('validation_images', ('car.png', b'not a png'))])
+        assert r.status_code == 400 and 'validation_images: valid_000.png is not an image that can be read' in r.text, r.text
         assert not any((s.data_dir/'uploads').iterdir()) and len(list((s.data_dir/'jobs').iterdir())) == 1  # the one job that trained
     finally: s.stop()
 
