@@ -58,6 +58,16 @@ def test_benchmark_quality_mode_prints_learning_beside_the_reference():
     assert all(float(f[4]) >= float(f[6]) and (k == 'reference' or float(f[4]) > float(f[6]) and float(f[5]) > 0) for k, f in figures.items()), r.stdout  # the snapshots' time (our scoring) is off the training clock
     assert "target: ours reaches the reference's final held-out loss" in r.stdout
 
+def test_benchmark_edit_quality_mode_prints_an_edit_learnt_beside_the_kontext_reference():
+    "--edit-quality: our trainer and the Kontext example's loop on the same pairs; the held-out pairs' loss with each LoRA, own input and another's, is printed, never asserted"
+    script = Path(__file__).resolve().parent.parent/'tools'/'benchmark.py'
+    r = subprocess.run([sys.executable, script, '--edit-quality', '--models', 'kontext-tiny', '--steps', '10', '--lr', '1e-2'], capture_output=True, text=True, timeout=3600)
+    assert r.returncode == 0, r.stderr
+    rows = {l.split()[0]: l.split()[1:] for l in r.stdout.splitlines() if l.startswith(('base ', 'reference ', 'ours '))}
+    assert set(rows) == {'base', 'reference', 'ours'} and all(len(f) == 4 for f in rows.values()), r.stdout  # held-out loss, of base, another input, job s
+    assert float(rows['base'][1]) == 1.0 and all(float(f[0]) > 0 and float(f[2]) > 0 for f in rows.values()), r.stdout
+    assert "8 pairs trained on ('make it colour': a photo from its grey version), 2 held out" in r.stdout and 'target: ours lowers' in r.stdout
+
 def test_memory_table_weighs_the_released_denoisers_on_the_meta_device():
     "tools/memory_table.py builds each released denoiser from its configuration on the meta device: its parameter count is the size its makers state, and its weights shrink as base_quantization says"
     script = Path(__file__).resolve().parent.parent/'tools'/'memory_table.py'

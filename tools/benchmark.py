@@ -14,6 +14,8 @@ and FLUX.1 ('flux-tiny', 'flux-cpu', and 'flux': its 11.9 B-parameter transforme
 families at the tiny and CPU sizes ('sd3-tiny', 'sd3-cpu', 'z-image-tiny', 'z-image-cpu', 'qwen-image-tiny', 'qwen-image-cpu', 'flux2-klein-tiny',
 'flux2-klein-cpu'), each beside the reference loop with that family's encoding. A path to a diffusers folder works too.
 
+    .venv/bin/python tools/benchmark.py --edit-quality --models kontext-tiny --steps 80 --lr 1e-2  # an edit LoRA from image pairs, beside diffusers' Kontext example's loop
+
     .venv/bin/python tools/benchmark.py --models sd15 --batch 1 && .venv/bin/python tools/benchmark.py --models sd15 --batch 2   # on a GPU
     .venv/bin/python tools/benchmark.py --models sdxl,flux --batch 1 --steps 20 --no-fp32-check                               # on a large GPU"""
 import argparse, json, os, re, resource, subprocess, sys, tempfile, time
@@ -27,7 +29,8 @@ def presets() -> dict:
             'sd15': ('sd1', t.SD15_ARCHITECTURE, 512), 'sdxl': ('sdxl', t.SDXL_ARCHITECTURE, 1024), 'flux': ('flux', t.FLUX_ARCHITECTURE, 1024),
             **{f"{f}-tiny": (f, {}, 64) for f in ('sd3', 'z-image', 'qwen-image', 'flux2-klein')},
             'sd3-cpu': ('sd3', t.SD3_PROPORTIONED, 256), 'z-image-cpu': ('z-image', t.Z_IMAGE_PROPORTIONED, 256),
-            'qwen-image-cpu': ('qwen-image', t.QWEN_IMAGE_PROPORTIONED, 256), 'flux2-klein-cpu': ('flux2-klein', t.FLUX2_KLEIN_PROPORTIONED, 256)}
+            'qwen-image-cpu': ('qwen-image', t.QWEN_IMAGE_PROPORTIONED, 256), 'flux2-klein-cpu': ('flux2-klein', t.FLUX2_KLEIN_PROPORTIONED, 256),
+            'kontext-tiny': ('kontext', {}, 64), 'kontext-cpu': ('kontext', t.FLUX_PROPORTIONED, 256)}
 
 def _build(name, root):
     from cerebrium_ft.testing import build_tiny_pipeline
@@ -446,6 +449,121 @@ def quality(args):
           "Times are training time: the job's (job s) less what the benchmark's snapshots cost (snaps s: our checkpoint scoring at each validation, the reference's LoRA saves). "
           "Random-weight models: these figures say whether the loop learns as fast as the reference's, not how good a LoRA of a real model looks.")
 
+EDIT = 'make it colour' # the edit quality mode's instruction: each pair is a photo (the target) and its grey version (the input)
+
+def edit_loss(model:str, lora:str|None, targets:list, inputs:list, res:int, seed:int=1234) -> float:
+    "The mean denoising loss of edit pairs (`targets`, each with its input in `inputs`) under `EDIT`, with the LoRA in folder `lora` (None: the base model), on fixed draws"
+    import torch
+    from cerebrium_ft.families import denoiser_of, encode_text, load_parts, model_family, noised, predict
+    from cerebrium_ft.train import load_pixels
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()  # a bar per load, five loads a run
+    family = model_family(model).family
+    m = load_parts(model, 'main', family); net, vae = denoiser_of(family, m), m['vae']
+    if lora: net.load_lora_adapter(lora, weight_name='pytorch_lora_weights.safetensors', prefix=family.denoiser)
+    (scaling, shift), total = family.latent_scaling(vae, 'cpu'), []
+    with torch.no_grad():
+        encode = lambda paths: (family.latent_dist(vae, torch.stack(load_pixels(paths, res)[0]))[0] - shift) * scaling
+        latents, control = encode(targets), encode(inputs)
+        cond = {k: v.expand(len(targets), *v.shape[1:]) for k, v in encode_text(family, m, [EDIT], 'cpu', torch.float32, res).items()}
+        for k in range(QUALITY_DRAWS):
+            noisy, t, target = noised(family, m['noise_scheduler'], latents, torch.Generator().manual_seed(seed + k))
+            total += (predict(family, net, noisy, t, dict(cond, control=control)) - target).square().mean(dim=(1, 2, 3)).tolist()
+    return sum(total) / len(total)
+
+def reference_edit(args, family, model, res, root, device):
+    """The per-step work of diffusers' `train_dreambooth_lora_flux_kontext.py` at its defaults, as a baseline loop: the instruction's embeddings computed once,
+    then each step loads its targets and their inputs from disk, encodes both with the VAE (a draw of each distribution, as the example), noises the targets
+    by flow matching with uniform noise levels, runs the transformer forward and backward with the inputs' packed latents after the noisy ones (position ids
+    whose first axis is 1) and the guidance embedding at 3.5, PEFT LoRA on the same modules as ours, AdamW with clipping at 1.0"""
+    import random
+    import torch, torch.nn.functional as F
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from cerebrium_ft.families import denoiser_of, encode_text, load_parts, noised, peft_targets, pipeline_class, predict, text_encoders
+    from cerebrium_ft.train import load_pixels
+    t0 = time.perf_counter()
+    m = load_parts(str(model), 'main', family)
+    for _, enc in text_encoders(m): enc.to(device).requires_grad_(False)
+    cond = encode_text(family, m, [EDIT], device, torch.float32, res)
+    for k in [k for k in m if k.startswith('text_encoder')]: m[k] = None
+    vae = m['vae'].to(device).requires_grad_(False)
+    net = denoiser_of(family, m).to(device).requires_grad_(False)
+    net.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights='gaussian', target_modules=peft_targets(net, family.lora_targets)))
+    cast_training_params(net, dtype=torch.float32)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    lr_sched = get_scheduler('constant', opt, num_warmup_steps=0, num_training_steps=args.steps)
+    gen, stamps, (scaling, shift) = torch.Generator(device).manual_seed(0), [], family.latent_scaling(vae, device)
+    targets, rng = sorted(Path(args.data).glob('*.jpg')), random.Random(0)
+    for step in range(args.steps):
+        files = rng.sample(targets, args.batch)
+        with torch.no_grad():
+            draw = lambda paths: (vae.encode(torch.stack(load_pixels(paths, res)[0]).to(device)).latent_dist.sample() - shift) * scaling
+            latents, control = draw(files), draw([Path(args.data)/'control'/f"{f.stem}.png" for f in files])
+        noisy, t, target = noised(family, m['noise_scheduler'], latents, gen)
+        pred = predict(family, net, noisy, t, dict({k: v.expand(len(files), *v.shape[1:]) for k, v in cond.items()}, control=control))
+        _reference_step(F.mse_loss(pred.float(), target.float()), params, opt, lr_sched, stamps)
+    pipeline_class(family).save_lora_weights(root/'out', transformer_lora_layers=get_peft_model_state_dict(net))
+    _print_reference(args, res, t0, stamps, 0, device, lora=str(root/'out'))
+
+def edit_reference(args):
+    "The reference loop on the edit quality mode's pairs; its figures and LoRA folder as JSON"
+    import torch
+    from cerebrium_ft.families import model_family
+    root = Path(tempfile.mkdtemp(prefix='cft-edit-'))
+    model, res = _build(args.model, root)
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    reference_edit(args, model_family(str(model)).family, model, args.resolution or res, root, device)
+
+def edit_quality(args):
+    """--edit-quality: an edit LoRA learnt from pairs (a photo from its grey version) by our trainer and by the reference loop of diffusers' Kontext example
+    (`reference_edit`), on the same model, pairs, steps and learning rate; one evaluator (`edit_loss`) measures the held-out pairs' loss with the base model
+    and each LoRA, each pair given its own input and given another pair's (a LoRA that reads its input does better with its own)"""
+    import shutil
+    from PIL import Image
+    from cerebrium_ft.testing import make_subject_images
+    name = args.models.split(',')[0]
+    if not name.startswith('kontext'): raise SystemExit("--edit-quality measures the FLUX.1 Kontext presets, beside diffusers' Kontext example: kontext-tiny or kontext-cpu")
+    root = Path(tempfile.mkdtemp(prefix='cft-edit-'))
+    model, res = _build(name, root)
+    res = args.resolution or res
+    photos = make_subject_images(root/'all', n=10, size=max(res, 256))
+    (root/'data'/'control').mkdir(parents=True); (root/'held'/'control').mkdir(parents=True)
+    for k, p in enumerate(photos):
+        to = root/('data' if k < 8 else 'held')
+        shutil.copy(p, to/p.name); Image.open(p).convert('L').convert('RGB').save(to/'control'/f"{p.stem}.png")
+    held = sorted((root/'held').glob('*.jpg')); own = [root/'held'/'control'/f"{p.stem}.png" for p in held]
+    common = argparse.Namespace(**{**vars(args), 'data': str(root/'data'), 'resolution': res})
+    runs = [('reference', _run(name, 'edit-reference', common)), ('ours', _run(name, 'edit-ours', common))]
+    print(f"cerebrium-ft edit quality benchmark: {name} (FLUX.1 Kontext), {res} px, {args.steps} steps, lr {args.lr:g}, batch {args.batch}; 8 pairs trained on "
+          f"({EDIT!r}: a photo from its grey version), 2 held out; {QUALITY_DRAWS} fixed draws per pair")
+    print(f"{'trainer':10} {'held-out loss':>13} {'of base':>8} {'another input':>13} {'job s':>6}")
+    base = edit_loss(str(model), None, held, own, res)
+    print(f"{'base':10} {base:>13.5f} {1:>8.3f} {edit_loss(str(model), None, held, own[::-1], res):>13.5f} {'-':>6}")
+    for label, o in runs:
+        loss = edit_loss(str(model), o['lora'], held, own, res)
+        print(f"{label:10} {loss:>13.5f} {loss / base:>8.3f} {edit_loss(str(model), o['lora'], held, own[::-1], res):>13.5f} {o['wall_s']:>6.1f}")
+    print("target: ours lowers the held-out pairs' loss at least as far as the reference loop (of base no higher). 'another input': the same loss with each held-out target given "
+          "the other's input: about the own-input loss, a model that barely reads its input; above it, one that does. Random-weight models: whether the loop learns the "
+          "edit as the reference's does, not how good an edit of a real model looks")
+
+def edit_ours(args):
+    "Our trainer on the edit quality mode's pairs; its LoRA folder and times as JSON"
+    import logging; logging.getLogger('cerebrium_ft').setLevel(logging.WARNING)
+    from cerebrium_ft import train as T
+    from cerebrium_ft.config import JobSpec
+    root = Path(tempfile.mkdtemp(prefix='cft-edit-'))
+    model, res = _build(args.model, root)
+    spec = JobSpec('edit', str(model), args.data, EDIT, training_args=dict(resolution=args.resolution or res, train_batch_size=args.batch, max_train_steps=args.steps,
+                                                                         learning_rate=args.lr, num_validation_images=0, checkpointing_steps=10**6, mixed_precision=args.precision,
+                                                                         **json.loads(args.ours_args or '{}')))
+    out = T.train(spec, root/'run', device=args.device, progress=False)
+    m = json.loads((out/'manifest.json').read_text())
+    print(json.dumps(dict(trainer='ours', precision=m['precision'], optimizer=m['optimizer'], wall_s=m['train_seconds'], lora=str((out/m['lora']['weights']).parent))))
+
 def _run(name, trainer, args):
     "One configuration in a fresh process; its figures"
     flags = sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in vars(args).items()
@@ -476,6 +594,7 @@ def main():
     ap.add_argument('--no-fp32-check', action='store_true', help="skip the run of our trainer in fp32 that checks the loss curve is unchanged")
     ap.add_argument('--no-reference', action='store_true', help="only our trainer")
     ap.add_argument('--quality', action='store_true', help="measure learning instead of speed: held-out loss, class drift and time to the reference's final held-out loss")
+    ap.add_argument('--edit-quality', action='store_true', help="measure an edit LoRA's learning from image pairs (--models kontext-tiny or kontext-cpu) beside the reference loop of diffusers' Kontext example")
     ap.add_argument('--lr', type=float, default=5e-4, help="learning rate of both trainers (5e-4: the seed's default)")
     ap.add_argument('--every', type=int, default=0, help="--quality: keep a LoRA about every this many steps (default: steps / 8)")
     ap.add_argument('--no-snr', action='store_true', help="--quality: skip the run of ours with snr_gamma 5")
@@ -490,8 +609,9 @@ def main():
     ap.add_argument('--class-dir', help=argparse.SUPPRESS)
     ap.add_argument('--snr-gamma', type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.model: return {'ours': child, 'reference': reference, 'quality': quality_child}[args.trainer](args)
+    if args.model: return {'ours': child, 'reference': reference, 'quality': quality_child, 'edit-ours': edit_ours, 'edit-reference': edit_reference}[args.trainer](args)
     if args.quality: return quality(args)
+    if args.edit_quality: return edit_quality(args)
     print(f"cerebrium-ft training benchmark: {args.steps} steps, batch {args.batch}, {args.prior} class images, {os.cpu_count()} CPUs")
     print("reference: a baseline loop doing the diffusers DreamBooth-LoRA example's per-step work (the example script is not vendored)")
     head = f"{'model':10} {'trainer':10} {'device':6} {'px':>4} {'steps/s':>8} {'wall s':>7} {'peak RSS MB':>11}  notes"
