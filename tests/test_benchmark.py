@@ -1,5 +1,5 @@
 "The benchmark script runs and prints its figures (the figures themselves are reported, never asserted)"
-import subprocess, sys
+import re, subprocess, sys
 from pathlib import Path
 
 def test_benchmark_prints_figures():
@@ -12,6 +12,8 @@ def test_benchmark_prints_figures():
     assert 'ours/alike' in r.stdout and 'ref alike' in r.stdout  # like for like: the reference with our precision and class-image sampler
     assert 'class images: DPM-Solver++ 25 steps' in r.stdout and "class images: the pipeline's own scheduler and steps" in r.stdout
     assert 'checkpoint: ' in r.stdout and ' ms' in r.stdout.split('checkpoint: ')[1].splitlines()[0]
+    split = re.search(r'job s: setup ([\d.]+) / class images ([\d.]+) / steps ([\d.]+) .*?\((\d+)% outside the steps\)', line)  # the run's own split, from its manifest
+    assert split and float(split[2]) > 0 and float(split[3]) > 0, line
     import torch
     from cerebrium_ft.speed import resolve_precision
     if resolve_precision('auto', torch.device('cpu')) != 'no':  # half precision here: a fp32 run of ours checks the loss curve

@@ -59,7 +59,7 @@ def child(args):
     for module, names in (('diffusers', ['AutoencoderKL', 'StableDiffusionPipeline', 'UNet2DConditionModel']), ('transformers', ['CLIPTextModel']), ('peft', ['LoraConfig'])):
         for n in names: getattr(importlib.import_module(module), n)  # diffusers and transformers import a class's module when it is first asked for
     # 1. the whole job through train(): load, class images, cache, train, save
-    t0, started = time.perf_counter(), time.time()
+    t0 = time.perf_counter()
     T.train(spec, root/'run', device=str(device), cache=root/'cache', progress=False)
     wall = time.perf_counter() - t0
     peak = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -76,21 +76,16 @@ def child(args):
                breakdown_ms=parts, class_images=args.prior, losses=[float(r['loss']) for r in rows],
                denoiser_gflop_per_step=round(flops / 1e9, 1), ceiling_tflops=round(ceiling / 1e12, 2), flop_fraction=round(flops * steady / ceiling, 4))
     if peak_cuda is not None: out['peak_allocated_mb'] = peak_cuda
-    out['job_s'] = job_phases(root/'run', started, wall)
+    out['job_s'] = job_phases(root/'run', wall)
     out['checkpoint_mb'], out['checkpoint_ms'] = extra['checkpoint']
     if 'attention_ms' in extra: out['attention_ms'] = extra['attention_ms']
     print(json.dumps(out))
 
-def job_phases(run:Path, started:float, wall:float) -> dict:
-    """Where a whole job's wall time went, from its log's timestamps and metrics.csv: setting up (loading the model, class images,
-    caching latents and embeddings, the optimizer), the steps, and what comes after them (the final validation and scoring, saving)"""
-    import datetime, re
-    from cerebrium_ft.train import MetricsLog
-    plan = next(datetime.datetime.strptime(m[1], '%Y-%m-%d %H:%M:%S,%f').timestamp() for line in (run/'logs.txt').read_text().splitlines()
-                if (m := re.match(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ plan:', line)))
-    el = [float(r['elapsed_s']) for r in MetricsLog.read(run/'metrics.csv')]
-    setup, steps = plan - started, (el[-1] - el[0]) * len(el) / max(len(el) - 1, 1)  # the steps at the pace of all but the first
-    return dict(setup=round(setup, 1), steps=round(steps, 1), after=round(wall - setup - steps, 1))  # after: also the first step's extra time
+def job_phases(run:Path, wall:float) -> dict:
+    """Where a whole job's time went, as the run itself split it (the manifest's `time`: setup, class images, steps, checkpoints, validation, saving;
+    validation includes scoring each checkpoint), with `outside`: the share of the job's wall time `wall` not spent in the steps"""
+    split = json.loads((run/'manifest.json').read_text())['time']
+    return dict(split, outside=round(1 - split['steps'] / wall, 3))
 
 def reference(args):
     """The diffusers DreamBooth-LoRA example's per-step work, as a baseline loop (the example script is not vendored here):
@@ -630,7 +625,7 @@ def main():
             note = ', '.join(filter(None, [o.get('precision', 'no').replace('no', 'fp32'), o['optimizer'],
                                            ('class images: ' + ('DPM-Solver++ 25 steps' if o.get('sampler', 'dpm25') == 'dpm25' else "the pipeline's own scheduler and steps")) if o.get('class_images') else '',
                                            f"peak allocated {o['peak_allocated_mb']} MB" if 'peak_allocated_mb' in o else '']))
-            if 'job_s' in o: note += ", job s: setup {setup} / steps {steps} / after {after}".format(**o['job_s'])
+            if 'job_s' in o: note += ", job s: " + ' / '.join(f"{k} {v}" for k, v in o['job_s'].items() if k != 'outside' and v) + f" ({o['job_s']['outside']:.0%} outside the steps)"
             if 'breakdown_ms' in o: note += ", step ms: sample {sample:.1f} / forward {forward:.1f} / backward {backward:.1f} / optimizer {optimizer:.1f}".format(**o['breakdown_ms'])
             if 'flop_fraction' in o: note += f"; denoiser {o['denoiser_gflop_per_step']} GFLOP a step, {o['flop_fraction']:.1%} of a {o['ceiling_tflops']} TFLOP/s matmul"
             if 'flop_fraction' in o and o['device'] == 'cuda': flop_fractions.append((o['model'], trainer, o['flop_fraction']))
