@@ -1,5 +1,5 @@
 "The repository's own contract: library generated from the notebooks, notebooks clean, README from index.ipynb, CI wired to the README"
-import filecmp, re, shutil, subprocess, sys
+import filecmp, json, re, shutil, subprocess, sys
 from pathlib import Path
 import yaml
 
@@ -52,6 +52,22 @@ def test_quarto_config_is_valid_yaml():
     assert q['project']['type'] == 'website'
     assert yaml.safe_load((ROOT/'nbs'/'nbdev.yml').read_text())['website']['title'] == 'cerebrium-ft'
 
+def test_the_readme_is_a_front_door_and_the_guides_are_in_the_sidebar():
+    "The README stays short (under 1,500 words of prose), every guide it links to is in the repository, and the sidebar lists every notebook once: the guides first, in a reader's order"
+    import re
+    readme = (ROOT/'README.md').read_text()
+    assert len(re.sub(r'```.*?```', '', readme, flags=re.S).split()) < 1500
+    links = re.findall(r'\]\((nbs/[^)#]+)\)', readme)
+    assert links and all((ROOT/l).exists() for l in links), [l for l in links if not (ROOT/l).exists()]
+    listed = re.findall(r'- (?:section: \w.*|(\S+\.ipynb))', (ROOT/'nbs'/'sidebar.yml').read_text())
+    listed = [l for l in listed if l]
+    notebooks = sorted(str(p.relative_to(ROOT/'nbs')) for p in (ROOT/'nbs').rglob('*.ipynb') if '.ipynb_checkpoints' not in p.parts)
+    assert sorted(listed) == notebooks and len(set(listed)) == len(listed)
+    titles = [json.loads((ROOT/'nbs'/l).read_text())['cells'][0]['source'][0].strip('# \n') for l in listed if l.startswith('guides/')]
+    assert titles == ['Get started', 'Datasets and captions', 'Training settings', 'Model families', 'The job service', 'Scaling out', 'In a notebook',
+                      'Results and sharing', 'Reliability', 'Speed']
+    assert 'custom_sidebar = true' in (ROOT/'pyproject.toml').read_text()  # nbdev-docs keeps it
+
 def test_setup_takes_torch_from_the_index_it_is_given(tmp_path):
     "tools/setup.sh installs torch first, from TORCH_INDEX_URL when it is set (a fake .venv python records what pip is asked)"
     (tmp_path/'tools').mkdir(); shutil.copy(ROOT/'tools'/'setup.sh', tmp_path/'tools'/'setup.sh')
@@ -65,12 +81,12 @@ def test_setup_takes_torch_from_the_index_it_is_given(tmp_path):
     subprocess.run(['bash', tmp_path/'tools'/'setup.sh'], check=True, env={'PATH': '/usr/bin:/bin'})
     assert (tmp_path/'calls').read_text().splitlines()[0].endswith('--disable-pip-version-check torch==2.13.0')
 
-def test_the_commands_the_readme_says_take_json_do():
-    import re
+def test_the_commands_the_service_page_says_take_json_do():
+    import json, re
     from fastcore.script import anno_parser
     from cerebrium_ft.cli import COMMANDS
-    readme = (ROOT/'README.md').read_text()
-    sentence = readme.split('Every command that reports something takes `--json`', 1)[1].split('.\n', 1)[0]
+    page = ''.join(''.join(c['source']) for c in json.loads((ROOT/'nbs'/'guides'/'05_service.ipynb').read_text())['cells'])  # The job service's page
+    sentence = page.split('Every command that reports something takes `--json`', 1)[1].split('.\n', 1)[0]
     named = re.findall(r'`([a-z-]+)`', sentence)
     assert set(COMMANDS) - set(named) == {'demo', 'run-job', 'train-rank'}, sentence  # all but the demo (a walk-through) and what the job service and torchrun start
     for name in named: assert '--json' in anno_parser(COMMANDS[name])._option_string_actions, name

@@ -1,6 +1,6 @@
 """Write README.md from nbs/index.ipynb, the way nbdev would without Quarto: markdown cells as they are,
-code cells as Python blocks (`#|` directive lines dropped, `#| hide` cells skipped), outputs kept if present; a picture's path
-relative to nbs/ (`images/...`, where the docs site finds it) made relative to the repository's root.
+code cells as Python blocks (`#|` directive lines dropped, `#| hide` cells skipped), outputs kept if present; a picture's or
+a guide's path relative to nbs/ (`images/...`, `guides/...`, where the docs site finds them) made relative to the repository's root.
 `--check` exits 1 when README.md differs from what the notebook gives."""
 import json, sys
 from pathlib import Path
@@ -21,7 +21,7 @@ def _code(cell):
 def render(nb_path=ROOT/'nbs'/'index.ipynb') -> str:
     "README text for notebook `nb_path`"
     cells = json.loads(Path(nb_path).read_text())['cells']
-    blocks = [''.join(c['source']).strip('\n').replace('](images/', '](nbs/images/') if c['cell_type'] == 'markdown' else _code(c) for c in cells]
+    blocks = [''.join(c['source']).strip('\n').replace('](images/', '](nbs/images/').replace('](guides/', '](nbs/guides/') if c['cell_type'] == 'markdown' else _code(c) for c in cells]
     return '\n\n'.join(b for b in blocks if b) + '\n\n' + HEADER + '\n'
 
 if __name__ == '__main__':
