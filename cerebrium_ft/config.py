@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 __all__ = ['LR_SCHEDULES', 'MIXED_PRECISIONS', 'BASE_QUANTIZATIONS', 'TRACKERS', 'WEIGHTING_CHOICES', 'ALIASES',
            'LORA_LAYER_CHOICES', 'MAX_JSON_DEPTH', 'MOVED_MODELS', 'HUB_ID', 'STATES', 'FINAL', 'LOG_LEVELS',
            'SettingsError', 'coerce_value', 'Checked', 'SeedSettings', 'TrainingSettings', 'setting_names',
-           'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id', 'is_folder', 'path_exists',
-           'model_problem', 'JobSpec', 'spec_from_args']
+           'settings_table', 'json_depth', 'parse_json_object', 'parse_training_args', 'is_hub_id', 'is_folder',
+           'path_exists', 'model_problem', 'JobSpec', 'spec_from_args']
 
 # %% ../nbs/00_config.ipynb #7cc81a25
 class SettingsError(ValueError):
@@ -283,6 +283,26 @@ class TrainingSettings(SeedSettings):
 
 # %% ../nbs/00_config.ipynb #95e5f322
 def setting_names() -> list[str]: return list(TrainingSettings.model_fields)
+
+# %% ../nbs/00_config.ipynb #1d00b6a4
+def _schema_limits(p:dict) -> str:
+    "A JSON Schema property's choices or range, in words"
+    for q in [p] + p.get('anyOf', []):
+        if 'enum' in q: return ', '.join(f"`{v}`" for v in q['enum'])
+        if 'minimum' in q or 'maximum' in q: return f"{q.get('minimum', '')} to {q.get('maximum', '')}"
+        if 'maxItems' in q: return f"up to {q['maxItems']}"
+    return ''
+
+def settings_table() -> str:
+    "Every training setting as a markdown table (its name and aliases, default, limits or choices, description), from `TrainingSettings`' JSON Schema: the docs' table, which cannot drift from the code"
+    props, aka = TrainingSettings.model_json_schema()['properties'], {}
+    for alias, name in ALIASES.items(): aka.setdefault(name, []).append(alias)
+    cell = lambda s: str(s).replace('|', '\\|').replace('\n', ' ')
+    rows = ['| Setting | Default | Limits | Description |', '|---|---|---|---|']
+    for name, p in props.items():
+        also = f" (also {', '.join(f'`{a}`' for a in aka[name])})" if name in aka else ''
+        rows.append(f"| `{name}`{also} | `{json.dumps(p.get('default'))}` | {cell(_schema_limits(p))} | {cell(p.get('description', ''))} |")
+    return '\n'.join(rows)
 
 # %% ../nbs/00_config.ipynb #426f85b1
 MAX_JSON_DEPTH = 16 # settings and specs are flat; deeper JSON is refused before it is walked

@@ -68,6 +68,13 @@ def test_the_readme_is_a_front_door_and_the_guides_are_in_the_sidebar():
                       'Results and sharing', 'Reliability', 'Speed']
     assert 'custom_sidebar = true' in (ROOT/'pyproject.toml').read_text()  # nbdev-docs keeps it
 
+def test_the_settings_page_shows_the_table_the_code_gives():
+    "The Training settings page's table is the kept output of settings_table(): a setting added, renamed or given another default fails here until python tools/keep_outputs.py nbs/guides/03_settings.ipynb is run"
+    from cerebrium_ft.config import settings_table
+    cells = json.loads((ROOT/'nbs'/'guides'/'03_settings.ipynb').read_text())['cells']
+    shown = [''.join(o['data']['text/markdown']) for c in cells if 'Markdown(settings_table())' in ''.join(c['source']) for o in c['outputs'] if 'text/markdown' in o.get('data', {})]
+    assert shown == [settings_table()], "run python tools/keep_outputs.py nbs/guides/03_settings.ipynb"
+
 def test_setup_takes_torch_from_the_index_it_is_given(tmp_path):
     "tools/setup.sh installs torch first, from TORCH_INDEX_URL when it is set (a fake .venv python records what pip is asked)"
     (tmp_path/'tools').mkdir(); shutil.copy(ROOT/'tools'/'setup.sh', tmp_path/'tools'/'setup.sh')

@@ -14,6 +14,7 @@ READER_OUTPUTS = {  # notebook: what its outputs must show
     '01_dataset.ipynb': ["<img src='data:image/jpeg;base64,"],      # the dataset report, with thumbnails
     '04_train.ipynb': ['image/png', 'image/jpeg'],                   # the loss plot and a validation grid
     '10_cli.ipynb': ['usage: cerebrium-ft train-diffuser'],          # a command's --help
+    'guides/03_settings.ipynb': ['| `learning_rate` |'],             # the settings table
 }
 
 def _hidden(cell) -> bool: return any(l.replace(' ', '') == '#|hide' for l in cell.source.splitlines() if l.startswith('#|'))
