@@ -68,6 +68,17 @@ def test_the_readme_is_a_front_door_and_the_guides_are_in_the_sidebar():
                       'Results and sharing', 'Reliability', 'Speed']
     assert 'custom_sidebar = true' in (ROOT/'pyproject.toml').read_text()  # nbdev-docs keeps it
 
+def test_every_link_between_the_docs_pages_resolves():
+    "A relative link in any notebook's text (a guide, a picture, another page) names a file that is there, from that notebook's folder, as the docs site and GitHub read it"
+    bad = []
+    for nb in sorted((ROOT/'nbs').rglob('*.ipynb')):
+        if '.ipynb_checkpoints' in nb.parts: continue
+        for c in json.loads(nb.read_text())['cells']:
+            if c['cell_type'] != 'markdown': continue
+            links = [t for t in re.findall(r'\]\(([^)\s]+)\)', ''.join(c['source'])) if not re.match(r'(https?:|mailto:|#)', t)]
+            bad += [f"{nb.relative_to(ROOT)}: {t}" for t in links if not (nb.parent/t.split('#')[0]).exists()]
+    assert not bad, bad
+
 def test_the_settings_page_shows_the_table_the_code_gives():
     "The Training settings page's table is the kept output of settings_table(): a setting added, renamed or given another default fails here until python tools/keep_outputs.py nbs/guides/03_settings.ipynb is run"
     from cerebrium_ft.config import settings_table
