@@ -15,6 +15,9 @@ READER_OUTPUTS = {  # notebook: what its outputs must show
     '04_train.ipynb': ['image/png', 'image/jpeg'],                   # the loss plot and a validation grid
     '10_cli.ipynb': ['usage: cerebrium-ft train-diffuser'],          # a command's --help
     'guides/03_settings.ipynb': ['| `learning_rate` |'],             # the settings table
+    'tutorials/01_train_locally.ipynb': ["<img src='data:image/jpeg;base64,", 'steps; last loss'],  # the tutorials as they ran: the dataset report, the run
+    'tutorials/02_remote_jobs.ipynb': ['succeeded 20 / 20'],
+    'tutorials/03_use_results.ipynb': ["['default_0']"],
 }
 
 def _hidden(cell) -> bool: return any(l.replace(' ', '') == '#|hide' for l in cell.source.splitlines() if l.startswith('#|'))
