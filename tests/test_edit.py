@@ -184,7 +184,7 @@ def test_flux2_learns_an_edit_from_reference_images(pairs, tmp_path):
     r = run_cli('generate', out, EDIT, '--device', 'cpu', '--output', tmp_path/'none.png')
     assert r.returncode == 2 and "FLUX.2 [klein] edits an image with this LoRA: give the image to edit with --image PATH" in r.stderr, r.stderr
 
-@pytest.mark.parametrize('family', ['kontext', 'flux2-klein'])
+@pytest.mark.parametrize('family', ['kontext', 'flux2-klein', 'qwen-image-edit'])
 def test_edit_pairs_train_in_bf16_as_a_cpu_with_amx_picks(pairs, tmp_path, monkeypatch, family):
     "Pairs under bf16 autocast (what 'auto' picks on AMX CPUs; forced here on every CPU), with gradient checkpointing: the inputs reach every step in the run's precision, the losses stay finite, validation edits its input"
     from cerebrium_ft import speed
@@ -195,7 +195,7 @@ def test_edit_pairs_train_in_bf16_as_a_cpu_with_amx_picks(pairs, tmp_path, monke
         return predict(fam, net, noisy, t, cond)
     monkeypatch.setattr(T, 'predict', spy)
     model = str(build_tiny_pipeline(tmp_path/family, family=family))
-    out = T.train(spec(model, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=4, mixed_precision='bf16', num_validation_images=1, validation_epochs=1,
+    out = T.train(spec(model, pairs, training_prompt=EDIT, training_args=dict(max_train_steps=4, mixed_precision='bf16', num_validation_images=1, validation_epochs=1, validation_inference_steps=2,
                                                                               gradient_checkpointing=True)), tmp_path/'run', progress=False)
     m = manifest(out)
     assert (m['precision'], m['edit_inputs']) == ('bf16', 1) and all(np.isfinite(col(out, 'loss'))) and seen and all(seen)
