@@ -208,7 +208,8 @@ def _with_validation_uploads(d:dict, saved:list) -> dict:
     ta = d.get('training_args') if isinstance(d.get('training_args'), dict) else {}
     given = ta.get('validation_images')
     given = [given] if isinstance(given, str) else given
-    count = sum(1 if isinstance(e, str) else len(e) if isinstance(e, list) else 10**6 for e in given) if isinstance(given, list) else (0 if given is None else -1)
+    named = isinstance(given, list) and all(isinstance(e, (str, list)) for e in given)  # else the settings' own check refuses it
+    count = sum(1 if isinstance(e, str) else len(e) for e in given) if named else (0 if given is None else -1)
     if count != len(saved):
         raise HTTPException(400, f"validation_images: the spec names {max(count, 0)} input images to edit and {len(saved)} were uploaded: upload each with the job, in the order "
                                  "the spec names them (cerebrium-ft train-diffuser does)")
